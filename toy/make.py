@@ -238,7 +238,7 @@ def make_data(out: Path) -> dict:
         write_jsonl(out / "sft" / f"{split}.jsonl", [{"messages": user(p) + assistant(r)} for p, r in rows])
         stats[f"sft/{split}"] = {"n": len(rows), "gold_reward": mean_std([gold_reward(p, r) for p, r in rows])}
 
-    for split, per_prompt in [("train", 8), ("test", 2)]:
+    for split, per_prompt in [("train", 16), ("test", 2)]:
         rows, probs = preference_pairs(random.Random(f"{SEED}-prefs-{split}"), splits[split], per_prompt)
         write_jsonl(out / "prefs" / f"{split}.jsonl", rows)
         stats[f"prefs/{split}"] = {"n": len(rows), "bayes_accuracy": round(sum(probs) / len(probs), 4)}
