@@ -119,12 +119,13 @@ def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=-100, reduction="sum")
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to 0."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`."""
     if step < warmup:
         return step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1.0 - floor) * decay
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ def test_lr_schedule():
     assert sft.lr_factor(55, 100, 10, "linear") == pytest.approx(0.5)
     assert sft.lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
     assert sft.lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0)
+    assert sft.lr_factor(100, 100, 10, "linear", floor=0.1) == pytest.approx(0.1)
+    assert sft.lr_factor(55, 100, 10, "linear", floor=0.1) == pytest.approx(0.55)
 
 
 @pytest.fixture(scope="module")
