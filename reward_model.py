@@ -404,7 +404,7 @@ def main(args: Args) -> dict:
 
     stream, train_time, tokens_seen, pairs_seen, eval_metrics = batches(), 0.0, 0, 0, {}
     window = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "n": 0}
-    for step in tqdm(range(1, total_steps + 1), desc="reward_model", dynamic_ncols=True):
+    for step in tqdm(range(1, total_steps + 1), desc="reward_model", dynamic_ncols=True, disable=None):
         step_start = time.time()
         micro = [next(stream) for _ in range(args.gradient_accumulation_steps)]
         n_pairs = sum(mb["input_ids"].shape[0] // 2 for mb in micro)

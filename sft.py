@@ -402,7 +402,7 @@ def main(args: Args) -> dict:
 
     stream, train_time, tokens_seen, eval_loss = batches(), 0.0, 0, None
     window_loss, window_tokens = 0.0, 0
-    for step in tqdm(range(1, total_steps + 1), desc="sft", dynamic_ncols=True):
+    for step in tqdm(range(1, total_steps + 1), desc="sft", dynamic_ncols=True, disable=None):
         step_start = time.time()
         micro = [next(stream) for _ in range(args.gradient_accumulation_steps)]
         n_tokens = sum((mb["labels"][:, 1:] != -100).sum().item() for mb in micro)
