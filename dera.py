@@ -1,0 +1,456 @@
+"""Decoding-time realignment (DeRa): change the KL strength of an aligned model without retraining.
+
+Liu et al. (2024), ICML. An aligned model pi_theta(beta), trained from pi_ref with KL strength beta,
+approximates pi*(beta) = pi_ref exp(r / beta) / Z. The model realigned to strength beta / lambda is
+
+    pi*(beta/lam)(y|x)  proportional to  pi_ref(y|x) [pi*(beta)(y|x) / pi_ref(y|x)]^lam         (Eq. 5)
+
+approximated token by token (Eq. 6), which Proposition 1 turns into a mixture of logits:
+
+    pi_hat(. | x, y_<t) = softmax( lam * h_aligned + (1 - lam) * h_ref )                        (Eq. 9)
+
+lam = 0 is the reference, lam = 1 the aligned model, lam > 1 a weaker KL than training used. With
+several aligned models (Appendix B) the logits are (1 - sum_i lam_i) h_ref + sum_i lam_i h_i.
+Algorithm 1 samples from Eq. 9 one token at a time; here both models decode in one loop, each with
+its own KV cache, on left-padded batches, so the cost is about twice one model's decoding. Logits are
+mixed raw, before temperature / top-k / top-p, as in the authors' code. `--mode weights` is the
+weight-combining variant of Appendix D.5: one model with parameters lam theta_aligned + (1 - lam) theta_ref.
+
+Each lambda is evaluated on the dev prompts: reward-model score, the sequence KL to the reference
+(mean over samples of log pi_hat(y|x) - log pi_ref(y|x), accumulated while decoding; an unbiased
+estimate at temperature 1 without top-k / top-p, the defaults), response length and EOS rate.
+
+    python dera.py                                    # the toy: toy/sft + toy/dpo, lambdas 0 0.5 1 2
+    python dera.py --ref HuggingFaceH4/mistral-7b-sft-beta --aligned HuggingFaceH4/zephyr-7b-beta \
+        --reward_model none --prompts my_prompts.jsonl --temperature 0.7 --top_k 50 --top_p 0.95
+"""
+
+import copy
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Sequence, Union
+
+import torch
+import tyro
+
+
+@dataclass
+class Args:
+    # models
+    ref: str = "toy/sft"
+    """hub id or local directory of the reference model pi_ref (usually the SFT model)"""
+    aligned: list[str] = field(default_factory=lambda: ["toy/dpo"])
+    """the aligned model(s) trained from the reference; several combine as in Appendix B"""
+    lambdas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0])
+    """realignment strengths to evaluate, one row each; with K aligned models give K numbers per row"""
+    mode: Literal["logits", "weights"] = "logits"
+    """logits: DeRa (Eq. 9, Algorithm 1); weights: combine parameters instead (Appendix D.5)"""
+    reward_model: str = "toy/rm"
+    """reward model that scores the samples ('none': skip scoring)"""
+    trust_remote_code: bool = False
+    """allow model code from the hub (only for models you trust)"""
+
+    # data
+    prompts: str = "toy/data/prompts"
+    """prompt dataset (column `prompt`): hub name, directory of {split}.jsonl files, or a .jsonl file"""
+    prompts_split: str = "validation"
+    """its split: the dev set, where a lambda is chosen"""
+    num_prompts: Optional[int] = None
+    """use the first N prompts only (None: all)"""
+
+    # decoding
+    max_new_tokens: int = 256
+    """length limit of a response"""
+    temperature: float = 1.0
+    """sampling temperature applied after mixing (0: greedy); the authors' demo uses 0.7"""
+    top_k: int = 0
+    """keep the k most likely tokens after mixing (0: all); the authors' demo uses 50"""
+    top_p: float = 1.0
+    """nucleus sampling after mixing (1.0: off); the authors' demo uses 0.95"""
+    batch_size: int = 64
+    """prompts decoded together"""
+
+    # output and setup
+    output_dir: Optional[str] = None
+    """where the run goes (default: runs/dera-<time>); must be empty unless --overwrite"""
+    overwrite: bool = False
+    """replace the contents of an existing, non-empty output_dir"""
+    seed: int = 0
+    """seed of the sampling (the same for every lambda, so rows differ only by lambda)"""
+    device: str = "auto"
+    """cuda, cpu, ... (auto: cuda when available)"""
+    dtype: Optional[Literal["float32", "bfloat16"]] = None
+    """weights' dtype (logits are mixed in fp32); default bf16 on CUDA, fp32 on CPU"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The method's maths
+# ---------------------------------------------------------------------------------------------------
+def realigned_logits(h_ref: torch.Tensor, h_aligned: Union[torch.Tensor, Sequence[torch.Tensor]],
+                     lam: Union[float, Sequence[float]]) -> torch.Tensor:
+    """Logits of the realigned model, in fp32.
+
+    h_ref, h_aligned: (..., V) raw logits of the reference and the aligned model(s); lam: one
+    strength per aligned model. softmax of the result is p_ref * prod_i (p_i / p_ref)^lam_i,
+    normalised (Proposition 1)."""
+    if isinstance(h_aligned, torch.Tensor):
+        h_aligned, lam = [h_aligned], [lam]
+    mixed = (1.0 - sum(lam)) * h_ref.float()  # Eq. 9; Appendix B for several aligned models
+    for h, l in zip(h_aligned, lam):
+        mixed = mixed + l * h.float()
+    return mixed
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One token per row from (B, V) logits: greedy at temperature 0, else temperature, then top-k,
+    then top-p (the smallest set of tokens whose probability reaches top_p). Returns (B,)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def dera_generate(ref, aligned, input_ids: torch.Tensor, attention_mask: torch.Tensor, lam,
+                  max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  eos_token_id: Optional[int] = None, pad_token_id: int = 0,
+                  generator: Optional[torch.Generator] = None) -> tuple:
+    """Algorithm 1, batched: every model decodes with its own KV cache; the next token is drawn from
+    the realigned logits (Eq. 9). `aligned` and `lam` may be lists (Appendix B); with aligned = []
+    and lam = [] this is plain decoding of `ref`.
+
+    input_ids, attention_mask: (B, T) left-padded prompts. Returns (tokens, realigned_logprobs,
+    ref_logprobs), each (B, N) with N <= max_new_tokens: tokens after a row's first EOS are
+    pad_token_id and their log-probs 0. The log-probs are of the realigned model at temperature 1."""
+    if not isinstance(aligned, (list, tuple)):
+        aligned, lam = [aligned], [lam]
+    models = [ref, *aligned]
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
+    caches, logits = [], []
+    for model in models:  # the prompt, once per model
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+        caches.append(out.past_key_values)
+        logits.append(out.logits[:, -1].float())
+    next_position = positions[:, -1:] + 1  # (B, 1)
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    tokens, realigned_logprobs, ref_logprobs = [], [], []
+    for _ in range(max_new_tokens):
+        h = realigned_logits(logits[0], logits[1:], lam)  # (B, V), Eq. 9
+        token = sample_token(h, temperature, top_k, top_p, generator)
+        token = token.masked_fill(finished, pad_token_id)
+        tokens.append(token)
+        for store, hh in ((realigned_logprobs, h), (ref_logprobs, logits[0])):
+            store.append(torch.log_softmax(hh, -1).gather(-1, token[:, None]).squeeze(-1).masked_fill(finished, 0.0))
+        if eos_token_id is not None:
+            finished = finished | (token == eos_token_id)
+        if finished.all():
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+        for i, model in enumerate(models):  # one new token per model, on top of its own cache
+            out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
+                        past_key_values=caches[i], use_cache=True)
+            caches[i] = out.past_key_values
+            logits[i] = out.logits[:, -1].float()
+        next_position = next_position + 1
+    return torch.stack(tokens, 1), torch.stack(realigned_logprobs, 1), torch.stack(ref_logprobs, 1)
+
+
+def combine_weights(ref, aligned: list, lam: list):
+    """Appendix D.5: one model with parameters (1 - sum lam) theta_ref + sum_i lam_i theta_i, in fp32
+    arithmetic (non-floating buffers are the reference's)."""
+    combined = copy.deepcopy(ref)
+    states = [m.state_dict() for m in aligned]
+    new_state = {}
+    for name, t in ref.state_dict().items():
+        if not t.is_floating_point():
+            new_state[name] = t
+            continue
+        mixed = (1.0 - sum(lam)) * t.float()
+        for state, l in zip(states, lam):
+            mixed = mixed + l * state[name].float()
+        new_state[name] = mixed.to(t.dtype)
+    combined.load_state_dict(new_state)
+    return combined.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data and models
+# ---------------------------------------------------------------------------------------------------
+def resolve(path: str) -> str:
+    """A relative path that is not under the working directory but is next to this script (the toy
+    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder."""
+    here = Path(__file__).resolve().parent / path
+    return str(here) if not Path(path).exists() and here.exists() else path
+
+
+def looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
+
+
+def load_split(name: str, split: str, needs: list):
+    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file.
+    `needs` lists alternatives: each a tuple of columns that together suffice."""
+    from datasets import load_dataset
+
+    path = resolve(name)
+    if looks_local(path) and not Path(path).exists():
+        raise SystemExit(f"error: dataset '{name}' not found: no such file or directory")
+    try:
+        if path.endswith((".json", ".jsonl")):
+            data = load_dataset("json", data_files=path, split="train")
+        else:
+            data = load_dataset(path, split=split)
+    except Exception as e:  # datasets raises many types; all mean the same to a user
+        raise SystemExit(f"error: could not load split '{split}' of dataset '{name}': {e}")
+    if not any(set(cols) <= set(data.column_names) for cols in needs):
+        wanted = " or ".join("+".join(cols) for cols in needs)
+        raise SystemExit(f"error: dataset '{name}' ({split}) has columns {data.column_names}; "
+                         f"it needs {wanted}")
+    return data
+
+
+# Used only for a tokenizer without a chat template; documented in the README.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise SystemExit(f"error: could not load the tokenizer of '{name}' (offline, or a wrong name?): {e}")
+    if tokenizer.pad_token is None:
+        print(f"note: the tokenizer of '{name}' has no pad token; using its EOS token for padding "
+              "(padding is masked everywhere, so this changes no result)")
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        print(f"note: the tokenizer of '{name}' has no chat template; conversations are formatted as "
+              "'role: content<eos>' lines (PLAIN_CHAT_TEMPLATE)")
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def check_same_tokenizer(tokenizer, other, name: str) -> None:
+    """Models that exchange token ids must share vocabulary and chat template, or scores are noise."""
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"error: '{name}' has a different vocabulary than the policy "
+                         f"({len(other)} vs {len(tokenizer)} tokens); use models with the same tokenizer")
+    if other.chat_template != tokenizer.chat_template:
+        raise SystemExit(f"error: '{name}' has a different chat template than the policy; "
+                         "it would read prompts and responses formatted differently from its training")
+
+
+def format_prompt(tokenizer, prompt) -> str:
+    """A message list through the chat template, ending in the generation prompt; a string as it is."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def collate_sequences(samples: list, pad_id: int) -> dict:
+    """Prompt + response ids, right-padded, labels on the response only. Shape: (B, T)."""
+    T = max(len(p) + len(r) for p, r, _ in samples)
+    ids = torch.full((len(samples), T), pad_id)
+    labels = torch.full((len(samples), T), -100)
+    mask = torch.zeros((len(samples), T), dtype=torch.long)
+    for i, (p, r, _) in enumerate(samples):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
+        mask[i, : len(p) + len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def load_causal_lm(name: str, dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
+
+
+def check_compatible(ref, aligned: list, names: list, mode: str) -> None:
+    """Logits can only be mixed over the same vocabulary; weights only between identical shapes."""
+    for model, name in zip(aligned, names):
+        if model.config.vocab_size != ref.config.vocab_size:
+            raise SystemExit(f"error: '{name}' has {model.config.vocab_size} logits per token, the reference "
+                             f"{ref.config.vocab_size}; DeRa mixes the logits of models with one vocabulary")
+        if mode == "weights":
+            ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+            shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            if shapes != ref_shapes:
+                bad = sorted(k for k in set(shapes) | set(ref_shapes) if shapes.get(k) != ref_shapes.get(k))
+                raise SystemExit(f"error: --mode weights needs identical architectures; '{name}' differs in "
+                                 f"{len(bad)} tensors, e.g. {bad[:5]}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def decode_all(ref, aligned: list, lam: list, prompts: list, tokenizer, args, device) -> tuple:
+    """Decodes every prompt; returns the samples as (prompt_ids, response_ids, finished) with their
+    per-sequence log-ratio log pi_hat(y|x) - log pi_ref(y|x), and the generated tokens per second."""
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    tokenizer.padding_side = "left"
+    samples, logratios, n_tokens, start = [], [], 0, time.time()
+    for i in range(0, len(prompts), args.batch_size):
+        chunk = prompts[i : i + args.batch_size]
+        batch = tokenizer([format_prompt(tokenizer, p) for p in chunk], return_tensors="pt", padding=True,
+                          add_special_tokens=not isinstance(chunk[0], list)).to(device)
+        tokens, realigned_lp, ref_lp = dera_generate(
+            ref, aligned, batch["input_ids"], batch["attention_mask"], lam, args.max_new_tokens, args.temperature,
+            args.top_k, args.top_p, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+        for row, mask, generated, lr in zip(batch["input_ids"], batch["attention_mask"], tokens.tolist(),
+                                            (realigned_lp - ref_lp).sum(-1).tolist()):
+            finished = tokenizer.eos_token_id in generated
+            generated = generated[: generated.index(tokenizer.eos_token_id) + 1] if finished else generated
+            samples.append((row[mask.bool()].tolist(), generated, finished))
+            logratios.append(lr)
+            n_tokens += len(generated)
+    return samples, logratios, n_tokens / (time.time() - start)
+
+
+@torch.no_grad()
+def score_samples(reward_model, samples: list, pad_id: int, batch_size: int, device) -> list:
+    """Reward-model scores of prompt + response token ids (the models share one tokenizer)."""
+    scores = []
+    for i in range(0, len(samples), batch_size):
+        batch = {k: v.to(device) for k, v in collate_sequences(samples[i : i + batch_size], pad_id).items()}
+        logits = reward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        scores += logits[:, 0].float().tolist()
+    return scores
+
+
+def summarise(samples: list, logratios: list, scores: Optional[list]) -> dict:
+    n = len(samples)
+    row = {"eval/kl": sum(logratios) / n, "eval/length": sum(len(r) for _, r, _ in samples) / n,
+           "eval/eos_rate": sum(f for _, _, f in samples) / n}
+    if scores is not None:
+        s = torch.tensor(scores)
+        row.update({"eval/score": s.mean().item(), "eval/score_se": (s.std() / math.sqrt(n)).item()})
+    return row
+
+
+def print_table(rows: list) -> None:
+    cols = [("lambda", "lambda"), ("eval/score", "score"), ("eval/score_se", "+-"), ("eval/kl", "KL(ref)"),
+            ("eval/length", "length"), ("eval/eos_rate", "EOS rate"), ("perf/tokens_per_s", "tokens/s")]
+    cols = [(k, name) for k, name in cols if k in rows[0]]
+    print(" ".join(f"{name:>10}" for _, name in cols))
+    for row in rows:
+        print(" ".join(f"{row[k]:>10}" if isinstance(row[k], str) else f"{row[k]:>10.3f}" for k, _ in cols))
+
+
+def check_output_dir(output_dir: Optional[str], script: str, overwrite: bool, models: list) -> Path:
+    """Fails before any work if the run would overwrite a previous one; writes nothing."""
+    out = Path(output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
+        raise SystemExit(f"error: output_dir '{out}' holds a model this run reads; choose another")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SystemExit(f"error: output_dir '{out}' already holds a run ({len(list(out.iterdir()))} "
+                         "entries); pass --overwrite to replace it, or choose another --output_dir")
+    return out
+
+
+def create_output_dir(out: Path, args) -> None:
+    """Called once the inputs have loaded: empties an --overwrite'n dir, records the arguments."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    with open(out / "args.json", "w") as f:
+        json.dump(asdict(args), f, indent=2)
+
+
+def main(args: Args) -> dict:
+    # setup
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    use_rm = args.reward_model.lower() != "none"
+    K = len(args.aligned)
+    if K == 0 or len(args.lambdas) % K:
+        raise SystemExit(f"error: {len(args.lambdas)} lambdas for {K} aligned models; give {K} per row")
+    rows_lam = [args.lambdas[i : i + K] for i in range(0, len(args.lambdas), K)]
+    out = check_output_dir(args.output_dir, "dera", args.overwrite,
+                           [args.ref, *args.aligned] + ([args.reward_model] if use_rm else []))
+
+    # every tokenizer checked against the reference's before any compute
+    tokenizer = load_tokenizer(args.ref, args.trust_remote_code)
+    for name in args.aligned + ([args.reward_model] if use_rm else []):
+        check_same_tokenizer(tokenizer, load_tokenizer(name, args.trust_remote_code), name)
+    prompts = load_split(args.prompts, args.prompts_split, [("prompt",)])["prompt"]
+    prompts = prompts[: args.num_prompts] if args.num_prompts else prompts
+
+    ref = load_causal_lm(args.ref, dtype, args.trust_remote_code).to(device).eval()
+    aligned = [load_causal_lm(name, dtype, args.trust_remote_code).to(device).eval() for name in args.aligned]
+    check_compatible(ref, aligned, args.aligned, args.mode)
+    reward_model = None
+    if use_rm:
+        from transformers import AutoModelForSequenceClassification
+
+        reward_model = AutoModelForSequenceClassification.from_pretrained(resolve(args.reward_model), dtype=dtype)
+        reward_model = reward_model.to(device).eval()
+    create_output_dir(out, args)
+    print(f"dera: {len(prompts)} prompts, {len(rows_lam)} settings of lambda, mode {args.mode}, device {device}")
+
+    # one row per lambda: realigned samples (logits mode) or samples of the combined weights
+    rows, all_samples, speeds = [], [], []
+    for lam in rows_lam:
+        if args.mode == "logits":
+            samples, logratios, speed = decode_all(ref, aligned, lam, prompts, tokenizer, args, device)
+            speeds.append(speed)
+        else:  # the combined model at lambda 1 samples exactly itself; the reference runs alongside only
+            # to give log pi_ref for the KL (deployed alone, it costs one model's decoding)
+            samples, logratios, speed = decode_all(ref, [combine_weights(ref, aligned, lam)], [1.0], prompts,
+                                                   tokenizer, args, device)
+        scores = score_samples(reward_model, samples, tokenizer.pad_token_id, args.batch_size, device) if use_rm else None
+        label = ",".join(f"{x:g}" for x in lam)
+        rows.append({"lambda": label, **summarise(samples, logratios, scores), "perf/tokens_per_s": speed})
+        for i, ((prompt_ids, response, finished), lr) in enumerate(zip(samples, logratios)):
+            all_samples.append({"lambda": label, "prompt": prompts[i],
+                                "response": tokenizer.decode(response, skip_special_tokens=True),
+                                "score": scores[i] if scores else None, "logratio": lr, "length": len(response),
+                                "finished": finished})
+        print(f"lambda={label}: " + " ".join(f"{k}={v:.3f}" for k, v in rows[-1].items() if k != "lambda"))
+
+    # the cost of DeRa: the same decoding loop with one model alone
+    _, _, single_speed = decode_all(aligned[0], [], [], prompts, tokenizer, args, device)
+    results = {"rows": rows, "perf/tokens_per_s_one_model": single_speed}
+    if speeds:
+        results["perf/tokens_per_s"] = sum(speeds) / len(speeds)
+        results["perf/slowdown_vs_one_model"] = single_speed / results["perf/tokens_per_s"]
+    print()
+    print_table(rows)
+    print(f"\none model alone: {single_speed:.0f} tokens/s" +
+          (f"; DeRa {results['perf/tokens_per_s']:.0f} tokens/s ({results['perf/slowdown_vs_one_model']:.2f}x slower)"
+           if speeds else ""))
+    with open(out / "eval.json", "w") as f:
+        json.dump(results, f, indent=2)
+    with open(out / "samples.jsonl", "w") as f:
+        for row in all_samples:
+            f.write(json.dumps(row) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
