@@ -1,0 +1,586 @@
+"""VAR: variational alignment with re-weighting, RLHF as a reward-weighted SFT (Du et al., 2025).
+
+The paper's premises: RLHF's optimum is pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x) (their
+Eq. 3); VAR minimises the forward KL(pi* || pi_theta), which up to a constant is the weighted SFT loss
+
+    - E_x sum_y pi*(y|x) log pi_theta(y|x)                          (positive weights: Theorem B.1)
+
+on offline (prompt, response) pairs scored by a frozen reward model, with Z(x) estimated inside each
+mini-batch by "cross-context importance sampling": the other prompts' responses serve as samples, "as
+if drawn from a uniform distribution instead of pi_ref" (Sec. 3.3; batch size 8, Algorithm 1).
+
+The paper's text lost every equation, so the exact estimator below is a RECONSTRUCTION from those
+premises (shared/notes/var.md), not a transcription. For a batch {(x_i, y_i)}, i = 1..B, without
+gradient:
+
+    S[i, j] = log pi_ref(y_j | x_i) + r(x_i, y_j) / beta                  every prompt with every response
+    w_i     = exp(S[i, i] - logsumexp_j S[i, j])                          = pi_ref e^{r/beta} / Z_hat(x_i)
+    L_VAR   = - (1/B) sum_i w_i log pi_theta(y_i | x_i)                   (log-probs summed over the response)
+
+The uniform proposal's density cancels in the self-normalised estimate; with a batch holding every
+response, w_i = pi*(y_i|x_i) exactly and the minimiser is pi* (the paper's Appendix D). `--normalizer
+batch` is the cheaper alternative reading: w_i = B softmax_i(r(x_i, y_i) / beta), one normaliser per
+batch from the rewards alone (no reference model, the cost of SFT), not the paper's estimator.
+
+A caution the toy makes measurable: the uniform-proposal reading keeps pi_ref(y_i|x_i) in the weight,
+and summed log-probs of two responses differ by many nats, so unless beta is small the weights follow
+the reference's probability (short, common responses) more than the reward. On the toy's pairs the
+larger weight goes to the higher-reward response 89% of the time at beta 0.1, 75% at 0.25, 61% at 1.
+
+Batches are fixed groups, formed once, so the B x B reference log-probs and rewards (B^2 frozen
+forward passes per batch) are computed once before training, whatever the number of epochs. With
+`--responses both` a pair's chosen and rejected responses sit in the same group: each prompt then has
+a same-prompt alternative in its row, which is where the estimator's comparison comes from.
+
+    python var.py                                           # the toy: toy/sft -> aligned with toy/rm
+    python var.py --model Qwen/Qwen2.5-0.5B-Instruct --reward_model my-rm \
+        --dataset trl-lib/ultrafeedback_binarized --learning_rate 5e-6 --beta 1.0
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import tyro
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    # data
+    dataset: str = "toy/data/prefs"
+    """hub name, local directory of {split}.jsonl files, or one .jsonl file: a preference dataset
+    (`chosen`, `rejected`, usually `prompt`) or an SFT one (`messages`, or `prompt` + `completion`)"""
+    train_split: str = "train[:1024]"
+    """split to train on; datasets' slicing syntax selects part of one"""
+    responses: Literal["chosen", "rejected", "both"] = "both"
+    """which responses of a preference dataset to train on (the labels themselves are not used)"""
+    max_length: int = 1024
+    """prompt + response tokens kept per example; longer responses are cut from the right"""
+
+    # models
+    model: str = "toy/sft"
+    """hub id or local directory of the starting policy"""
+    ref: Optional[str] = None
+    """reference model pi_ref (default: the starting policy)"""
+    reward_model: str = "toy/rm"
+    """frozen reward model r(x, y): trains the weights and scores the end-of-run samples"""
+    trust_remote_code: bool = False
+    """allow model code from the hub (only for models you trust)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory, ~30% slower"""
+
+    # method
+    beta: float = 0.1
+    """temperature of pi* = pi_ref exp(r / beta) / Z (the paper's lambda); smaller: greedier weights"""
+    normalizer: Literal["cross", "batch"] = "cross"
+    """cross: the cross-context estimator of Z(x) (the reconstruction); batch: B softmax(r / beta)"""
+
+    # optimisation (the paper: batch 8, AdamW, cosine schedule, lr 1e-5 or 5e-6, 2 epochs)
+    num_epochs: int = 2
+    """passes over the training groups"""
+    max_steps: Optional[int] = None
+    """stop after this many optimiser steps (overrides num_epochs)"""
+    batch_size: int = 8
+    """examples per group: the batch in which Z(x) is estimated (the paper's B = 8)"""
+    gradient_accumulation_steps: int = 1
+    """groups per optimiser step"""
+    learning_rate: float = 1e-4
+    """peak learning rate (1e-4 suits the toy; the paper uses 1e-5 or 5e-6)"""
+    warmup_ratio: float = 0.1
+    """fraction of the steps with linear warmup from 0, then cosine decay to 0"""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this"""
+
+    # evaluation by sampling
+    eval_prompts: str = "toy/data/prompts"
+    """prompt dataset (column `prompt`) for the end-of-run samples ('none': skip sampling)"""
+    eval_prompts_split: str = "test"
+    """its split"""
+    num_eval_prompts: Optional[int] = 256
+    """sample one response for each of the first N prompts (None: all)"""
+    max_new_tokens: int = 256
+    """length limit of the sampled responses"""
+    temperature: float = 1.0
+    """sampling temperature (1.0: the policy itself, so the KL estimate is unbiased)"""
+
+    # logging and output
+    output_dir: Optional[str] = None
+    """where the run goes (default: runs/var-<time>); must be empty unless --overwrite"""
+    overwrite: bool = False
+    """replace the contents of an existing, non-empty output_dir"""
+    log_every: int = 20
+    """optimiser steps between log lines"""
+
+    # setup
+    seed: int = 0
+    """seed of the groups, their order and the sampling"""
+    device: str = "auto"
+    """cuda, cpu, ... (auto: cuda when available)"""
+    dtype: Optional[Literal["float32", "bfloat16"]] = None
+    """compute dtype: bfloat16 autocasts the forward pass (weights stay fp32); default bf16 on CUDA"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The method's maths
+# ---------------------------------------------------------------------------------------------------
+def var_weights(ref_logps: torch.Tensor, rewards: torch.Tensor, beta: float,
+                normalizer: str = "cross") -> torch.Tensor:
+    """The weight of each example (x_i, y_i) of a batch, in fp32 log space.
+
+    ref_logps, rewards: (B, B), [i, j] = log pi_ref(y_j | x_i) and r(x_i, y_j). Returns (B,).
+    cross: w_i = softmax_j(S[i, :])[i] with S = ref_logps + rewards / beta, in [0, 1];
+    batch: w_i = B softmax_i(r(x_i, y_i) / beta), read from the diagonal of `rewards` only."""
+    if normalizer == "cross":
+        scores = ref_logps.float() + rewards.float() / beta  # S[i, j]: pi_ref(y_j|x_i) e^{r(x_i, y_j)/beta}
+        return torch.exp(scores.diagonal() - torch.logsumexp(scores, dim=1))  # pi_ref e^{r/beta} / Z_hat(x_i)
+    if normalizer == "batch":
+        diag = rewards.float().diagonal() / beta
+        return diag.shape[0] * torch.softmax(diag, dim=0)
+    raise ValueError(f"unknown normalizer {normalizer!r}")
+
+
+def var_loss(policy_logps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """L_VAR = -(1/B) sum_i w_i log pi_theta(y_i | x_i): a weighted SFT with fixed weights.
+
+    policy_logps: (B,) summed response log-probs; weights: (B,), no gradient. Returns a scalar."""
+    return -(weights.detach() * policy_logps).mean()
+
+
+def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
+    """(sum w)^2 / sum w^2: B for equal weights, 1 when one example carries all the weight."""
+    return weights.sum() ** 2 / (weights ** 2).sum().clamp(min=1e-30)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the log-probs of the labelled tokens of each sequence, from fp32 logits.
+
+    logits: (B, T, V); labels: (B, T) with -100 on prompt and padding. Returns (B,)."""
+    labels = labels[:, 1:]  # position t predicts token t + 1
+    mask = labels != -100
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token_logprobs = torch.gather(logprobs, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (token_logprobs * mask).sum(-1)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1.0 - floor) * decay
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------
+def resolve(path: str) -> str:
+    """A relative path that is not under the working directory but is next to this script (the toy
+    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder."""
+    here = Path(__file__).resolve().parent / path
+    return str(here) if not Path(path).exists() and here.exists() else path
+
+
+def looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
+
+
+def load_split(name: str, split: str, needs: list):
+    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file.
+    `needs` lists alternatives: each a tuple of columns that together suffice."""
+    from datasets import load_dataset
+
+    path = resolve(name)
+    if looks_local(path) and not Path(path).exists():
+        raise SystemExit(f"error: dataset '{name}' not found: no such file or directory")
+    try:
+        if path.endswith((".json", ".jsonl")):
+            data = load_dataset("json", data_files=path, split="train")
+        else:
+            data = load_dataset(path, split=split)
+    except Exception as e:  # datasets raises many types; all mean the same to a user
+        raise SystemExit(f"error: could not load split '{split}' of dataset '{name}': {e}")
+    if not any(set(cols) <= set(data.column_names) for cols in needs):
+        wanted = " or ".join("+".join(cols) for cols in needs)
+        raise SystemExit(f"error: dataset '{name}' ({split}) has columns {data.column_names}; "
+                         f"it needs {wanted}")
+    return data
+
+
+# Used only for a tokenizer without a chat template; documented in the README.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise SystemExit(f"error: could not load the tokenizer of '{name}' (offline, or a wrong name?): {e}")
+    if tokenizer.pad_token is None:
+        print(f"note: the tokenizer of '{name}' has no pad token; using its EOS token for padding "
+              "(padding is masked everywhere, so this changes no result)")
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        print(f"note: the tokenizer of '{name}' has no chat template; conversations are formatted as "
+              "'role: content<eos>' lines (PLAIN_CHAT_TEMPLATE)")
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def check_same_tokenizer(tokenizer, other, name: str) -> None:
+    """Models that exchange token ids must share vocabulary and chat template, or scores are noise."""
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"error: '{name}' has a different vocabulary than the policy "
+                         f"({len(other)} vs {len(tokenizer)} tokens); use models with the same tokenizer")
+    if other.chat_template != tokenizer.chat_template:
+        raise SystemExit(f"error: '{name}' has a different chat template than the policy; "
+                         "it would read prompts and responses formatted differently from its training")
+
+
+def format_prompt(tokenizer, prompt) -> str:
+    """A message list through the chat template, ending in the generation prompt; a string as it is."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def format_example(tokenizer, prompt, completion) -> tuple:
+    """(prompt_text, completion_text, templated): the response is what the template adds after the
+    prompt, so it carries the template's end-of-turn tokens."""
+    if isinstance(prompt, str):
+        return prompt, completion, False
+    prompt_text = format_prompt(tokenizer, prompt)
+    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise SystemExit("error: the chat template does not render the prompt as a prefix of the full "
+                         f"conversation, so the response cannot be located:\n{prompt_text!r}\n{full_text!r}")
+    return prompt_text, full_text[len(prompt_text):], True
+
+
+def tokenize_example(tokenizer, prompt, completion, max_length: int, check: bool = False) -> tuple:
+    """(prompt_ids, completion_ids). Tokenised apart and concatenated, so the response mask is exact;
+    `check` warns when that differs from tokenising the joined text (a BPE merge across the
+    boundary, or special tokens added twice): the model is then trained on a tokenisation that it
+    would not see at inference."""
+    prompt_text, completion_text, templated = format_example(tokenizer, prompt, completion)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=not templated)["input_ids"]
+    completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id not in completion_ids:
+        completion_ids.append(tokenizer.eos_token_id)
+    if check:
+        joined = tokenizer(prompt_text + completion_text, add_special_tokens=not templated)["input_ids"]
+        if joined != prompt_ids + completion_ids[: len(joined) - len(prompt_ids)]:
+            print(f"warning: prompt and response tokenise differently apart than together:\n"
+                  f"  apart:    {prompt_ids + completion_ids}\n  together: {joined}")
+    return prompt_ids, completion_ids[: max(0, max_length - len(prompt_ids))]
+
+
+def split_pair(row: dict) -> tuple:
+    """(prompt, chosen, rejected). Without a `prompt` column, chosen and rejected are whole
+    conversations (the last message is the response) or whole texts (empty prompt)."""
+    if "prompt" in row:
+        return row["prompt"], row["chosen"], row["rejected"]
+    if isinstance(row["chosen"], str):
+        return "", row["chosen"], row["rejected"]
+    return row["chosen"][:-1], row["chosen"][-1:], row["rejected"][-1:]
+
+
+def build_units(data, tokenizer, responses: str, max_length: int) -> list:
+    """Per row, the (prompt_ids, response_ids) examples it contributes: one for an SFT row, one or
+    two for a preference row. A row's examples stay together when groups are formed."""
+    units = []
+    for i, row in enumerate(data):
+        if "chosen" in row:
+            prompt, chosen, rejected = split_pair(row)
+            completions = {"chosen": [chosen], "rejected": [rejected], "both": [chosen, rejected]}[responses]
+        elif "messages" in row:
+            prompt, completions = row["messages"][:-1], [row["messages"][-1:]]
+        else:
+            prompt, completions = row["prompt"], [row["completion"]]
+        units.append([tokenize_example(tokenizer, prompt, c, max_length, check=(i == 0)) for c in completions])
+    return units
+
+
+def make_groups(units: list, batch_size: int, seed: int) -> list:
+    """Shuffles the rows once, then cuts their examples into fixed groups of `batch_size` (the last,
+    smaller group is dropped so every Z(x) is estimated from B responses)."""
+    order = torch.randperm(len(units), generator=torch.Generator().manual_seed(seed)).tolist()
+    examples = [ex for i in order for ex in units[i]]
+    return [examples[i : i + batch_size] for i in range(0, len(examples) - batch_size + 1, batch_size)]
+
+
+def collate_sequences(samples: list, pad_id: int) -> dict:
+    """Prompt + response ids, right-padded, labels on the response only. Shape: (B, T)."""
+    T = max(len(p) + len(r) for p, r, _ in samples)
+    ids = torch.full((len(samples), T), pad_id)
+    labels = torch.full((len(samples), T), -100)
+    mask = torch.zeros((len(samples), T), dtype=torch.long)
+    for i, (p, r, _) in enumerate(samples):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
+        mask[i, : len(p) + len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models: the frozen B x B work, log-probs, sampling
+# ---------------------------------------------------------------------------------------------------
+def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
+
+
+def batch_logps(model, batch: dict, autocast) -> torch.Tensor:
+    """Summed response log-probs of each sequence of a collated batch. Returns (B,) in fp32."""
+    with autocast:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_logps(logits, batch["labels"])
+
+
+@torch.no_grad()
+def group_weights(group: list, ref_model, reward_model, args, pad_id: int, device, autocast) -> torch.Tensor:
+    """The frozen work of one group: the B x B reference log-probs and rewards (only the diagonal's
+    rewards for the batch normaliser), then var_weights. Returns (B,)."""
+    B = len(group)
+    if args.normalizer == "cross":
+        pairs = [(i, j) for i in range(B) for j in range(B)]  # prompt i with response j
+    else:
+        pairs = [(i, i) for i in range(B)]
+    seqs = [(group[i][0], group[j][1], True) for i, j in pairs]
+    batch = {k: v.to(device) for k, v in collate_sequences(seqs, pad_id).items()}
+    # entries the batch normaliser never reads stay NaN, so a misuse cannot go unnoticed
+    ref_logps = torch.full((B, B), float("nan"), device=device)
+    rewards = torch.full((B, B), float("nan"), device=device)
+    index = tuple(torch.tensor(ix, device=device) for ix in zip(*pairs))
+    with autocast:
+        rewards[index] = reward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
+    if args.normalizer == "cross":
+        ref_logps[index] = batch_logps(ref_model, batch, autocast)
+    return var_weights(ref_logps, rewards, args.beta, args.normalizer), rewards.diagonal()
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float,
+                     batch_size: int, device) -> list:
+    """One response per prompt, pure sampling (no top-k, no top-p) with the KV cache, left-padded
+    batches. Returns (prompt_ids, response_ids, finished) per prompt: the response is cut after its
+    first EOS (which it keeps); `finished` is False when it hit max_new_tokens first."""
+    tokenizer.padding_side = "left"
+    model.eval()
+    results = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        texts = [format_prompt(tokenizer, p) for p in chunk]
+        batch = tokenizer(texts, return_tensors="pt", padding=True,
+                          add_special_tokens=not isinstance(chunk[0], list)).to(device)
+        out = model.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        for row, mask, generated in zip(batch["input_ids"], batch["attention_mask"],
+                                        out[:, batch["input_ids"].shape[1] :].tolist()):
+            finished = tokenizer.eos_token_id in generated
+            if finished:
+                generated = generated[: generated.index(tokenizer.eos_token_id) + 1]
+            results.append((row[mask.bool()].tolist(), generated, finished))
+    return results
+
+
+@torch.no_grad()
+def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device, autocast) -> tuple:
+    """Samples the policy, then scores each response with the reward model and measures
+    log pi(y|x) - log pi_ref(y|x), whose mean over samples estimates KL(pi || pi_ref)."""
+    samples = sample_responses(policy, tokenizer, prompts, args.max_new_tokens, args.temperature,
+                               4 * args.batch_size, device)
+    rows = []
+    for i in range(0, len(samples), 4 * args.batch_size):
+        chunk = samples[i : i + 4 * args.batch_size]
+        batch = {k: v.to(device) for k, v in collate_sequences(chunk, tokenizer.pad_token_id).items()}
+        logratios = batch_logps(policy, batch, autocast) - batch_logps(ref_model, batch, autocast)
+        with autocast:
+            scores = reward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        for (p, r, finished), s, lr in zip(chunk, scores.float().tolist(), logratios.tolist()):
+            rows.append({"response": tokenizer.decode(r, skip_special_tokens=True), "score": s,
+                         "logratio": lr, "length": len(r), "finished": finished})
+    n = len(rows)
+    scores = torch.tensor([r["score"] for r in rows])
+    metrics = {"eval/score": scores.mean().item(), "eval/score_se": (scores.std() / math.sqrt(n)).item(),
+               "eval/kl": sum(r["logratio"] for r in rows) / n, "eval/length": sum(r["length"] for r in rows) / n,
+               "eval/eos_rate": sum(r["finished"] for r in rows) / n}
+    return metrics, [{"prompt": p, **r} for p, r in zip(prompts, rows)]
+
+
+def check_output_dir(output_dir: Optional[str], script: str, overwrite: bool, models: list) -> Path:
+    """Fails before any work if the run would overwrite a previous one; writes nothing."""
+    out = Path(output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
+        raise SystemExit(f"error: output_dir '{out}' holds a model this run reads; choose another")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SystemExit(f"error: output_dir '{out}' already holds a run ({len(list(out.iterdir()))} "
+                         "entries); pass --overwrite to replace it, or choose another --output_dir")
+    return out
+
+
+def create_output_dir(out: Path, args) -> None:
+    """Called once the inputs have loaded: empties an --overwrite'n dir, records the arguments."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    with open(out / "args.json", "w") as f:
+        json.dump(asdict(args), f, indent=2)
+
+
+def save_model(model, tokenizer, out: Path) -> None:
+    """Atomic save: written to a temporary folder, then moved into place, so a crash mid-save never
+    leaves a half-written model in `out`."""
+    tmp = out / ".saving"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+def main(args: Args) -> dict:
+    # setup
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
+    ref_name = args.ref or args.model
+    out = check_output_dir(args.output_dir, "var", args.overwrite, [args.model, ref_name, args.reward_model])
+
+    # data, and every tokenizer checked against the policy's before any compute
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    for name in [ref_name, args.reward_model]:
+        check_same_tokenizer(tokenizer, load_tokenizer(name, args.trust_remote_code), name)
+    needs = [("chosen", "rejected"), ("messages",), ("prompt", "completion")]
+    train_data = load_split(args.dataset, args.train_split, needs)
+    groups = make_groups(build_units(train_data, tokenizer, args.responses, args.max_length), args.batch_size, args.seed)
+    if not groups:
+        raise SystemExit(f"error: fewer examples than one batch of {args.batch_size}")
+    prompts = None
+    if args.eval_prompts.lower() != "none":
+        prompts = load_split(args.eval_prompts, args.eval_prompts_split, [("prompt",)])["prompt"]
+        prompts = prompts[: args.num_eval_prompts] if args.num_eval_prompts else prompts
+
+    # models: the policy trains; the reference and the reward model are frozen
+    from transformers import AutoModelForSequenceClassification
+
+    policy = load_model(args.model, args.trust_remote_code).to(device)
+    ref_model = load_model(ref_name, args.trust_remote_code).to(device).eval().requires_grad_(False)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(resolve(args.reward_model)).to(device).eval()
+    pad_id = tokenizer.pad_token_id
+    create_output_dir(out, args)
+
+    # the frozen work, once per fixed group (B^2 sequences each for the cross-context estimator)
+    start = time.time()
+    weights, rewards = zip(*[group_weights(g, ref_model, reward_model, args, pad_id, device, autocast)
+                             for g in tqdm(groups, desc="weights", leave=False, disable=None)])
+    frozen_time = time.time() - start
+    all_weights = torch.cat(weights)
+    print(f"var: {len(groups)} groups of {args.batch_size}, {args.normalizer} normaliser, beta {args.beta}: "
+          f"weights in {frozen_time:.1f}s (mean {all_weights.mean():.3f}, max {all_weights.max():.3f}, "
+          f"ESS per group {torch.stack([effective_sample_size(w) for w in weights]).mean():.2f})")
+
+    policy.train()
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+        policy.config.use_cache = False
+    total_steps = args.max_steps or args.num_epochs * len(groups) // args.gradient_accumulation_steps
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=args.adam_betas,
+                                  weight_decay=args.weight_decay)
+    warmup = int(args.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, "cosine"))
+
+    def batches():  # endless stream of group indices, reshuffled every epoch
+        g = torch.Generator().manual_seed(args.seed + 1)
+        while True:
+            yield from torch.randperm(len(groups), generator=g).tolist()
+
+    metrics_file = open(out / "metrics.jsonl", "w")
+
+    def log(record: dict) -> None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    stream, train_time, tokens_seen = batches(), 0.0, 0
+    window = {"loss": 0.0, "mean": 0.0, "max": 0.0, "ess": 0.0, "reward": 0.0, "n": 0}
+    for step in tqdm(range(1, total_steps + 1), desc="var", dynamic_ncols=True, disable=None):
+        step_start = time.time()
+        for _ in range(args.gradient_accumulation_steps):
+            k = next(stream)
+            batch = {key: v.to(device) for key, v in collate_sequences(
+                [(p, r, True) for p, r in groups[k]], pad_id).items()}
+            loss = var_loss(batch_logps(policy, batch, autocast), weights[k].to(device))
+            (loss / args.gradient_accumulation_steps).backward()
+            tokens_seen += batch["attention_mask"].sum().item()
+            for key, v in [("loss", loss.item()), ("mean", weights[k].mean().item()), ("max", weights[k].max().item()),
+                           ("ess", effective_sample_size(weights[k]).item()), ("reward", rewards[k].mean().item())]:
+                window[key] += v
+            window["n"] += 1
+        if not math.isfinite(window["loss"]):
+            raise SystemExit(f"error: the loss became {window['loss']} at step {step}; stopping, nothing "
+                             f"saved in {out}. Try a lower --learning_rate or a larger --beta.")
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_time += time.time() - step_start
+
+        if step % args.log_every == 0 or step == total_steps:
+            n = window.pop("n")
+            log({"step": step, "train/loss": window["loss"] / n, "weights/mean": window["mean"] / n,
+                 "weights/max": window["max"] / n, "weights/ess": window["ess"] / n,
+                 "train/data_reward": window["reward"] / n, "train/grad_norm": grad_norm,
+                 "train/lr": scheduler.get_last_lr()[0], "perf/tokens_per_s": tokens_seen / train_time})
+            window = {"loss": 0.0, "mean": 0.0, "max": 0.0, "ess": 0.0, "reward": 0.0, "n": 0}
+    metrics_file.close()
+    save_model(policy, tokenizer, out)
+
+    results = {"train/steps": total_steps, "train/runtime_s": round(train_time, 1),
+               "perf/frozen_s": round(frozen_time, 1), "perf/tokens_per_s": round(tokens_seen / train_time, 1),
+               "perf/tokens_per_s_with_frozen": round(tokens_seen / (train_time + frozen_time), 1),
+               "weights/mean": all_weights.mean().item(), "weights/max": all_weights.max().item()}
+    if prompts is not None:
+        torch.manual_seed(args.seed)
+        sample_metrics, samples = evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts, args,
+                                                   device, autocast)
+        results.update(sample_metrics)
+        with open(out / "samples.jsonl", "w") as f:
+            for row in samples:
+                f.write(json.dumps(row) + "\n")
+    with open(out / "eval.json", "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nsaved to {out}: " + json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
