@@ -1,0 +1,533 @@
+"""ExPO: weak-to-strong extrapolation, a better-aligned model from an aligned model and its SFT start.
+
+Zheng et al. (2024), Weak-to-Strong Extrapolation Expedites Alignment, Eq. 1: with theta_0 the weights
+of the SFT model and theta_1 those of the model aligned from it (by DPO or RLHF),
+
+    theta_2 = theta_1 + alpha * (theta_1 - theta_0) = (1 + alpha) * theta_1 - alpha * theta_0
+
+No training: alpha > 0 moves past the aligned model along the alignment update theta_1 - theta_0 (Sec.
+2.2: a first-order step on the alignment objective). alpha = 0 is the aligned model, alpha = -1 the SFT
+model, alpha in (-1, 0) interpolates between them. alpha is tuned like a decoding hyperparameter (App. E):
+for each alpha of a grid, sample responses to dev prompts, score them with a reward model, keep the alpha
+with the highest mean reward. The table also reports the sequence KL to the aligned model and the length,
+which show how far each alpha moves the policy. The paper samples at temperature 0.7, top-k 40, top-p 0.9;
+here the samples are pure (temperature 1 by default), so the KL estimate is unbiased.
+
+Every floating tensor is extrapolated (embeddings, norms and lm_head too, as the authors do), integer
+tensors are copied; a tensor identical in both models comes out unchanged at any alpha. The authors load
+both models whole and do the arithmetic in bf16; here the checkpoint streams tensor by tensor through the
+safetensors shards with fp32 arithmetic, cast back to the checkpoint's dtype, so the peak memory is about
+one output shard, whatever the model's size. The two checkpoints must hold the same tensors with the same
+shapes and dtypes (the paper's premise: theta_1 was trained from theta_0; extrapolating unrelated models
+collapses them), which is checked before anything is computed.
+
+    python expo.py                      # the toy: toy/sft and toy/dpo, alpha chosen by toy/rm
+    python expo.py --sft allenai/tulu-2-7b --aligned allenai/tulu-2-dpo-7b --reward_model runs/rm-tulu2 \
+        --prompts trl-lib/ultrafeedback-prompt --prompts_split test --num_prompts 512 --alphas 0.1 0.3 0.5
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import tyro
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+@dataclass
+class Args:
+    # models
+    sft: str = "toy/sft"
+    """hub id or local directory of the SFT model theta_0 that the aligned model was trained from"""
+    aligned: str = "toy/dpo"
+    """hub id or local directory of the aligned (DPO, RLHF) model theta_1"""
+    trust_remote_code: bool = False
+    """allow model code from the hub (only for models you trust)"""
+
+    # method
+    alphas: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 1.0)
+    """extrapolation strengths to search (Eq. 1); 0 is the aligned model itself, the baseline row"""
+
+    # selection on dev prompts (App. E)
+    reward_model: str = "toy/rm"
+    """reward model that scores the samples; it must share the aligned model's tokenizer"""
+    prompts: str = "toy/data/prompts"
+    """prompt dataset (column `prompt`): hub name, local directory of {split}.jsonl files, or a .jsonl file"""
+    prompts_split: str = "validation"
+    """its split: the dev set alpha is chosen on (keep the test split for the final comparison)"""
+    num_prompts: Optional[int] = None
+    """sample one response for each of the first N prompts (None: all)"""
+    max_new_tokens: int = 256
+    """length limit of the sampled responses"""
+    temperature: float = 1.0
+    """sampling temperature (1.0: the policy itself, so the KL estimate is unbiased)"""
+    batch_size: int = 64
+    """prompts per sampling and scoring batch"""
+
+    # output
+    output_dir: Optional[str] = None
+    """where the run goes (default: runs/expo-<time>); must be empty unless --overwrite"""
+    overwrite: bool = False
+    """replace the contents of an existing, non-empty output_dir"""
+
+    # setup
+    seed: int = 0
+    """seed of the sampling, the same for every alpha so that rows are comparable"""
+    device: str = "auto"
+    """cuda, cpu, ... (auto: cuda when available)"""
+    dtype: Optional[Literal["float32", "bfloat16"]] = None
+    """compute dtype of the evaluation: bfloat16 loads the models in bf16 and autocasts (log-probs stay
+    fp32); default bf16 on CUDA. The extrapolation itself is always fp32, saved in the checkpoint's dtype"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The method's maths
+# ---------------------------------------------------------------------------------------------------
+def extrapolate(sft_tensor: torch.Tensor, aligned_tensor: torch.Tensor, alpha: float) -> torch.Tensor:
+    """theta_2 = theta_1 + alpha * (theta_1 - theta_0) for one tensor, computed in fp32 and returned in
+    the aligned tensor's dtype: rounded once, where bf16 arithmetic would round alpha * (theta_1 -
+    theta_0) and the sum each to 8 significant bits. A non-floating tensor (an integer buffer) is copied
+    from the aligned model. Both tensors have the same shape; the result is a new tensor."""
+    if not aligned_tensor.is_floating_point():
+        return aligned_tensor.clone()
+    theta_0, theta_1 = sft_tensor.float(), aligned_tensor.float()
+    theta_2 = (theta_1 - theta_0).mul_(alpha).add_(theta_1)  # Eq. 1, in place: one fp32 temporary, not three
+    return theta_2.to(aligned_tensor.dtype)
+
+
+def checkpoint_mismatches(sft_specs: dict, aligned_specs: dict) -> list:
+    """Why two checkpoints cannot be extrapolated, one line per tensor: present in only one of them, or
+    with another dtype or shape. specs map tensor names to (dtype, shape, shard file); the shard a
+    tensor is stored in may differ between the two. Empty when they pair up."""
+    problems = [f"{name}: only in the SFT checkpoint" for name in sft_specs if name not in aligned_specs]
+    problems += [f"{name}: only in the aligned checkpoint" for name in aligned_specs if name not in sft_specs]
+    for name in sorted(sft_specs.keys() & aligned_specs.keys()):
+        (sft_dtype, sft_shape, _), (aligned_dtype, aligned_shape, _) = sft_specs[name], aligned_specs[name]
+        if (sft_dtype, sft_shape) != (aligned_dtype, aligned_shape):
+            problems.append(f"{name}: {sft_dtype}{list(sft_shape)} in the SFT checkpoint, "
+                            f"{aligned_dtype}{list(aligned_shape)} in the aligned one")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: streamed through their safetensors shards
+# ---------------------------------------------------------------------------------------------------
+def resolve(path: str) -> str:
+    """A relative path that is not under the working directory but is next to this script (the toy
+    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder."""
+    here = Path(__file__).resolve().parent / path
+    return str(here) if not Path(path).exists() and here.exists() else path
+
+
+def looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
+
+
+def checkpoint_dir(name: str) -> Path:
+    """The local folder of a model: a directory as it is; a hub id through the hub's cache (downloaded
+    when online), fetching only what ExPO reads: safetensors weights, json configs, tokenizer files."""
+    path = resolve(name)
+    if Path(path).is_dir():
+        return Path(path)
+    if looks_local(path):
+        raise SystemExit(f"error: model '{name}' not found: no such directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, allow_patterns=["*.safetensors", "*.json", "*.jinja", "*.model",
+                                                            "*.txt", "*.py"]))
+    except Exception as e:  # the hub raises many types; all mean the same to a user
+        raise SystemExit(f"error: could not get model '{name}' (offline, or a wrong name?): {e}")
+
+
+def read_checkpoint(path: Path) -> tuple:
+    """(specs, shards, index) of a safetensors checkpoint, from the shards' headers only: specs maps each
+    stored tensor to (dtype, shape, shard file), shards lists the shard files, index is the path of
+    model.safetensors.index.json (None for a single model.safetensors)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        shards, index = ["model.safetensors"], None
+    else:
+        raise SystemExit(f"error: '{path}' holds no model.safetensors or model.safetensors.index.json; ExPO "
+                         "streams safetensors checkpoints (re-save the model with save_pretrained)")
+    specs = {}
+    for shard in shards:
+        if not (path / shard).exists():
+            raise SystemExit(f"error: '{path}' lists the shard {shard} in its index, but the file is missing")
+        with safe_open(path / shard, framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_slice(name)
+                specs[name] = (tensor.get_dtype(), tuple(tensor.get_shape()), shard)
+    return specs, shards, index
+
+
+def check_checkpoints(sft_dir: Path, aligned_dir: Path) -> tuple:
+    """Reads both checkpoints' headers and stops with every mismatch listed unless they pair up tensor by
+    tensor. Returns (sft_specs, aligned_specs, aligned_shards, aligned_index)."""
+    sft_specs, _, _ = read_checkpoint(sft_dir)
+    aligned_specs, aligned_shards, aligned_index = read_checkpoint(aligned_dir)
+    problems = checkpoint_mismatches(sft_specs, aligned_specs)
+    if problems:
+        shown = "; ".join(problems[:12]) + (f"; and {len(problems) - 12} more" if len(problems) > 12 else "")
+        raise SystemExit(f"error: the SFT checkpoint '{sft_dir}' and the aligned checkpoint '{aligned_dir}' "
+                         f"differ in {len(problems)} tensors, so the aligned model was not trained from this "
+                         f"SFT model (extrapolating unrelated models collapses them): {shown}")
+    return sft_specs, aligned_specs, aligned_shards, aligned_index
+
+
+def read_tensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a shard. safe_open memory-maps the file and get_tensor returns a view of it: the pages
+    read count as resident memory for as long as the file is open, so a shard held open while all its
+    tensors are read costs the whole shard. Opening the file per tensor costs a header parse and keeps
+    only the tensor in use mapped (the view keeps its mapping alive until it is freed)."""
+    with safe_open(path, framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def extrapolate_checkpoint(sft_dir, aligned_dir, out_dir, alpha: float,
+                           trust_remote_code: bool = False) -> dict:
+    """Writes theta_2 (Eq. 1) of two safetensors checkpoints to out_dir, in the aligned checkpoint's shards
+    (same file names, same tensors per shard, same header metadata) with its index, config, generation
+    config and tokenizer: a directory that from_pretrained loads. Streams tensor by tensor: the peak memory
+    is one output shard plus a few tensors. Checkpoints of models with tied weights store the shared tensor
+    once, so it is extrapolated once. Atomic: written to out_dir/.saving, then moved into place.
+    Returns the number of tensors extrapolated and copied."""
+    from transformers import AutoTokenizer
+
+    sft_dir, aligned_dir, out = Path(sft_dir), Path(aligned_dir), Path(out_dir)
+    sft_specs, _, aligned_shards, aligned_index = check_checkpoints(sft_dir, aligned_dir)
+    tmp = out / ".saving"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    counts = {"extrapolated": 0, "copied": 0}
+    for shard in aligned_shards:
+        with safe_open(aligned_dir / shard, framework="pt") as f:
+            names, metadata = list(f.keys()), f.metadata()
+        tensors = {}  # the one output shard held in memory
+        for name in names:
+            aligned = read_tensor(aligned_dir / shard, name)
+            sft = read_tensor(sft_dir / sft_specs[name][2], name)
+            tensors[name] = extrapolate(sft, aligned, alpha)
+            counts["extrapolated" if aligned.is_floating_point() else "copied"] += 1
+            del aligned, sft  # unmaps their pages
+        save_file(tensors, tmp / shard, metadata=metadata)
+        del tensors
+    if aligned_index is not None:  # the same tensors in the same files: the same index
+        shutil.copyfile(aligned_index, tmp / aligned_index.name)
+    for config in ["config.json", "generation_config.json"]:
+        if (aligned_dir / config).exists():
+            shutil.copyfile(aligned_dir / config, tmp / config)
+    try:
+        AutoTokenizer.from_pretrained(aligned_dir, trust_remote_code=trust_remote_code).save_pretrained(tmp)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: could not load the tokenizer of '{aligned_dir}' to save with it: {e}")
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------
+def load_split(name: str, split: str, needs: list):
+    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file.
+    `needs` lists alternatives: each a tuple of columns that together suffice."""
+    from datasets import load_dataset
+
+    path = resolve(name)
+    if looks_local(path) and not Path(path).exists():
+        raise SystemExit(f"error: dataset '{name}' not found: no such file or directory")
+    try:
+        if path.endswith((".json", ".jsonl")):
+            data = load_dataset("json", data_files=path, split="train")
+        else:
+            data = load_dataset(path, split=split)
+    except Exception as e:  # datasets raises many types; all mean the same to a user
+        raise SystemExit(f"error: could not load split '{split}' of dataset '{name}': {e}")
+    if not any(set(cols) <= set(data.column_names) for cols in needs):
+        wanted = " or ".join("+".join(cols) for cols in needs)
+        raise SystemExit(f"error: dataset '{name}' ({split}) has columns {data.column_names}; "
+                         f"it needs {wanted}")
+    return data
+
+
+# Used only for a tokenizer without a chat template; documented in the README.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise SystemExit(f"error: could not load the tokenizer of '{name}' (offline, or a wrong name?): {e}")
+    if tokenizer.pad_token is None:
+        print(f"note: the tokenizer of '{name}' has no pad token; using its EOS token for padding "
+              "(padding is masked everywhere, so this changes no result)")
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        print(f"note: the tokenizer of '{name}' has no chat template; conversations are formatted as "
+              "'role: content<eos>' lines (PLAIN_CHAT_TEMPLATE)")
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def check_same_tokenizer(tokenizer, other, name: str) -> None:
+    """Models that exchange token ids must share vocabulary and chat template, or scores are noise."""
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"error: '{name}' has a different vocabulary than the policy "
+                         f"({len(other)} vs {len(tokenizer)} tokens); use models with the same tokenizer")
+    if other.chat_template != tokenizer.chat_template:
+        raise SystemExit(f"error: '{name}' has a different chat template than the policy; "
+                         "it would read prompts and responses formatted differently from its training")
+
+
+def format_prompt(tokenizer, prompt) -> str:
+    """A message list through the chat template, ending in the generation prompt; a string as it is."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models: log-probs, sampling, scoring
+# ---------------------------------------------------------------------------------------------------
+def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
+
+
+def load_scorer(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32):
+    """A trained reward model (AutoModelForSequenceClassification, score in logits[:, 0]). Without a
+    pad_token_id in its config, transformers cannot find the last real token of a padded batch."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(resolve(name), dtype=dtype,
+                                                                   trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise SystemExit(f"error: could not load reward model '{name}' (offline, or a wrong name?): {e}")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the log-probs of the labelled tokens of each sequence, from fp32 logits.
+
+    logits: (B, T, V); labels: (B, T) with -100 on prompt and padding. Returns (B,)."""
+    labels = labels[:, 1:]  # position t predicts token t + 1
+    mask = labels != -100
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token_logprobs = torch.gather(logprobs, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (token_logprobs * mask).sum(-1)
+
+
+def batch_logps(model, batch: dict, autocast) -> torch.Tensor:
+    """Summed response log-probs of each sequence of a collated batch. Returns (2B,) in fp32."""
+    with autocast:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_logps(logits, batch["labels"])
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float,
+                     batch_size: int, device) -> list:
+    """One response per prompt, pure sampling (no top-k, no top-p) with the KV cache, left-padded
+    batches. Returns (prompt_ids, response_ids, finished) per prompt: the response is cut after its
+    first EOS (which it keeps); `finished` is False when it hit max_new_tokens first."""
+    tokenizer.padding_side = "left"
+    model.eval()
+    results = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        texts = [format_prompt(tokenizer, p) for p in chunk]
+        batch = tokenizer(texts, return_tensors="pt", padding=True,
+                          add_special_tokens=not isinstance(chunk[0], list)).to(device)
+        out = model.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        for row, mask, generated in zip(batch["input_ids"], batch["attention_mask"],
+                                        out[:, batch["input_ids"].shape[1] :].tolist()):
+            finished = tokenizer.eos_token_id in generated
+            if finished:
+                generated = generated[: generated.index(tokenizer.eos_token_id) + 1]
+            results.append((row[mask.bool()].tolist(), generated, finished))
+    return results
+
+
+def collate_sequences(samples: list, pad_id: int) -> dict:
+    """Prompt + response ids, right-padded, labels on the response only. Shape: (B, T)."""
+    T = max(len(p) + len(r) for p, r, _ in samples)
+    ids = torch.full((len(samples), T), pad_id)
+    labels = torch.full((len(samples), T), -100)
+    mask = torch.zeros((len(samples), T), dtype=torch.long)
+    for i, (p, r, _) in enumerate(samples):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
+        mask[i, : len(p) + len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# As in dpo.py, except that args.batch_size is the sampling batch itself (dpo.py samples 4 * its
+# training batch of pairs).
+@torch.no_grad()
+def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device, autocast) -> tuple:
+    """Samples the policy, then scores each response with the reward model and measures
+    log pi(y|x) - log pi_ref(y|x), whose mean over samples estimates KL(pi || pi_ref)."""
+    samples = sample_responses(policy, tokenizer, prompts, args.max_new_tokens, args.temperature,
+                               args.batch_size, device)
+    rows = []
+    for i in range(0, len(samples), args.batch_size):
+        chunk = samples[i : i + args.batch_size]
+        batch = {k: v.to(device) for k, v in collate_sequences(chunk, tokenizer.pad_token_id).items()}
+        logratios = batch_logps(policy, batch, autocast) - batch_logps(ref_model, batch, autocast)
+        with autocast:
+            scores = reward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        for (p, r, finished), s, lr in zip(chunk, scores.float().tolist(), logratios.tolist()):
+            rows.append({"response": tokenizer.decode(r, skip_special_tokens=True), "score": s,
+                         "logratio": lr, "length": len(r), "finished": finished})
+    n = len(rows)
+    scores = torch.tensor([r["score"] for r in rows])
+    metrics = {"eval/score": scores.mean().item(), "eval/score_se": (scores.std() / math.sqrt(n)).item(),
+               "eval/kl": sum(r["logratio"] for r in rows) / n, "eval/length": sum(r["length"] for r in rows) / n,
+               "eval/eos_rate": sum(r["finished"] for r in rows) / n}
+    return metrics, [{"prompt": p, **r} for p, r in zip(prompts, rows)]
+
+
+def format_table(rows: list, best_alpha: float) -> str:
+    """The alpha search as a readable table, the chosen row marked."""
+    lines = [f"{'alpha':>7}  {'score':>8} {'± se':>6}  {'kl':>7}  {'length':>6}  {'eos':>5}  {'tok/s':>7}"]
+    for row in rows:
+        mark = "  <- best" if row["alpha"] == best_alpha else ""
+        lines.append(f"{row['alpha']:>7g}  {row['eval/score']:>8.3f} {row['eval/score_se']:>6.3f}  "
+                     f"{row['eval/kl']:>7.3f}  {row['eval/length']:>6.1f}  {row['eval/eos_rate']:>5.2f}  "
+                     f"{row['perf/tokens_per_s']:>7.0f}{mark}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------------
+def check_output_dir(output_dir: Optional[str], script: str, overwrite: bool, models: list) -> Path:
+    """Fails before any work if the run would overwrite a previous one; writes nothing."""
+    out = Path(output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
+        raise SystemExit(f"error: output_dir '{out}' holds a model this run reads; choose another")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SystemExit(f"error: output_dir '{out}' already holds a run ({len(list(out.iterdir()))} "
+                         "entries); pass --overwrite to replace it, or choose another --output_dir")
+    return out
+
+
+def create_output_dir(out: Path, args) -> None:
+    """Called once the inputs have loaded: empties an --overwrite'n dir, records the arguments."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    with open(out / "args.json", "w") as f:
+        json.dump(asdict(args), f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The alpha search
+# ---------------------------------------------------------------------------------------------------
+def main(args: Args) -> dict:
+    # setup
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
+    weights_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32  # no training: no fp32 masters
+    if not args.alphas:
+        raise SystemExit("error: --alphas is empty; give at least one extrapolation strength")
+    models = [args.sft, args.aligned, args.reward_model]
+    out = check_output_dir(args.output_dir, "expo", args.overwrite, models)
+
+    # inputs, all checked before any compute: checkpoints that pair up, one tokenizer for the three models
+    sft_dir, aligned_dir = checkpoint_dir(args.sft), checkpoint_dir(args.aligned)
+    check_checkpoints(sft_dir, aligned_dir)
+    tokenizer = load_tokenizer(args.aligned, args.trust_remote_code)
+    for name in [args.sft, args.reward_model]:
+        check_same_tokenizer(tokenizer, load_tokenizer(name, args.trust_remote_code), name)
+    prompts = load_split(args.prompts, args.prompts_split, [("prompt",)])["prompt"]
+    prompts = prompts[: args.num_prompts] if args.num_prompts else prompts
+
+    # the models that stay loaded: the aligned model (the KL reference) and the reward model
+    ref_model = load_model(str(aligned_dir), args.trust_remote_code, weights_dtype).to(device).eval()
+    reward_model = load_scorer(args.reward_model, tokenizer.pad_token_id, args.trust_remote_code,
+                               weights_dtype).to(device).eval()
+    create_output_dir(out, args)
+    print(f"expo: {len(args.alphas)} alphas x {len(prompts)} prompts ({args.prompts_split}), sft {args.sft}, "
+          f"aligned {args.aligned}, reward model {args.reward_model}, device {device}, {dtype}")
+
+    # Each alpha's checkpoint is written to disk by extrapolate_checkpoint and loaded from there, so the
+    # model evaluated is byte for byte the model saved, and memory holds one extrapolated model at a time.
+    # Only the best checkpoint so far is kept on disk.
+    rows, samples, best, best_dir = [], [], None, None
+    for i, alpha in enumerate(args.alphas):
+        # 1. extrapolate (Eq. 1), streamed through the shards
+        start = time.time()
+        alpha_dir = out / f".alpha-{i}"
+        counts = extrapolate_checkpoint(sft_dir, aligned_dir, alpha_dir, alpha, args.trust_remote_code)
+        extrapolate_s = time.time() - start
+
+        # 2. sample the dev prompts, seeded identically for every alpha, and score them (App. E)
+        policy = load_model(str(alpha_dir), args.trust_remote_code, weights_dtype).to(device).eval()
+        torch.manual_seed(args.seed)
+        start = time.time()
+        metrics, alpha_samples = evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts, args,
+                                                  device, autocast)
+        tokens = sum(s["length"] for s in alpha_samples)
+        row = {"alpha": alpha, **metrics, "perf/tokens_per_s": tokens / (time.time() - start),
+               "perf/extrapolate_s": extrapolate_s}
+        rows.append(row)
+        samples += [{"alpha": alpha, **s} for s in alpha_samples]
+        print(f"alpha={alpha:g} ({counts['extrapolated']} tensors extrapolated, {counts['copied']} copied): "
+              + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "alpha"))
+        del policy
+
+        # 3. keep the alpha with the highest mean reward (App. E); the first one on a tie
+        if best is None or row["eval/score"] > best["eval/score"]:
+            if best_dir is not None:
+                shutil.rmtree(best_dir)
+            best, best_dir = row, alpha_dir
+        else:
+            shutil.rmtree(alpha_dir)
+
+    # the chosen model moves into the output dir (file by file, as an atomic save does), with the table
+    for f in best_dir.iterdir():
+        os.replace(f, out / f.name)
+    best_dir.rmdir()
+    results = {"best_alpha": best["alpha"], "selected_by": "eval/score", "table": rows}
+    with open(out / "eval.json", "w") as f:
+        json.dump(results, f, indent=2)
+    with open(out / "samples.jsonl", "w") as f:
+        for row in samples:
+            f.write(json.dumps(row) + "\n")
+    print(f"\n{format_table(rows, best['alpha'])}\n\nbest alpha {best['alpha']:g}: model saved to {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
