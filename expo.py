@@ -10,20 +10,23 @@ No training: alpha > 0 moves past the aligned model along the alignment update t
 model, alpha in (-1, 0) interpolates between them. alpha is tuned like a decoding hyperparameter (App. E):
 for each alpha of a grid, sample responses to dev prompts, score them with a reward model, keep the alpha
 with the highest mean reward. The table also reports the sequence KL to the aligned model and the length,
-which show how far each alpha moves the policy. The paper samples at temperature 0.7, top-k 40, top-p 0.9;
-here the samples are pure (temperature 1 by default), so the KL estimate is unbiased.
+which show how far each alpha moves the policy: a reward model can be gamed, and the alpha it prefers may
+be past the point where the responses stay well-formed (on the toy, read the grammaticality of
+samples.jsonl). The paper samples at temperature 0.7, top-k 40, top-p 0.9; here the samples are pure
+(temperature 1 by default), so the KL estimate is unbiased.
 
 Every floating tensor is extrapolated (embeddings, norms and lm_head too, as the authors do), integer
 tensors are copied; a tensor identical in both models comes out unchanged at any alpha. The authors load
 both models whole and do the arithmetic in bf16; here the checkpoint streams tensor by tensor through the
 safetensors shards with fp32 arithmetic, cast back to the checkpoint's dtype, so the peak memory is about
-one output shard, whatever the model's size. The two checkpoints must hold the same tensors with the same
-shapes and dtypes (the paper's premise: theta_1 was trained from theta_0; extrapolating unrelated models
-collapses them), which is checked before anything is computed.
+one output shard (plus the largest tensor's inputs and fp32 result), whatever the model's size. The two
+checkpoints must hold the same tensors with the same shapes and dtypes (the paper's premise: theta_1 was
+trained from theta_0; extrapolating unrelated models collapses them), checked before anything is computed.
 
     python expo.py                      # the toy: toy/sft and toy/dpo, alpha chosen by toy/rm
     python expo.py --sft allenai/tulu-2-7b --aligned allenai/tulu-2-dpo-7b --reward_model runs/rm-tulu2 \
         --prompts trl-lib/ultrafeedback-prompt --prompts_split test --num_prompts 512 --alphas 0.1 0.3 0.5
+    (runs/rm-tulu2: a reward model with Tulu 2's tokenizer, e.g. `reward_model.py --model allenai/tulu-2-7b`)
 """
 
 import json
@@ -199,9 +202,9 @@ def extrapolate_checkpoint(sft_dir, aligned_dir, out_dir, alpha: float,
     """Writes theta_2 (Eq. 1) of two safetensors checkpoints to out_dir, in the aligned checkpoint's shards
     (same file names, same tensors per shard, same header metadata) with its index, config, generation
     config and tokenizer: a directory that from_pretrained loads. Streams tensor by tensor: the peak memory
-    is one output shard plus a few tensors. Checkpoints of models with tied weights store the shared tensor
-    once, so it is extrapolated once. Atomic: written to out_dir/.saving, then moved into place.
-    Returns the number of tensors extrapolated and copied."""
+    is one output shard plus one tensor's inputs and fp32 result. Checkpoints of models with tied weights
+    store the shared tensor once, so it is extrapolated once. Atomic: written to out_dir/.saving, then
+    moved into place. Returns the number of tensors extrapolated and copied."""
     from transformers import AutoTokenizer
 
     sft_dir, aligned_dir, out = Path(sft_dir), Path(aligned_dir), Path(out_dir)
