@@ -501,7 +501,7 @@ def main(args: Args) -> dict:
         start = time.time()
         metrics, alpha_samples = evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts, args,
                                                   device, autocast)
-        tokens = sum(s["length"] for s in alpha_samples)
+        tokens = sum(s["length"] for s in alpha_samples)  # sampled tokens per second, scoring included
         row = {"alpha": alpha, **metrics, "perf/tokens_per_s": tokens / (time.time() - start),
                "perf/extrapolate_s": extrapolate_s}
         rows.append(row)
