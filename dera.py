@@ -17,8 +17,8 @@ mixed raw, before temperature / top-k / top-p, as in the authors' code. `--mode 
 weight-combining variant of Appendix D.5: one model with parameters lam theta_aligned + (1 - lam) theta_ref.
 
 Each lambda is evaluated on the dev prompts: reward-model score, the sequence KL to the reference
-(mean over samples of log pi_hat(y|x) - log pi_ref(y|x), accumulated while decoding; an unbiased
-estimate at temperature 1 without top-k / top-p, the defaults), response length and EOS rate.
+(mean over samples of log pi_hat(y|x) - log pi_ref(y|x), both from logits / temperature, accumulated
+while decoding; unbiased without top-k / top-p, the defaults), response length and EOS rate.
 
     python dera.py                                    # the toy: toy/sft + toy/dpo, lambdas 0 0.5 1 2
     python dera.py --ref HuggingFaceH4/mistral-7b-sft-beta --aligned HuggingFaceH4/zephyr-7b-beta \
@@ -135,7 +135,7 @@ def dera_generate(ref, aligned, input_ids: torch.Tensor, attention_mask: torch.T
 
     input_ids, attention_mask: (B, T) left-padded prompts. Returns (tokens, realigned_logprobs,
     ref_logprobs), each (B, N) with N <= max_new_tokens: tokens after a row's first EOS are
-    pad_token_id and their log-probs 0. The log-probs are of the realigned model at temperature 1."""
+    pad_token_id and their log-probs 0. Log-probs are of logits / temperature (before top-k / top-p)."""
     if not isinstance(aligned, (list, tuple)):
         aligned, lam = [aligned], [lam]
     models = [ref, *aligned]
@@ -153,8 +153,10 @@ def dera_generate(ref, aligned, input_ids: torch.Tensor, attention_mask: torch.T
         token = sample_token(h, temperature, top_k, top_p, generator)
         token = token.masked_fill(finished, pad_token_id)
         tokens.append(token)
+        scale = temperature if temperature > 0 else 1.0  # log-probs of the tempered distributions sampled
         for store, hh in ((realigned_logprobs, h), (ref_logprobs, logits[0])):
-            store.append(torch.log_softmax(hh, -1).gather(-1, token[:, None]).squeeze(-1).masked_fill(finished, 0.0))
+            logprobs = torch.log_softmax(hh / scale, -1)
+            store.append(logprobs.gather(-1, token[:, None]).squeeze(-1).masked_fill(finished, 0.0))
         if eos_token_id is not None:
             finished = finished | (token == eos_token_id)
         if finished.all():
@@ -435,7 +437,7 @@ def main(args: Args) -> dict:
 
     # the cost of DeRa: the same decoding loop with one model alone
     _, _, single_speed = decode_all(aligned[0], [], [], prompts, tokenizer, args, device)
-    results = {"rows": rows, "perf/tokens_per_s_one_model": single_speed}
+    results = {"table": rows, "perf/tokens_per_s_one_model": single_speed}
     if speeds:
         results["perf/tokens_per_s"] = sum(speeds) / len(speeds)
         results["perf/slowdown_vs_one_model"] = single_speed / results["perf/tokens_per_s"]

@@ -332,11 +332,13 @@ def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
         raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
 
 
-def batch_logps(model, batch: dict, autocast) -> torch.Tensor:
-    """Summed response log-probs of each sequence of a collated batch. Returns (2B,) in fp32."""
+def batch_logps(model, batch: dict, autocast, temperature: float = 1.0) -> torch.Tensor:
+    """Summed response log-probs of each sequence of a collated batch (B rows: for pairs, chosen then
+    rejected), under logits / temperature, the distribution that sampling at that temperature draws
+    from. Returns (B,) in fp32."""
     with autocast:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sequence_logps(logits, batch["labels"])
+    return sequence_logps(logits.float() / temperature, batch["labels"])
 
 
 @torch.no_grad()
@@ -391,15 +393,17 @@ def collate_sequences(samples: list, pad_id: int) -> dict:
 
 @torch.no_grad()
 def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device, autocast) -> tuple:
-    """Samples the policy, then scores each response with the reward model and measures
-    log pi(y|x) - log pi_ref(y|x), whose mean over samples estimates KL(pi || pi_ref)."""
+    """Samples the policy at args.temperature, then scores each response with the reward model and
+    measures log pi_T(y|x) - log pi_ref,T(y|x) (both from logits / T), whose mean over samples
+    estimates KL(pi_T || pi_ref,T): the KL of what was sampled (at T = 1, of the models themselves)."""
     samples = sample_responses(policy, tokenizer, prompts, args.max_new_tokens, args.temperature,
                                4 * args.batch_size, device)
     rows = []
     for i in range(0, len(samples), 4 * args.batch_size):
         chunk = samples[i : i + 4 * args.batch_size]
         batch = {k: v.to(device) for k, v in collate_sequences(chunk, tokenizer.pad_token_id).items()}
-        logratios = batch_logps(policy, batch, autocast) - batch_logps(ref_model, batch, autocast)
+        logratios = (batch_logps(policy, batch, autocast, args.temperature)
+                     - batch_logps(ref_model, batch, autocast, args.temperature))
         with autocast:
             scores = reward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
         for (p, r, finished), s, lr in zip(chunk, scores.float().tolist(), logratios.tolist()):

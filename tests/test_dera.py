@@ -139,7 +139,7 @@ def test_mismatched_models_fail_before_compute(models, tmp_path):
 def test_toy_sweep_reward_rises_with_lambda(tmp_path):
     results = dera.main(dera.Args(lambdas=[0.0, 0.5, 1.0], num_prompts=96, max_new_tokens=48,
                                   output_dir=str(tmp_path / "run")))
-    rows = results["rows"]
+    rows = results["table"]
     assert [r["lambda"] for r in rows] == ["0", "0.5", "1"]
     score = [r["eval/score"] for r in rows]
     se = max(r["eval/score_se"] for r in rows)
@@ -155,5 +155,5 @@ def test_weights_mode_runs_and_matches_at_the_endpoints(tmp_path):
                                   output_dir=str(tmp_path / "w")))
     logits = dera.main(dera.Args(lambdas=[0.0, 1.0], num_prompts=32, max_new_tokens=48,
                                  output_dir=str(tmp_path / "l")))
-    for a, b in zip(results["rows"], logits["rows"]):  # same seed, same distribution at lambda 0 and 1
+    for a, b in zip(results["table"], logits["table"]):  # same seed, same distribution at lambda 0 and 1
         assert a["eval/score"] == pytest.approx(b["eval/score"], abs=1e-3)
