@@ -1,0 +1,643 @@
+"""RLHF with PPO, the Tulu 2.5 recipe (Ivison et al., 2024, Appendix F.2 / E.2, Tables 9 and 10).
+
+Four models: the policy pi_theta (initialised from SFT), the frozen reference pi_ref (SFT), the frozen
+reward model R_psi, and a value model V_phi initialised from the reward model: the same scalar head,
+applied at every response position. Each iteration:
+
+  1. rollout: sample a response for each prompt (temperature 0.7, KV cache), cut after the first EOS;
+  2. score:   r = R_psi(x, y); the EOS trick: a response with no EOS gets a fixed penalty (-10);
+  3. rewards: r_t = -beta (log pi_theta(y_t|.) - log pi_ref(y_t|.)), plus r at the last token  (Eq. 4);
+  4. GAE:     A_t from r_t and V_phi (gamma 1, lambda 0.95), whitened within the batch;
+  5. update:  L = L_pi + alpha L_V with the clipped PPO losses                             (Eq. 5, 6)
+                L_pi = -E_t min(nu_t A_t, clip(nu_t, 1 - eps, 1 + eps) A_t),  nu_t = pi_theta / pi_old
+                L_V  = E_t 1/2 max((V - G_t)^2, (clip(V, V_old - eps, V_old + eps) - G_t)^2)
+
+The paper prints pi_ref in the denominator of Eq. 5; standard PPO (and this file) divides by pi_old,
+the policy that generated the rollout. As in the paper (App. G), log-probs and values are computed
+per minibatch from the current models; with the default one minibatch per batch (B = b = 64) that
+*is* the rollout policy. Fixed beta, no reward normalisation or whitening, advantage whitening
+(Table 10). Log-probs are computed from logits / temperature, the distribution the rollout sampled.
+
+    python ppo.py                                          # the toy: toy/sft aligned against toy/rm
+    python ppo.py --model my-sft --reward_model my-rm --prompts my-prompts --learning_rate 1e-6
+"""
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import tyro
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    # data
+    prompts: str = "toy/data/prompts"
+    """prompt dataset (column `prompt`): hub name, directory of {split}.jsonl files, or a .jsonl file"""
+    train_split: str = "train"
+    """split whose prompts the policy is trained on"""
+    eval_split: Optional[str] = "test"
+    """split for the end-of-run samples (None: skip)"""
+    num_eval_prompts: Optional[int] = 256
+    """sample one response for each of the first N eval prompts (None: all)"""
+
+    # models
+    model: str = "toy/sft"
+    """hub id or local directory of the SFT policy to start from"""
+    ref: Optional[str] = None
+    """reference model (default: the starting policy)"""
+    reward_model: str = "toy/rm"
+    """frozen reward model (AutoModelForSequenceClassification, one output)"""
+    value_model: Optional[str] = None
+    """value model's initialisation (default: the reward model, as in the paper)"""
+    trust_remote_code: bool = False
+    """allow model code from the hub (only for models you trust)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory, ~30% slower"""
+
+    # rollouts (Table 9)
+    total_episodes: int = 6144
+    """responses to train on in all (the paper: one epoch over its prompts; the toy: 8 epochs)"""
+    batch_size: int = 64
+    """prompts per rollout batch (B)"""
+    num_rollouts_per_prompt: int = 1
+    """responses sampled per prompt (r); a batch holds B * r episodes"""
+    minibatch_size: int = 64
+    """episodes per optimiser step (b)"""
+    gradient_accumulation_steps: int = 1
+    """forward passes per minibatch (g)"""
+    max_new_tokens: int = 64
+    """response length limit (L_c); a response that reaches it without EOS gets the EOS penalty"""
+    temperature: float = 0.7
+    """sampling temperature of the rollouts (tau)"""
+
+    # RL (Table 9)
+    beta: float = 0.05
+    """fixed KL penalty coefficient"""
+    gamma: float = 1.0
+    """discount factor"""
+    lam: float = 0.95
+    """GAE lambda"""
+    clip: float = 0.2
+    """clipping range of the policy and value losses (epsilon)"""
+    vf_coef: float = 0.1
+    """value loss coefficient (alpha)"""
+    ppo_epochs: int = 1
+    """inner epochs per batch (e)"""
+    missing_eos_penalty: float = -10.0
+    """score of a response with no EOS (the EOS trick)"""
+
+    # optimisation (Table 9: AdamW (0.9, 0.95), eps 1e-5, no weight decay, clip 1.0, 10% warmup)
+    learning_rate: float = 1e-4
+    """learning rate after warmup (1e-4 suits the toy; the paper: 1e-6)"""
+    warmup_ratio: float = 0.1
+    """fraction of the optimiser steps with linear warmup; constant afterwards"""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm (policy and value together) to this"""
+
+    # evaluation, logging and output
+    eval_temperature: Optional[float] = None
+    """temperature of the end-of-run samples (None: the rollout temperature, the sampler PPO trained;
+    1.0 compares with the other scripts' defaults)"""
+    output_dir: Optional[str] = None
+    """where the run goes (default: runs/ppo-<time>); must be empty unless --overwrite"""
+    overwrite: bool = False
+    """replace the contents of an existing, non-empty output_dir"""
+    log_every: int = 10
+    """iterations between log lines"""
+
+    # setup
+    seed: int = 0
+    """seed of the prompt order and the sampling"""
+    device: str = "auto"
+    """cuda, cpu, ... (auto: cuda when available)"""
+    dtype: Optional[Literal["float32", "bfloat16"]] = None
+    """compute dtype: bfloat16 autocasts the forward pass (weights stay fp32); default bf16 on CUDA"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The method's maths. Shapes: (B, R) over the response tokens; `mask` is 1 up to and including EOS.
+# ---------------------------------------------------------------------------------------------------
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the positions where mask is 1."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std over the masked positions; masked-out positions become 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                         mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Token-level rewards of Eq. 4: -beta (log pi - log pi_ref) at every response token, plus the
+    sequence score at the last one (the EOS, or the last token of a truncated response).
+
+    scores: (B,); logprobs, ref_logprobs, mask: (B, R). Returns (B, R), 0 after the last token."""
+    rewards = -beta * (logprobs - ref_logprobs) * mask  # k1 KL estimate per token
+    last = mask.sum(1).long() - 1  # index of each response's last real token
+    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                lam: float) -> tuple:
+    """Generalised advantage estimation over each response, backwards in time; the value after the
+    last token is 0 (the episode ends). Returns (advantages, returns), each (B, R), 0 outside mask."""
+    R = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(R)):
+        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < R else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # TD error
+        last_gae = (delta + gamma * lam * last_gae) * mask[:, t]
+        advantages[:, t] = last_gae
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip: float) -> tuple:
+    """Clipped surrogate (Eq. 5 with footnote 16), the ratio taken to the rollout policy.
+    Returns (loss, clipfrac): the fraction of tokens where the clipped branch is taken."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    return loss, masked_mean((clipped > unclipped).float(), mask)
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   mask: torch.Tensor, clip: float) -> tuple:
+    """Clipped value loss: Eq. 6's 1/2 (V - G_t)^2, with V kept within clip of the rollout's values.
+    Returns (loss, clipfrac)."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped, clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped, clipped), mask)
+    return loss, masked_mean((clipped > unclipped).float(), mask)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1.0 - floor) * decay
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------
+def resolve(path: str) -> str:
+    """A relative path that is not under the working directory but is next to this script (the toy
+    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder."""
+    here = Path(__file__).resolve().parent / path
+    return str(here) if not Path(path).exists() and here.exists() else path
+
+
+def looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
+
+
+def load_split(name: str, split: str, needs: list):
+    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file.
+    `needs` lists alternatives: each a tuple of columns that together suffice."""
+    from datasets import load_dataset
+
+    path = resolve(name)
+    if looks_local(path) and not Path(path).exists():
+        raise SystemExit(f"error: dataset '{name}' not found: no such file or directory")
+    try:
+        if path.endswith((".json", ".jsonl")):
+            data = load_dataset("json", data_files=path, split="train")
+        else:
+            data = load_dataset(path, split=split)
+    except Exception as e:  # datasets raises many types; all mean the same to a user
+        raise SystemExit(f"error: could not load split '{split}' of dataset '{name}': {e}")
+    if not any(set(cols) <= set(data.column_names) for cols in needs):
+        wanted = " or ".join("+".join(cols) for cols in needs)
+        raise SystemExit(f"error: dataset '{name}' ({split}) has columns {data.column_names}; "
+                         f"it needs {wanted}")
+    return data
+
+
+# Used only for a tokenizer without a chat template; documented in the README.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise SystemExit(f"error: could not load the tokenizer of '{name}' (offline, or a wrong name?): {e}")
+    if tokenizer.pad_token is None:
+        print(f"note: the tokenizer of '{name}' has no pad token; using its EOS token for padding "
+              "(padding is masked everywhere, so this changes no result)")
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        print(f"note: the tokenizer of '{name}' has no chat template; conversations are formatted as "
+              "'role: content<eos>' lines (PLAIN_CHAT_TEMPLATE)")
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def check_same_tokenizer(tokenizer, other, name: str) -> None:
+    """Models that exchange token ids must share vocabulary and chat template, or scores are noise."""
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"error: '{name}' has a different vocabulary than the policy "
+                         f"({len(other)} vs {len(tokenizer)} tokens); use models with the same tokenizer")
+    if other.chat_template != tokenizer.chat_template:
+        raise SystemExit(f"error: '{name}' has a different chat template than the policy; "
+                         "it would read prompts and responses formatted differently from its training")
+
+
+def format_prompt(tokenizer, prompt) -> str:
+    """A message list through the chat template, ending in the generation prompt; a string as it is."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models: rollouts, per-token log-probs and values
+# ---------------------------------------------------------------------------------------------------
+def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
+
+
+def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool):
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve(name), num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+@torch.no_grad()
+def rollout(policy, tokenizer, prompts: list, args, device) -> dict:
+    """Step 1: one sampled response per prompt (KV-cached `generate`), cut after the first EOS.
+    Returns query (B, Q) left-padded and response (B, R) with its mask: 1 up to and including the
+    EOS, 0 after it (those tokens become padding)."""
+    tokenizer.padding_side = "left"
+    batch = tokenizer([format_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                      add_special_tokens=not isinstance(prompts[0], list)).to(device)
+    policy.eval()
+    out = policy.generate(**batch, do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
+                          max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    policy.train()
+    response = out[:, batch["input_ids"].shape[1] :]
+    is_eos = response == tokenizer.eos_token_id
+    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    mask = (~after_eos).long()
+    return {"query": batch["input_ids"], "query_mask": batch["attention_mask"],
+            "response": response.masked_fill(after_eos, tokenizer.pad_token_id), "mask": mask,
+            "finished": is_eos.any(1)}
+
+
+def full_inputs(mb: dict) -> dict:
+    """Query + response as one left-and-right-padded batch, with positions counted from the first
+    real token (left padding must not shift them)."""
+    mask = torch.cat([mb["query_mask"], mb["mask"]], 1)
+    return {"input_ids": torch.cat([mb["query"], mb["response"]], 1), "attention_mask": mask,
+            "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+
+
+def policy_logprobs(model, mb: dict, temperature: float, autocast) -> tuple:
+    """log pi(y_t | x, y_<t) of every response token from logits / temperature, fp32, and the
+    per-token entropy of that distribution. Returns two (B, R) tensors."""
+    Q = mb["query"].shape[1]
+    with autocast:
+        logits = model(**full_inputs(mb)).logits[:, Q - 1 : -1]  # position Q-1+t predicts token t
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, R, V)
+    token_logprobs = logprobs.gather(-1, mb["response"][..., None]).squeeze(-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return token_logprobs, entropy
+
+
+def scalar_head(model, mb: dict, autocast) -> torch.Tensor:
+    """The score head of a sequence-classification model at every position (the backbone's hidden
+    states through its `score` layer), fp32. Returns (B, Q + R)."""
+    backbone = getattr(model, model.base_model_prefix)
+    with autocast:
+        hidden = backbone(**full_inputs(mb)).last_hidden_state
+        return model.score(hidden).squeeze(-1).float()
+
+
+def values_and_scores(model, mb: dict, autocast) -> tuple:
+    """V(x, y_<t) for every response token t (read at position Q-1+t), and the output at each
+    response's last real token: the reward model's score, from the same head. Each (B, R) and (B,)."""
+    Q = mb["query"].shape[1]
+    out = scalar_head(model, mb, autocast)
+    last = Q + mb["mask"].sum(1) - 1
+    return out[:, Q - 1 : -1], out[torch.arange(out.shape[0]), last]
+
+
+def take(batch: dict, index) -> dict:
+    return {k: v[index] for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation and saving (the same end-of-run samples as dpo.py and var.py)
+# ---------------------------------------------------------------------------------------------------
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the log-probs of the labelled tokens of each sequence, from fp32 logits.
+
+    logits: (B, T, V); labels: (B, T) with -100 on prompt and padding. Returns (B,)."""
+    labels = labels[:, 1:]  # position t predicts token t + 1
+    mask = labels != -100
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token_logprobs = torch.gather(logprobs, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (token_logprobs * mask).sum(-1)
+
+
+def batch_logps(model, batch: dict, autocast, temperature: float = 1.0) -> torch.Tensor:
+    """Summed response log-probs of each sequence of a collated batch (B rows: for pairs, chosen then
+    rejected), under logits / temperature, the distribution that sampling at that temperature draws
+    from. Returns (B,) in fp32."""
+    with autocast:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_logps(logits.float() / temperature, batch["labels"])
+
+
+def collate_sequences(samples: list, pad_id: int) -> dict:
+    """Prompt + response ids, right-padded, labels on the response only. Shape: (B, T)."""
+    T = max(len(p) + len(r) for p, r, _ in samples)
+    ids = torch.full((len(samples), T), pad_id)
+    labels = torch.full((len(samples), T), -100)
+    mask = torch.zeros((len(samples), T), dtype=torch.long)
+    for i, (p, r, _) in enumerate(samples):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
+        mask[i, : len(p) + len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float,
+                     batch_size: int, device) -> list:
+    """One response per prompt, pure sampling (no top-k, no top-p) with the KV cache, left-padded
+    batches. Returns (prompt_ids, response_ids, finished) per prompt: the response is cut after its
+    first EOS (which it keeps); `finished` is False when it hit max_new_tokens first."""
+    tokenizer.padding_side = "left"
+    model.eval()
+    results = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        texts = [format_prompt(tokenizer, p) for p in chunk]
+        batch = tokenizer(texts, return_tensors="pt", padding=True,
+                          add_special_tokens=not isinstance(chunk[0], list)).to(device)
+        out = model.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        for row, mask, generated in zip(batch["input_ids"], batch["attention_mask"],
+                                        out[:, batch["input_ids"].shape[1] :].tolist()):
+            finished = tokenizer.eos_token_id in generated
+            if finished:
+                generated = generated[: generated.index(tokenizer.eos_token_id) + 1]
+            results.append((row[mask.bool()].tolist(), generated, finished))
+    return results
+
+
+@torch.no_grad()
+def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device, autocast) -> tuple:
+    """Samples the policy at args.temperature, then scores each response with the reward model and
+    measures log pi_T(y|x) - log pi_ref,T(y|x) (both from logits / T), whose mean over samples
+    estimates KL(pi_T || pi_ref,T): the KL of what was sampled (at T = 1, of the models themselves)."""
+    samples = sample_responses(policy, tokenizer, prompts, args.max_new_tokens, args.temperature,
+                               4 * args.batch_size, device)
+    rows = []
+    for i in range(0, len(samples), 4 * args.batch_size):
+        chunk = samples[i : i + 4 * args.batch_size]
+        batch = {k: v.to(device) for k, v in collate_sequences(chunk, tokenizer.pad_token_id).items()}
+        logratios = (batch_logps(policy, batch, autocast, args.temperature)
+                     - batch_logps(ref_model, batch, autocast, args.temperature))
+        with autocast:
+            scores = reward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        for (p, r, finished), s, lr in zip(chunk, scores.float().tolist(), logratios.tolist()):
+            rows.append({"response": tokenizer.decode(r, skip_special_tokens=True), "score": s,
+                         "logratio": lr, "length": len(r), "finished": finished})
+    n = len(rows)
+    scores = torch.tensor([r["score"] for r in rows])
+    metrics = {"eval/score": scores.mean().item(), "eval/score_se": (scores.std() / math.sqrt(n)).item(),
+               "eval/kl": sum(r["logratio"] for r in rows) / n, "eval/length": sum(r["length"] for r in rows) / n,
+               "eval/eos_rate": sum(r["finished"] for r in rows) / n}
+    return metrics, [{"prompt": p, **r} for p, r in zip(prompts, rows)]
+
+
+def check_output_dir(output_dir: Optional[str], script: str, overwrite: bool, models: list) -> Path:
+    """Fails before any work if the run would overwrite a previous one; writes nothing."""
+    out = Path(output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
+        raise SystemExit(f"error: output_dir '{out}' holds a model this run reads; choose another")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SystemExit(f"error: output_dir '{out}' already holds a run ({len(list(out.iterdir()))} "
+                         "entries); pass --overwrite to replace it, or choose another --output_dir")
+    return out
+
+
+def create_output_dir(out: Path, args) -> None:
+    """Called once the inputs have loaded: empties an --overwrite'n dir, records the arguments."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    with open(out / "args.json", "w") as f:
+        json.dump(asdict(args), f, indent=2)
+
+
+def save_model(model, tokenizer, out: Path) -> None:
+    """Atomic save: written to a temporary folder, then moved into place, so a crash mid-save never
+    leaves a half-written model in `out`."""
+    tmp = out / ".saving"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+def main(args: Args) -> dict:
+    # setup
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
+    ref_name, value_name = args.ref or args.model, args.value_model or args.reward_model
+    episodes_per_batch = args.batch_size * args.num_rollouts_per_prompt
+    if episodes_per_batch % args.minibatch_size or args.minibatch_size % args.gradient_accumulation_steps:
+        raise SystemExit(f"error: batch_size * num_rollouts_per_prompt ({episodes_per_batch}) must be a multiple "
+                         f"of minibatch_size ({args.minibatch_size}), itself a multiple of gradient_accumulation_steps")
+    out = check_output_dir(args.output_dir, "ppo", args.overwrite, [args.model, ref_name, args.reward_model, value_name])
+
+    # data, and every tokenizer checked against the policy's before any compute
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    for name in {ref_name, args.reward_model, value_name}:
+        check_same_tokenizer(tokenizer, load_tokenizer(name, args.trust_remote_code), name)
+    train_prompts = load_split(args.prompts, args.train_split, [("prompt",)])["prompt"]
+    eval_prompts = None
+    if args.eval_split:
+        eval_prompts = load_split(args.prompts, args.eval_split, [("prompt",)])["prompt"]
+        eval_prompts = eval_prompts[: args.num_eval_prompts] if args.num_eval_prompts else eval_prompts
+
+    # the four models
+    pad_id = tokenizer.pad_token_id
+    policy = load_model(args.model, args.trust_remote_code).to(device)
+    ref_model = load_model(ref_name, args.trust_remote_code).to(device).eval().requires_grad_(False)
+    reward_model = load_scalar_model(args.reward_model, pad_id, args.trust_remote_code).to(device).eval().requires_grad_(False)
+    value_model = load_scalar_model(value_name, pad_id, args.trust_remote_code).to(device)
+    policy.train(), value_model.train()
+    if args.gradient_checkpointing:
+        for m in (policy, value_model):
+            m.gradient_checkpointing_enable()
+            m.config.use_cache = False
+    num_iterations = args.total_episodes // episodes_per_batch
+    minibatches = episodes_per_batch // args.minibatch_size
+    total_steps = num_iterations * minibatches * args.ppo_epochs
+    params = list(policy.parameters()) + list(value_model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps,
+                                  weight_decay=args.weight_decay)
+    warmup = int(args.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, "linear", floor=1.0))  # warmup, then constant
+    create_output_dir(out, args)
+    print(f"ppo: {len(train_prompts)} train prompts, {num_iterations} iterations of {episodes_per_batch} episodes, "
+          f"{total_steps} optimiser steps, beta {args.beta}, device {device}, {dtype}")
+
+    def prompt_batches():  # endless stream of shuffled prompt batches, epoch after epoch
+        g = torch.Generator().manual_seed(args.seed)
+        while True:
+            order = torch.randperm(len(train_prompts), generator=g).tolist()
+            for i in range(0, len(order) - args.batch_size + 1, args.batch_size):
+                yield [train_prompts[j] for j in order[i : i + args.batch_size]]
+
+    metrics_file = open(out / "metrics.jsonl", "w")
+
+    def log(record: dict) -> None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    stream, times, window = prompt_batches(), {"rollout": 0.0, "update": 0.0}, {}
+    for iteration in tqdm(range(1, num_iterations + 1), desc="ppo", dynamic_ncols=True, disable=None):
+        # 1. rollout
+        start = time.time()
+        prompts = [p for p in next(stream) for _ in range(args.num_rollouts_per_prompt)]
+        batch = rollout(policy, tokenizer, prompts, args, device)
+        times["rollout"] += time.time() - start
+        start = time.time()
+        stats = {}
+        order = torch.randperm(episodes_per_batch, device=device)
+        for m in range(minibatches):
+            mb = take(batch, order[m * args.minibatch_size : (m + 1) * args.minibatch_size])
+            mask = mb["mask"].float()
+            with torch.no_grad():  # App. G: from the current models, per minibatch
+                # 2. score, with the EOS trick for responses that never ended
+                _, scores = values_and_scores(reward_model, mb, autocast)
+                scores = torch.where(mb["finished"], scores, torch.full_like(scores, args.missing_eos_penalty))
+                old_logprobs, _ = policy_logprobs(policy, mb, args.temperature, autocast)
+                ref_logprobs, _ = policy_logprobs(ref_model, mb, args.temperature, autocast)
+                old_values, _ = values_and_scores(value_model, mb, autocast)
+                # 3. KL-penalised token rewards (Eq. 4): fixed beta, no reward normalisation or whitening
+                rewards = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, args.beta)
+                # 4. GAE (gamma 1, lambda 0.95), advantages whitened within the batch
+                advantages, returns = compute_gae(rewards, old_values * mask, mask, args.gamma, args.lam)
+                advantages = masked_whiten(advantages, mask)
+            kl = ((old_logprobs - ref_logprobs) * mask).sum(1)
+            for key, v in [("objective/score", scores.mean()), ("objective/kl", kl.mean()),
+                           ("objective/non_score_reward", (-args.beta * kl).mean()),
+                           ("val/eos_rate", mb["finished"].float().mean()), ("val/length", mask.sum(1).mean())]:
+                stats.setdefault(key, []).append(v.item())
+            # 5. PPO update: clipped losses, ratio to the rollout policy (not pi_ref as Eq. 5 prints)
+            micro = args.minibatch_size // args.gradient_accumulation_steps
+            for _ in range(args.ppo_epochs):
+                for a in range(0, args.minibatch_size, micro):
+                    sl = slice(a, a + micro)
+                    part = take(mb, sl)
+                    logprobs, entropy = policy_logprobs(policy, part, args.temperature, autocast)
+                    values, _ = values_and_scores(value_model, part, autocast)
+                    pg_loss, clipfrac = ppo_policy_loss(logprobs, old_logprobs[sl], advantages[sl], mask[sl], args.clip)
+                    vf_loss, vf_clipfrac = ppo_value_loss(values, old_values[sl], returns[sl], mask[sl], args.clip)
+                    loss = pg_loss + args.vf_coef * vf_loss
+                    (loss / args.gradient_accumulation_steps).backward()
+                    with torch.no_grad():
+                        approx_kl = masked_mean(0.5 * (logprobs - old_logprobs[sl]) ** 2, mask[sl])
+                    for key, v in [("ppo/policy_loss", pg_loss), ("ppo/value_loss", vf_loss), ("ppo/clipfrac", clipfrac),
+                                   ("ppo/vf_clipfrac", vf_clipfrac), ("ppo/approx_kl", approx_kl),
+                                   ("ppo/entropy", masked_mean(entropy, mask[sl]))]:
+                        stats.setdefault(key, []).append(v.item())
+                if not math.isfinite(stats["ppo/policy_loss"][-1] + stats["ppo/value_loss"][-1]):
+                    raise SystemExit(f"error: the loss became non-finite at iteration {iteration}; stopping, "
+                                     f"nothing saved in {out}. Try a lower --learning_rate.")
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        times["update"] += time.time() - start
+        for key, v in stats.items():
+            window.setdefault(key, []).append(sum(v) / len(v))
+
+        if iteration % args.log_every == 0 or iteration == num_iterations:
+            elapsed = times["rollout"] + times["update"]
+            log({"iteration": iteration, "episodes": iteration * episodes_per_batch,
+                 **{k: sum(v) / len(v) for k, v in window.items()}, "train/lr": scheduler.get_last_lr()[0],
+                 "perf/episodes_per_s": iteration * episodes_per_batch / elapsed,
+                 "perf/rollout_fraction": times["rollout"] / elapsed})
+            window = {}
+    metrics_file.close()
+    save_model(policy, tokenizer, out)
+
+    elapsed = times["rollout"] + times["update"]
+    results = {"train/iterations": num_iterations, "train/runtime_s": round(elapsed, 1),
+               "perf/rollout_s": round(times["rollout"], 1), "perf/update_s": round(times["update"], 1),
+               "perf/episodes_per_s": round(num_iterations * episodes_per_batch / elapsed, 2)}
+    if eval_prompts is not None:
+        torch.manual_seed(args.seed)
+        eval_args = dataclasses.replace(args, temperature=args.eval_temperature or args.temperature)
+        sample_metrics, samples = evaluate_samples(policy, ref_model, reward_model, tokenizer, eval_prompts,
+                                                   eval_args, device, autocast)
+        results.update(sample_metrics)
+        with open(out / "samples.jsonl", "w") as f:
+            for row in samples:
+                f.write(json.dumps(row) + "\n")
+    with open(out / "eval.json", "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nsaved to {out}: " + json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
