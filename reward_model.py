@@ -239,7 +239,9 @@ def split_pair(row: dict) -> tuple:
 
 
 def build_pairs(data, tokenizer, max_length: int) -> list:
-    """Token ids of prompt + chosen and prompt + rejected for every row; too-long pairs are skipped."""
+    """Token ids of prompt + chosen and prompt + rejected for every row; too-long pairs are skipped.
+    Differs from dpo.py's build_pairs on purpose: no response labels (the score needs none), and no
+    truncation (a reward model must not learn to score text cut short)."""
     pairs, skipped = [], 0
     for i, row in enumerate(data):
         prompt, chosen, rejected = split_pair(row)
@@ -258,7 +260,8 @@ def build_pairs(data, tokenizer, max_length: int) -> list:
 
 def collate_pairs(pairs: list, pad_id: int) -> dict:
     """The chosen sequences, then the rejected ones, right-padded to the longest of all: one forward
-    pass for both. Shape: (2B, T); rows [:B] are chosen, rows [B:] rejected."""
+    pass for both. Shape: (2B, T); rows [:B] are chosen, rows [B:] rejected. (dpo.py's also carries
+    labels: its pairs do, these do not.)"""
     seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
     T = max(map(len, seqs))
     ids = torch.full((len(seqs), T), pad_id)

@@ -265,6 +265,8 @@ def collate(examples: list, pad_id: int) -> dict:
 # Models, evaluation, sampling, saving
 # ---------------------------------------------------------------------------------------------------
 def load_model(name: str, trust_remote_code: bool):
+    """The other scripts' load_model, plus one case only SFT needs: a directory with a config and no
+    weights gives a randomly initialised model (how the toy's pi_sft starts)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve(name)
