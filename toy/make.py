@@ -106,7 +106,7 @@ def _alt(words) -> str:
 
 def _grammar_regex() -> re.Pattern:
     # The grammar is finite-state, so one regular expression recognises exactly its language.
-    item, aspect = f"the {_alt(ITEMS)}", f"the {_alt(ASPECTS)}"
+    item = f"the {_alt(ITEMS)}"
     adjp = f"(?:(?:very|really|not) )?{_alt(ADJECTIVES)}"
     obj = f"(?:{item}|it)"
     predicates = [f" was {adjp}", f" {_alt(VERBS)} {obj}", f" would (?:not )?recommend {obj}"]
