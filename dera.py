@@ -142,7 +142,8 @@ def dera_generate(ref, aligned, input_ids: torch.Tensor, attention_mask: torch.T
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
     caches, logits = [], []
     for model in models:  # the prompt, once per model
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                    use_cache=True)
         caches.append(out.past_key_values)
         logits.append(out.logits[:, -1].float())
     next_position = positions[:, -1:] + 1  # (B, 1)
@@ -161,7 +162,8 @@ def dera_generate(ref, aligned, input_ids: torch.Tensor, attention_mask: torch.T
             finished = finished | (token == eos_token_id)
         if finished.all():
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)],
+                                   dim=1)
         for i, model in enumerate(models):  # one new token per model, on top of its own cache
             out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
                         past_key_values=caches[i], use_cache=True)
@@ -284,7 +286,8 @@ def load_causal_lm(name: str, dtype, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype,
+                                                    trust_remote_code=trust_remote_code)
     except OSError as e:
         raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
 
@@ -319,8 +322,9 @@ def decode_all(ref, aligned: list, lam: list, prompts: list, tokenizer, args, de
         batch = tokenizer([format_prompt(tokenizer, p) for p in chunk], return_tensors="pt", padding=True,
                           add_special_tokens=not isinstance(chunk[0], list)).to(device)
         tokens, realigned_lp, ref_lp = dera_generate(
-            ref, aligned, batch["input_ids"], batch["attention_mask"], lam, args.max_new_tokens, args.temperature,
-            args.top_k, args.top_p, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+            ref, aligned, batch["input_ids"], batch["attention_mask"], lam, args.max_new_tokens,
+            args.temperature, args.top_k, args.top_p, tokenizer.eos_token_id, tokenizer.pad_token_id,
+            generator)
         for row, mask, generated, lr in zip(batch["input_ids"], batch["attention_mask"], tokens.tolist(),
                                             (realigned_lp - ref_lp).sum(-1).tolist()):
             finished = tokenizer.eos_token_id in generated
@@ -410,10 +414,12 @@ def main(args: Args) -> dict:
     if use_rm:
         from transformers import AutoModelForSequenceClassification
 
-        reward_model = AutoModelForSequenceClassification.from_pretrained(resolve(args.reward_model), dtype=dtype)
+        reward_model = AutoModelForSequenceClassification.from_pretrained(resolve(args.reward_model),
+                                                                          dtype=dtype)
         reward_model = reward_model.to(device).eval()
     create_output_dir(out, args)
-    print(f"dera: {len(prompts)} prompts, {len(rows_lam)} settings of lambda, mode {args.mode}, device {device}")
+    print(f"dera: {len(prompts)} prompts, {len(rows_lam)} settings of lambda, mode {args.mode}, "
+          f"device {device}")
 
     # one row per lambda: realigned samples (logits mode) or samples of the combined weights
     rows, all_samples, speeds = [], [], []
@@ -425,14 +431,15 @@ def main(args: Args) -> dict:
             # to give log pi_ref for the KL (deployed alone, it costs one model's decoding)
             samples, logratios, speed = decode_all(ref, [combine_weights(ref, aligned, lam)], [1.0], prompts,
                                                    tokenizer, args, device)
-        scores = score_samples(reward_model, samples, tokenizer.pad_token_id, args.batch_size, device) if use_rm else None
+        scores = (score_samples(reward_model, samples, tokenizer.pad_token_id, args.batch_size, device)
+                  if use_rm else None)
         label = ",".join(f"{x:g}" for x in lam)
         rows.append({"lambda": label, **summarise(samples, logratios, scores), "perf/tokens_per_s": speed})
         for i, ((prompt_ids, response, finished), lr) in enumerate(zip(samples, logratios)):
             all_samples.append({"lambda": label, "prompt": prompts[i],
                                 "response": tokenizer.decode(response, skip_special_tokens=True),
-                                "score": scores[i] if scores else None, "logratio": lr, "length": len(response),
-                                "finished": finished})
+                                "score": scores[i] if scores else None, "logratio": lr,
+                                "length": len(response), "finished": finished})
         print(f"lambda={label}: " + " ".join(f"{k}={v:.3f}" for k, v in rows[-1].items() if k != "lambda"))
 
     # the cost of DeRa: the same decoding loop with one model alone
@@ -444,7 +451,8 @@ def main(args: Args) -> dict:
     print()
     print_table(rows)
     print(f"\none model alone: {single_speed:.0f} tokens/s" +
-          (f"; DeRa {results['perf/tokens_per_s']:.0f} tokens/s ({results['perf/slowdown_vs_one_model']:.2f}x slower)"
+          (f"; DeRa {results['perf/tokens_per_s']:.0f} tokens/s "
+           f"({results['perf/slowdown_vs_one_model']:.2f}x slower)"
            if speeds else ""))
     with open(out / "eval.json", "w") as f:
         json.dump(results, f, indent=2)

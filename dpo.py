@@ -299,7 +299,8 @@ def build_pairs(data, tokenizer, max_length: int) -> list:
         prompt, chosen, rejected = split_pair(row)
         pair = {}
         for side, completion in (("chosen", chosen), ("rejected", rejected)):
-            prompt_ids, completion_ids = tokenize_example(tokenizer, prompt, completion, max_length, check=(i == 0))
+            prompt_ids, completion_ids = tokenize_example(tokenizer, prompt, completion, max_length,
+                                                          check=(i == 0))
             pair[side] = {"input_ids": prompt_ids + completion_ids,
                           "labels": [-100] * len(prompt_ids) + completion_ids}
         pairs.append(pair)
@@ -327,7 +328,8 @@ def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype,
+                                                    trust_remote_code=trust_remote_code)
     except OSError as e:
         raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
 
@@ -392,7 +394,8 @@ def collate_sequences(samples: list, pad_id: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device, autocast) -> tuple:
+def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device,
+                     autocast) -> tuple:
     """Samples the policy at args.temperature, then scores each response with the reward model and
     measures log pi_T(y|x) - log pi_ref,T(y|x) (both from logits / T), whose mean over samples
     estimates KL(pi_T || pi_ref,T): the KL of what was sampled (at T = 1, of the models themselves)."""
@@ -405,14 +408,16 @@ def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, 
         logratios = (batch_logps(policy, batch, autocast, args.temperature)
                      - batch_logps(ref_model, batch, autocast, args.temperature))
         with autocast:
-            scores = reward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+            scores = reward_model(input_ids=batch["input_ids"],
+                                  attention_mask=batch["attention_mask"]).logits[:, 0]
         for (p, r, finished), s, lr in zip(chunk, scores.float().tolist(), logratios.tolist()):
             rows.append({"response": tokenizer.decode(r, skip_special_tokens=True), "score": s,
                          "logratio": lr, "length": len(r), "finished": finished})
     n = len(rows)
     scores = torch.tensor([r["score"] for r in rows])
     metrics = {"eval/score": scores.mean().item(), "eval/score_se": (scores.std() / math.sqrt(n)).item(),
-               "eval/kl": sum(r["logratio"] for r in rows) / n, "eval/length": sum(r["length"] for r in rows) / n,
+               "eval/kl": sum(r["logratio"] for r in rows) / n,
+               "eval/length": sum(r["length"] for r in rows) / n,
                "eval/eos_rate": sum(r["finished"] for r in rows) / n}
     return metrics, [{"prompt": p, **r} for p, r in zip(prompts, rows)]
 
@@ -497,7 +502,8 @@ def main(args: Args) -> dict:
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     check_same_tokenizer(tokenizer, load_tokenizer(ref_name, args.trust_remote_code), ref_name)
     if use_rm:
-        check_same_tokenizer(tokenizer, load_tokenizer(args.reward_model, args.trust_remote_code), args.reward_model)
+        check_same_tokenizer(tokenizer, load_tokenizer(args.reward_model, args.trust_remote_code),
+                             args.reward_model)
         prompts = load_split(args.eval_prompts, args.eval_prompts_split, [("prompt",)])["prompt"]
         prompts = prompts[: args.num_eval_prompts] if args.num_eval_prompts else prompts
     train_data = load_split(args.dataset, args.train_split, needs)
@@ -532,7 +538,8 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=args.adam_betas,
                                   weight_decay=args.weight_decay)
     warmup = int(args.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, "linear"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, "linear"))
     create_output_dir(out, args)
     print(f"dpo: {len(train)} train / {len(evals)} eval pairs, {total_steps} steps, beta {args.beta}, "
           f"{args.loss_type} loss, device {device}, {dtype}")
@@ -549,7 +556,8 @@ def main(args: Args) -> dict:
     def log(record: dict) -> None:
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
-        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in record.items()))
 
     stream, train_time, tokens_seen, window, n_window = batches(), 0.0, 0, {}, 0
     for step in tqdm(range(1, total_steps + 1), desc="dpo", dynamic_ncols=True, disable=None):
@@ -571,8 +579,8 @@ def main(args: Args) -> dict:
             n_window += len(chunk)
             tokens_seen += batch["attention_mask"].sum().item()
         if not math.isfinite(window["train/loss"]):
-            raise SystemExit(f"error: the loss became {window['train/loss']} at step {step}; stopping, nothing "
-                             f"saved in {out}. Try a lower --learning_rate.")
+            raise SystemExit(f"error: the loss became {window['train/loss']} at step {step}; stopping, "
+                             f"nothing saved in {out}. Try a lower --learning_rate.")
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
         optimizer.step()
         scheduler.step()
@@ -596,7 +604,8 @@ def main(args: Args) -> dict:
 
         if args.precompute_ref:  # freed during training; needed again for the samples' KL
             ref_model = load_model(ref_name, args.trust_remote_code).to(device).eval()
-        reward_model = AutoModelForSequenceClassification.from_pretrained(resolve(args.reward_model)).to(device).eval()
+        reward_model = AutoModelForSequenceClassification.from_pretrained(
+            resolve(args.reward_model)).to(device).eval()
         torch.manual_seed(args.seed)
         sample_metrics, samples = evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts, args,
                                                    device, autocast)

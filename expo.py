@@ -314,7 +314,8 @@ def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype,
+                                                    trust_remote_code=trust_remote_code)
     except OSError as e:
         raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
 
@@ -395,7 +396,8 @@ def collate_sequences(samples: list, pad_id: int) -> dict:
 # As in dpo.py, except that args.batch_size is the sampling batch itself (dpo.py samples 4 * its
 # training batch of pairs).
 @torch.no_grad()
-def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device, autocast) -> tuple:
+def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device,
+                     autocast) -> tuple:
     """Samples the policy at args.temperature, then scores each response with the reward model and
     measures log pi_T(y|x) - log pi_ref,T(y|x) (both from logits / T), whose mean over samples
     estimates KL(pi_T || pi_ref,T): the KL of what was sampled (at T = 1, of the models themselves)."""
@@ -408,14 +410,16 @@ def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, 
         logratios = (batch_logps(policy, batch, autocast, args.temperature)
                      - batch_logps(ref_model, batch, autocast, args.temperature))
         with autocast:
-            scores = reward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+            scores = reward_model(input_ids=batch["input_ids"],
+                                  attention_mask=batch["attention_mask"]).logits[:, 0]
         for (p, r, finished), s, lr in zip(chunk, scores.float().tolist(), logratios.tolist()):
             rows.append({"response": tokenizer.decode(r, skip_special_tokens=True), "score": s,
                          "logratio": lr, "length": len(r), "finished": finished})
     n = len(rows)
     scores = torch.tensor([r["score"] for r in rows])
     metrics = {"eval/score": scores.mean().item(), "eval/score_se": (scores.std() / math.sqrt(n)).item(),
-               "eval/kl": sum(r["logratio"] for r in rows) / n, "eval/length": sum(r["length"] for r in rows) / n,
+               "eval/kl": sum(r["logratio"] for r in rows) / n,
+               "eval/length": sum(r["length"] for r in rows) / n,
                "eval/eos_rate": sum(r["finished"] for r in rows) / n}
     return metrics, [{"prompt": p, **r} for p, r in zip(prompts, rows)]
 

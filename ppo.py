@@ -286,7 +286,8 @@ def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype,
+                                                    trust_remote_code=trust_remote_code)
     except OSError as e:
         raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
 
@@ -428,7 +429,8 @@ def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, tempe
 
 
 @torch.no_grad()
-def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device, autocast) -> tuple:
+def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device,
+                     autocast) -> tuple:
     """Samples the policy at args.temperature, then scores each response with the reward model and
     measures log pi_T(y|x) - log pi_ref,T(y|x) (both from logits / T), whose mean over samples
     estimates KL(pi_T || pi_ref,T): the KL of what was sampled (at T = 1, of the models themselves)."""
@@ -441,14 +443,16 @@ def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, 
         logratios = (batch_logps(policy, batch, autocast, args.temperature)
                      - batch_logps(ref_model, batch, autocast, args.temperature))
         with autocast:
-            scores = reward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+            scores = reward_model(input_ids=batch["input_ids"],
+                                  attention_mask=batch["attention_mask"]).logits[:, 0]
         for (p, r, finished), s, lr in zip(chunk, scores.float().tolist(), logratios.tolist()):
             rows.append({"response": tokenizer.decode(r, skip_special_tokens=True), "score": s,
                          "logratio": lr, "length": len(r), "finished": finished})
     n = len(rows)
     scores = torch.tensor([r["score"] for r in rows])
     metrics = {"eval/score": scores.mean().item(), "eval/score_se": (scores.std() / math.sqrt(n)).item(),
-               "eval/kl": sum(r["logratio"] for r in rows) / n, "eval/length": sum(r["length"] for r in rows) / n,
+               "eval/kl": sum(r["logratio"] for r in rows) / n,
+               "eval/length": sum(r["length"] for r in rows) / n,
                "eval/eos_rate": sum(r["finished"] for r in rows) / n}
     return metrics, [{"prompt": p, **r} for p, r in zip(prompts, rows)]
 
@@ -499,9 +503,11 @@ def main(args: Args) -> dict:
     ref_name, value_name = args.ref or args.model, args.value_model or args.reward_model
     episodes_per_batch = args.batch_size * args.num_rollouts_per_prompt
     if episodes_per_batch % args.minibatch_size or args.minibatch_size % args.gradient_accumulation_steps:
-        raise SystemExit(f"error: batch_size * num_rollouts_per_prompt ({episodes_per_batch}) must be a multiple "
-                         f"of minibatch_size ({args.minibatch_size}), itself a multiple of gradient_accumulation_steps")
-    out = check_output_dir(args.output_dir, "ppo", args.overwrite, [args.model, ref_name, args.reward_model, value_name])
+        raise SystemExit(f"error: batch_size * num_rollouts_per_prompt ({episodes_per_batch}) must be a "
+                         f"multiple of minibatch_size ({args.minibatch_size}), itself a multiple of "
+                         "gradient_accumulation_steps")
+    out = check_output_dir(args.output_dir, "ppo", args.overwrite,
+                           [args.model, ref_name, args.reward_model, value_name])
 
     # data, and every tokenizer checked against the policy's before any compute
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
@@ -517,7 +523,8 @@ def main(args: Args) -> dict:
     pad_id = tokenizer.pad_token_id
     policy = load_model(args.model, args.trust_remote_code).to(device)
     ref_model = load_model(ref_name, args.trust_remote_code).to(device).eval().requires_grad_(False)
-    reward_model = load_scalar_model(args.reward_model, pad_id, args.trust_remote_code).to(device).eval().requires_grad_(False)
+    reward_model = load_scalar_model(
+        args.reward_model, pad_id, args.trust_remote_code).to(device).eval().requires_grad_(False)
     value_model = load_scalar_model(value_name, pad_id, args.trust_remote_code).to(device)
     policy.train(), value_model.train()
     if args.gradient_checkpointing:
@@ -534,8 +541,8 @@ def main(args: Args) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, "linear", floor=1.0))  # warmup, then constant
     create_output_dir(out, args)
-    print(f"ppo: {len(train_prompts)} train prompts, {num_iterations} iterations of {episodes_per_batch} episodes, "
-          f"{total_steps} optimiser steps, beta {args.beta}, device {device}, {dtype}")
+    print(f"ppo: {len(train_prompts)} train prompts, {num_iterations} iterations of {episodes_per_batch} "
+          f"episodes, {total_steps} optimiser steps, beta {args.beta}, device {device}, {dtype}")
 
     def prompt_batches():  # endless stream of shuffled prompt batches, epoch after epoch
         g = torch.Generator().manual_seed(args.seed)
@@ -549,7 +556,8 @@ def main(args: Args) -> dict:
     def log(record: dict) -> None:
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
-        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in record.items()))
 
     stream, times, window = prompt_batches(), {"rollout": 0.0, "update": 0.0}, {}
     for iteration in tqdm(range(1, num_iterations + 1), desc="ppo", dynamic_ncols=True, disable=None):
@@ -567,7 +575,8 @@ def main(args: Args) -> dict:
             with torch.no_grad():  # App. G: from the current models, per minibatch
                 # 2. score, with the EOS trick for responses that never ended
                 _, scores = values_and_scores(reward_model, mb, autocast)
-                scores = torch.where(mb["finished"], scores, torch.full_like(scores, args.missing_eos_penalty))
+                scores = torch.where(mb["finished"], scores,
+                                     torch.full_like(scores, args.missing_eos_penalty))
                 old_logprobs, _ = policy_logprobs(policy, mb, args.temperature, autocast)
                 ref_logprobs, _ = policy_logprobs(ref_model, mb, args.temperature, autocast)
                 old_values, _ = values_and_scores(value_model, mb, autocast)
@@ -579,7 +588,8 @@ def main(args: Args) -> dict:
             kl = ((old_logprobs - ref_logprobs) * mask).sum(1)
             for key, v in [("objective/score", scores.mean()), ("objective/kl", kl.mean()),
                            ("objective/non_score_reward", (-args.beta * kl).mean()),
-                           ("val/eos_rate", mb["finished"].float().mean()), ("val/length", mask.sum(1).mean())]:
+                           ("val/eos_rate", mb["finished"].float().mean()),
+                           ("val/length", mask.sum(1).mean())]:
                 stats.setdefault(key, []).append(v.item())
             # 5. PPO update: clipped losses, ratio to the rollout policy (not pi_ref as Eq. 5 prints)
             micro = args.minibatch_size // args.gradient_accumulation_steps
@@ -589,14 +599,17 @@ def main(args: Args) -> dict:
                     part = take(mb, sl)
                     logprobs, entropy = policy_logprobs(policy, part, args.temperature, autocast)
                     values, _ = values_and_scores(value_model, part, autocast)
-                    pg_loss, clipfrac = ppo_policy_loss(logprobs, old_logprobs[sl], advantages[sl], mask[sl], args.clip)
-                    vf_loss, vf_clipfrac = ppo_value_loss(values, old_values[sl], returns[sl], mask[sl], args.clip)
+                    pg_loss, clipfrac = ppo_policy_loss(logprobs, old_logprobs[sl], advantages[sl], mask[sl],
+                                                        args.clip)
+                    vf_loss, vf_clipfrac = ppo_value_loss(values, old_values[sl], returns[sl], mask[sl],
+                                                          args.clip)
                     loss = pg_loss + args.vf_coef * vf_loss
                     (loss / args.gradient_accumulation_steps).backward()
                     with torch.no_grad():
                         approx_kl = masked_mean(0.5 * (logprobs - old_logprobs[sl]) ** 2, mask[sl])
-                    for key, v in [("ppo/policy_loss", pg_loss), ("ppo/value_loss", vf_loss), ("ppo/clipfrac", clipfrac),
-                                   ("ppo/vf_clipfrac", vf_clipfrac), ("ppo/approx_kl", approx_kl),
+                    for key, v in [("ppo/policy_loss", pg_loss), ("ppo/value_loss", vf_loss),
+                                   ("ppo/clipfrac", clipfrac), ("ppo/vf_clipfrac", vf_clipfrac),
+                                   ("ppo/approx_kl", approx_kl),
                                    ("ppo/entropy", masked_mean(entropy, mask[sl]))]:
                         stats.setdefault(key, []).append(v.item())
                 if not math.isfinite(stats["ppo/policy_loss"][-1] + stats["ppo/value_loss"][-1]):

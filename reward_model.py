@@ -247,7 +247,8 @@ def build_pairs(data, tokenizer, max_length: int) -> list:
         prompt, chosen, rejected = split_pair(row)
         seqs = []
         for completion in (chosen, rejected):
-            prompt_ids, completion_ids = tokenize_example(tokenizer, prompt, completion, 10**9, check=(i == 0))
+            prompt_ids, completion_ids = tokenize_example(tokenizer, prompt, completion, 10**9,
+                                                          check=(i == 0))
             seqs.append(prompt_ids + completion_ids)
         if max(map(len, seqs)) > max_length:
             skipped += 1
@@ -396,14 +397,16 @@ def main(args: Args) -> dict:
         while True:
             order = torch.randperm(len(train), generator=g).tolist()
             for i in range(0, len(order), args.batch_size):
-                yield collate_pairs([train[j] for j in order[i : i + args.batch_size]], tokenizer.pad_token_id)
+                yield collate_pairs([train[j] for j in order[i : i + args.batch_size]],
+                                    tokenizer.pad_token_id)
 
     metrics_file = open(out / "metrics.jsonl", "w")
 
     def log(record: dict) -> None:
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
-        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in record.items()))
 
     stream, train_time, tokens_seen, pairs_seen, eval_metrics = batches(), 0.0, 0, 0, {}
     window = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "n": 0}
@@ -435,12 +438,13 @@ def main(args: Args) -> dict:
 
         if step % args.log_every == 0 or step == total_steps:
             n = window.pop("n")
-            log({"step": step, **{f"train/{k}": v / n for k, v in window.items()}, "train/grad_norm": grad_norm,
-                 "train/lr": scheduler.get_last_lr()[0], "perf/pairs_per_s": pairs_seen / train_time,
-                 "perf/tokens_per_s": tokens_seen / train_time})
+            log({"step": step, **{f"train/{k}": v / n for k, v in window.items()},
+                 "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
+                 "perf/pairs_per_s": pairs_seen / train_time, "perf/tokens_per_s": tokens_seen / train_time})
             window = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "n": 0}
         if evals and ((args.eval_every and step % args.eval_every == 0) or step == total_steps):
-            eval_metrics = evaluate(model, evals, 2 * args.batch_size, tokenizer.pad_token_id, device, autocast)
+            eval_metrics = evaluate(model, evals, 2 * args.batch_size, tokenizer.pad_token_id, device,
+                                    autocast)
             log({"step": step, **eval_metrics})
     metrics_file.close()
 

@@ -400,7 +400,8 @@ def main(args: Args) -> dict:
     def log(record: dict) -> None:
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
-        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in record.items()))
 
     stream, train_time, tokens_seen, eval_loss = batches(), 0.0, 0, None
     window_loss, window_tokens = 0.0, 0

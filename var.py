@@ -314,7 +314,8 @@ def build_units(data, tokenizer, responses: str, max_length: int) -> list:
             prompt, completions = row["messages"][:-1], [row["messages"][-1:]]
         else:
             prompt, completions = row["prompt"], [row["completion"]]
-        units.append([tokenize_example(tokenizer, prompt, c, max_length, check=(i == 0)) for c in completions])
+        units.append([tokenize_example(tokenizer, prompt, c, max_length, check=(i == 0))
+                      for c in completions])
     return units
 
 
@@ -346,7 +347,8 @@ def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype,
+                                                    trust_remote_code=trust_remote_code)
     except OSError as e:
         raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
 
@@ -376,7 +378,8 @@ def group_weights(group: list, ref_model, reward_model, args, pad_id: int, devic
     rewards = torch.full((B, B), float("nan"), device=device)
     index = tuple(torch.tensor(ix, device=device) for ix in zip(*pairs))
     with autocast:
-        rewards[index] = reward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
+        rewards[index] = reward_model(input_ids=batch["input_ids"],
+                                      attention_mask=batch["attention_mask"]).logits[:, 0].float()
     if args.normalizer == "cross":
         ref_logps[index] = batch_logps(ref_model, batch, autocast)
     return var_weights(ref_logps, rewards, args.beta, args.normalizer), rewards.diagonal()
@@ -408,7 +411,8 @@ def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, tempe
 
 
 @torch.no_grad()
-def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device, autocast) -> tuple:
+def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device,
+                     autocast) -> tuple:
     """Samples the policy at args.temperature, then scores each response with the reward model and
     measures log pi_T(y|x) - log pi_ref,T(y|x) (both from logits / T), whose mean over samples
     estimates KL(pi_T || pi_ref,T): the KL of what was sampled (at T = 1, of the models themselves)."""
@@ -421,14 +425,16 @@ def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, 
         logratios = (batch_logps(policy, batch, autocast, args.temperature)
                      - batch_logps(ref_model, batch, autocast, args.temperature))
         with autocast:
-            scores = reward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+            scores = reward_model(input_ids=batch["input_ids"],
+                                  attention_mask=batch["attention_mask"]).logits[:, 0]
         for (p, r, finished), s, lr in zip(chunk, scores.float().tolist(), logratios.tolist()):
             rows.append({"response": tokenizer.decode(r, skip_special_tokens=True), "score": s,
                          "logratio": lr, "length": len(r), "finished": finished})
     n = len(rows)
     scores = torch.tensor([r["score"] for r in rows])
     metrics = {"eval/score": scores.mean().item(), "eval/score_se": (scores.std() / math.sqrt(n)).item(),
-               "eval/kl": sum(r["logratio"] for r in rows) / n, "eval/length": sum(r["length"] for r in rows) / n,
+               "eval/kl": sum(r["logratio"] for r in rows) / n,
+               "eval/length": sum(r["length"] for r in rows) / n,
                "eval/eos_rate": sum(r["finished"] for r in rows) / n}
     return metrics, [{"prompt": p, **r} for p, r in zip(prompts, rows)]
 
@@ -485,7 +491,8 @@ def main(args: Args) -> dict:
         check_same_tokenizer(tokenizer, load_tokenizer(name, args.trust_remote_code), name)
     needs = [("chosen", "rejected"), ("messages",), ("prompt", "completion")]
     train_data = load_split(args.dataset, args.train_split, needs)
-    groups = make_groups(build_units(train_data, tokenizer, args.responses, args.max_length), args.batch_size, args.seed)
+    groups = make_groups(build_units(train_data, tokenizer, args.responses, args.max_length),
+                         args.batch_size, args.seed)
     if not groups:
         raise SystemExit(f"error: fewer examples than one batch of {args.batch_size}")
     prompts = None
@@ -498,7 +505,8 @@ def main(args: Args) -> dict:
 
     policy = load_model(args.model, args.trust_remote_code).to(device)
     ref_model = load_model(ref_name, args.trust_remote_code).to(device).eval().requires_grad_(False)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(resolve(args.reward_model)).to(device).eval()
+    reward_model = AutoModelForSequenceClassification.from_pretrained(
+        resolve(args.reward_model)).to(device).eval()
     pad_id = tokenizer.pad_token_id
     create_output_dir(out, args)
 
@@ -520,7 +528,8 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=args.adam_betas,
                                   weight_decay=args.weight_decay)
     warmup = int(args.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, "cosine"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, "cosine"))
 
     def batches():  # endless stream of group indices, reshuffled every epoch
         g = torch.Generator().manual_seed(args.seed + 1)
@@ -532,7 +541,8 @@ def main(args: Args) -> dict:
     def log(record: dict) -> None:
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
-        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in record.items()))
 
     stream, train_time, tokens_seen = batches(), 0.0, 0
     window = {"loss": 0.0, "mean": 0.0, "max": 0.0, "ess": 0.0, "reward": 0.0, "n": 0}
@@ -545,8 +555,10 @@ def main(args: Args) -> dict:
             loss = var_loss(batch_logps(policy, batch, autocast), weights[k].to(device))
             (loss / args.gradient_accumulation_steps).backward()
             tokens_seen += batch["attention_mask"].sum().item()
-            for key, v in [("loss", loss.item()), ("mean", weights[k].mean().item()), ("max", weights[k].max().item()),
-                           ("ess", effective_sample_size(weights[k]).item()), ("reward", rewards[k].mean().item())]:
+            for key, v in [("loss", loss.item()), ("mean", weights[k].mean().item()),
+                           ("max", weights[k].max().item()),
+                           ("ess", effective_sample_size(weights[k]).item()),
+                           ("reward", rewards[k].mean().item())]:
                 window[key] += v
             window["n"] += 1
         if not math.isfinite(window["loss"]):
@@ -569,7 +581,8 @@ def main(args: Args) -> dict:
     save_model(policy, tokenizer, out)
 
     results = {"train/steps": total_steps, "train/runtime_s": round(train_time, 1),
-               "perf/frozen_s": round(frozen_time, 1), "perf/tokens_per_s": round(tokens_seen / train_time, 1),
+               "perf/frozen_s": round(frozen_time, 1),
+               "perf/tokens_per_s": round(tokens_seen / train_time, 1),
                "perf/tokens_per_s_with_frozen": round(tokens_seen / (train_time + frozen_time), 1),
                "weights/mean": all_weights.mean().item(), "weights/max": all_weights.max().item()}
     if prompts is not None:

@@ -124,8 +124,8 @@ def test_mismatched_models_fail_before_compute(models, tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     ref, _, _, _ = models
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=600, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=600, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
     with pytest.raises(SystemExit, match="one vocabulary"):
         dera.check_compatible(ref, [other], ["other"], "logits")
     tok = AutoTokenizer.from_pretrained(TOY / "dpo")

@@ -26,7 +26,8 @@ def test_dpo_loss_matches_the_formula():
     for beta in [0.1, 0.5]:
         losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(pc, pr, rc, rr, beta)
         assert torch.allclose(losses, -F.logsigmoid(beta * ((pc - rc) - (pr - rr))))
-        assert torch.allclose(chosen_rewards, beta * (pc - rc)) and torch.allclose(rejected_rewards, beta * (pr - rr))
+        assert (torch.allclose(chosen_rewards, beta * (pc - rc))
+                and torch.allclose(rejected_rewards, beta * (pr - rr)))
 
 
 def test_dpo_at_the_reference_is_log2_with_zero_rewards():
@@ -80,7 +81,8 @@ def test_concatenated_forward_equals_separate_forwards(policy_and_pairs):
                              for k in (0, 1) for p in pairs])
         left = dpo.collate_pairs(pairs, tok.pad_token_id)
         for key in ["input_ids", "attention_mask", "labels"]:  # move each row's padding to the left
-            left[key] = torch.stack([row.roll(int((1 - m).sum())) for row, m in zip(left[key], left["attention_mask"])])
+            left[key] = torch.stack([row.roll(int((1 - m).sum()))
+                                     for row, m in zip(left[key], left["attention_mask"])])
         left_padded = dpo.batch_logps(model, left, NO_AUTOCAST)
     lengths = {len(p[s]["input_ids"]) for p in pairs for s in ("chosen", "rejected")}
     assert len(lengths) > 3  # the batch really is padded

@@ -76,7 +76,8 @@ def test_clipped_losses_equal_unclipped_inside_the_range():
     logprobs = old_logprobs + (torch.rand(5, 7) - 0.5) * 0.3  # ratios within exp(+-0.15) of 1
     assert ((logprobs - old_logprobs).exp() - 1).abs().max() < 0.2
     loss, clipfrac = ppo.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, 0.2)
-    assert torch.allclose(loss, ppo.masked_mean(-advantages * (logprobs - old_logprobs).exp(), mask)) and clipfrac == 0
+    assert (torch.allclose(loss, ppo.masked_mean(-advantages * (logprobs - old_logprobs).exp(), mask))
+            and clipfrac == 0)
     returns = old_values + torch.randn(5, 7)
     values = old_values + (torch.rand(5, 7) - 0.5) * 0.3
     vloss, vclip = ppo.ppo_value_loss(values, old_values, returns, mask, 0.2)

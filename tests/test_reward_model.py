@@ -70,7 +70,8 @@ def test_formats_string_conversational_and_implicit_prompt(toy_rm):
     string = {"prompt": "How was the cake?", "chosen": " It was good.", "rejected": " It was bad."}
     a, b, c = (rm.build_pairs([row], tok, 1024)[0] for row in (conv, implicit, string))
     assert a == b
-    assert tok.decode(a["chosen"]) == "<|bos|><|user|>How was the cake?<|end|><|assistant|>It was good.<|end|>"
+    assert tok.decode(a["chosen"]) == ("<|bos|><|user|>How was the cake?<|end|>"
+                                       "<|assistant|>It was good.<|end|>")
     assert tok.decode(c["rejected"]) == "How was the cake? It was bad.<|end|>"
     assert rm.build_pairs([conv], tok, 10) == []  # too long: skipped, never truncated
 
@@ -102,8 +103,10 @@ def test_committed_reward_model_ranks_and_tracks_gold(toy_rm, sft_samples):
     follow the gold reward."""
     model, tok = toy_rm
     bayes = json.load(open(TOY / "data" / "stats.json"))["prefs/test"]["bayes_accuracy"]
-    pairs = rm.build_pairs([json.loads(line) for line in open(TOY / "data" / "prefs" / "test.jsonl")], tok, 1024)
-    metrics = rm.evaluate(model, pairs, 128, tok.pad_token_id, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    pairs = rm.build_pairs([json.loads(line) for line in open(TOY / "data" / "prefs" / "test.jsonl")],
+                           tok, 1024)
+    metrics = rm.evaluate(model, pairs, 128, tok.pad_token_id, torch.device("cpu"),
+                          torch.autocast("cpu", enabled=False))
     assert metrics["eval/accuracy"] > bayes - 0.05
 
     prompts, responses = sft_samples
@@ -112,7 +115,8 @@ def test_committed_reward_model_ranks_and_tracks_gold(toy_rm, sft_samples):
              for p, r in zip(prompts, responses)]
     with torch.no_grad():
         scores = torch.cat([rm.score(model, **tok(texts[i : i + 128], return_tensors="pt", padding=True,
-                                                  add_special_tokens=False)) for i in range(0, len(texts), 128)])
+                                                  add_special_tokens=False))
+                            for i in range(0, len(texts), 128)])
     gold = torch.tensor([gold_reward(p[-1]["content"], r) for p, r in zip(prompts, responses)])
     pearson = torch.corrcoef(torch.stack([scores, gold]))[0, 1].item()
     assert pearson > 0.7, pearson  # 0.77 measured: samples stray further from the data than the pairs

@@ -48,14 +48,16 @@ def test_grammar_accepts_the_committed_data():
     for split in ["train", "test"]:
         for line in open(TOY / "data" / "prefs" / f"{split}.jsonl"):
             row = json.loads(line)
-            assert is_grammatical(row["chosen"][0]["content"]) and is_grammatical(row["rejected"][0]["content"])
+            assert (is_grammatical(row["chosen"][0]["content"])
+                    and is_grammatical(row["rejected"][0]["content"]))
 
 
 def corruptions(response: str, rng: random.Random) -> list:
     words = response.split(" ")
     i = rng.randrange(len(words))
     j = rng.randrange(len(words) - 1)
-    k = rng.choice([n for n, w in enumerate(words) if w not in MODIFIERS])  # dropping "very" stays grammatical
+    # dropping "very" stays grammatical
+    k = rng.choice([n for n, w in enumerate(words) if w not in MODIFIERS])
     swapped = words[:j] + [words[j + 1], words[j]] + words[j + 2 :]
     return [
         " ".join(words[:i] + [words[i]] + words[i:]),            # a word repeated
@@ -87,7 +89,8 @@ def test_preference_labels_follow_bradley_terry():
     bins = {(0.25, 1.25): [], (1.25, 2.5): [], (2.5, 4.0): [], (4.0, 100.0): []}
     for row in rows:
         prompt = row["prompt"][0]["content"]
-        delta = gold_reward(prompt, row["chosen"][0]["content"]) - gold_reward(prompt, row["rejected"][0]["content"])
+        delta = (gold_reward(prompt, row["chosen"][0]["content"])
+                 - gold_reward(prompt, row["rejected"][0]["content"]))
         for lo, hi in bins:
             if lo <= abs(delta) < hi:
                 bins[(lo, hi)].append((delta > 0, sigmoid(abs(delta))))
@@ -124,10 +127,12 @@ def test_chat_template_tokens():
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(TOY / "base")
-    messages = [{"role": "user", "content": "How was the cake?"}, {"role": "assistant", "content": "It was good."}]
+    messages = [{"role": "user", "content": "How was the cake?"},
+                {"role": "assistant", "content": "It was good."}]
     prompt = tok.apply_chat_template(messages[:1], add_generation_prompt=True, return_dict=False)
     full = tok.apply_chat_template(messages, return_dict=False)
     assert tok.convert_ids_to_tokens(full) == ["<|bos|>", "<|user|>", "How", "Ġwas", "Ġthe", "Ġcake", "?",
-                                               "<|end|>", "<|assistant|>", "It", "Ġwas", "Ġgood", ".", "<|end|>"]
+                                               "<|end|>", "<|assistant|>", "It", "Ġwas", "Ġgood", ".",
+                                               "<|end|>"]
     assert full[: len(prompt)] == prompt and full[-1] == tok.eos_token_id
     assert tok.pad_token_id not in full and tok.pad_token_id != tok.eos_token_id

@@ -47,7 +47,8 @@ def test_batch_normaliser_reads_the_diagonal_only():
     off_diagonal_nan = torch.full((8, 8), float("nan"))
     off_diagonal_nan.diagonal().copy_(rewards.diagonal())
     w = var.var_weights(off_diagonal_nan, off_diagonal_nan, beta=2.0, normalizer="batch")
-    assert torch.allclose(w, 8 * torch.softmax(rewards.diagonal() / 2.0, 0)) and w.sum().item() == pytest.approx(8)
+    assert (torch.allclose(w, 8 * torch.softmax(rewards.diagonal() / 2.0, 0))
+            and w.sum().item() == pytest.approx(8))
     assert torch.allclose(var.var_weights(rewards, torch.ones(8, 8), 1.0, "batch"), torch.ones(8))
 
 
@@ -119,7 +120,8 @@ def test_group_weights_match_separately_computed_matrices():
     ref = var.load_model(str(TOY / "sft"), False).eval()
     rm = AutoModelForSequenceClassification.from_pretrained(TOY / "rm").eval()
     no_autocast = torch.autocast("cpu", enabled=False)
-    weights, _ = var.group_weights(group, ref, rm, var.Args(beta=0.5), tok.pad_token_id, torch.device("cpu"), no_autocast)
+    weights, _ = var.group_weights(group, ref, rm, var.Args(beta=0.5), tok.pad_token_id, torch.device("cpu"),
+                                   no_autocast)
     ref_logps, rewards = torch.zeros(4, 4), torch.zeros(4, 4)
     with torch.no_grad():
         for i in range(4):
@@ -145,5 +147,6 @@ def test_smoke_run_learns(tmp_path):
     torch.manual_seed(args.seed)
     before, _ = var.evaluate_samples(policy, policy, rm, tok, prompts, args, torch.device("cpu"),
                                      torch.autocast("cpu", enabled=False))
-    assert results["eval/score"] > before["eval/score"] + 2 * math.hypot(results["eval/score_se"], before["eval/score_se"])
+    assert results["eval/score"] > before["eval/score"] + 2 * math.hypot(results["eval/score_se"],
+                                                                         before["eval/score_se"])
     assert results["eval/kl"] > 0 and 0 < results["weights/mean"] <= 1

@@ -236,7 +236,8 @@ def make_data(out: Path) -> dict:
         rng = random.Random(f"{SEED}-sft-{split}")
         rows = [(p, sample_response(rng, item)) for p, item in splits[split] for _ in range(per_prompt)]
         write_jsonl(out / "sft" / f"{split}.jsonl", [{"messages": user(p) + assistant(r)} for p, r in rows])
-        stats[f"sft/{split}"] = {"n": len(rows), "gold_reward": mean_std([gold_reward(p, r) for p, r in rows])}
+        stats[f"sft/{split}"] = {"n": len(rows),
+                                 "gold_reward": mean_std([gold_reward(p, r) for p, r in rows])}
 
     for split, per_prompt in [("train", 16), ("test", 2)]:
         rows, probs = preference_pairs(random.Random(f"{SEED}-prefs-{split}"), splits[split], per_prompt)
