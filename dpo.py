@@ -112,6 +112,9 @@ class Args:
     """length limit of the sampled responses"""
     temperature: float = 1.0
     """sampling temperature (1.0: the policy itself, so the KL estimate is unbiased)"""
+    sample_every: Optional[int] = None
+    """also sample and score before training and every N optimiser steps, to follow the score and KL
+    over training (None: only at the end); the samples go to samples/step_<N>.jsonl"""
 
     # logging and output
     output_dir: Optional[str] = None
@@ -525,8 +528,9 @@ def main(args: Args) -> dict:
         start = time.time()
         add_ref_logps(ref_model, train + evals, 2 * args.batch_size, pad_id, device, autocast)
         print(f"reference log-probs of {len(train) + len(evals)} pairs in {time.time() - start:.1f}s")
-        del ref_model  # its memory is free for training
-        gc.collect()
+        if not (use_rm and args.sample_every):  # its memory is free for training
+            ref_model = None
+            gc.collect()
     else:
         add_ref_logps(ref_model, evals, 2 * args.batch_size, pad_id, device, autocast)
     policy.train()
@@ -559,6 +563,30 @@ def main(args: Args) -> dict:
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in record.items()))
 
+    reward_model = None
+
+    def sample_and_score(path: Path) -> dict:  # the same prompts and sampling seed every time
+        nonlocal ref_model, reward_model
+        if ref_model is None:  # freed for training
+            ref_model = load_model(ref_name, args.trust_remote_code).to(device).eval()
+        if reward_model is None:
+            from transformers import AutoModelForSequenceClassification
+
+            reward_model = AutoModelForSequenceClassification.from_pretrained(
+                resolve(args.reward_model)).to(device).eval()
+        with torch.random.fork_rng():  # training's random state is left as it was
+            torch.manual_seed(args.seed)
+            metrics, samples = evaluate_samples(policy.eval(), ref_model, reward_model, tokenizer, prompts,
+                                                args, device, autocast)
+        policy.train()
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "w") as f:
+            for row in samples:
+                f.write(json.dumps(row) + "\n")
+        return metrics
+
+    if use_rm and args.sample_every:
+        log({"step": 0, **sample_and_score(out / "samples" / "step_000000.jsonl")})
     stream, train_time, tokens_seen, window, n_window = batches(), 0.0, 0, {}, 0
     for step in tqdm(range(1, total_steps + 1), desc="dpo", dynamic_ncols=True, disable=None):
         step_start = time.time()
@@ -591,6 +619,8 @@ def main(args: Args) -> dict:
             log({"step": step, **{k: v / n_window for k, v in window.items()}, "train/grad_norm": grad_norm,
                  "train/lr": scheduler.get_last_lr()[0], "perf/tokens_per_s": tokens_seen / train_time})
             window, n_window = {}, 0
+        if use_rm and args.sample_every and step % args.sample_every == 0 and step < total_steps:
+            log({"step": step, **sample_and_score(out / "samples" / f"step_{step:06d}.jsonl")})
     metrics_file.close()
     save_model(policy, tokenizer, out)
 
@@ -600,19 +630,7 @@ def main(args: Args) -> dict:
     if evals:
         results.update(evaluate_pairs(policy, evals, args, pad_id, device, autocast))
     if use_rm:
-        from transformers import AutoModelForSequenceClassification
-
-        if args.precompute_ref:  # freed during training; needed again for the samples' KL
-            ref_model = load_model(ref_name, args.trust_remote_code).to(device).eval()
-        reward_model = AutoModelForSequenceClassification.from_pretrained(
-            resolve(args.reward_model)).to(device).eval()
-        torch.manual_seed(args.seed)
-        sample_metrics, samples = evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts, args,
-                                                   device, autocast)
-        results.update(sample_metrics)
-        with open(out / "samples.jsonl", "w") as f:
-            for row in samples:
-                f.write(json.dumps(row) + "\n")
+        results.update(sample_and_score(out / "samples.jsonl"))
     with open(out / "eval.json", "w") as f:
         json.dump(results, f, indent=2)
     print(f"\nsaved to {out}: " + json.dumps(results, indent=1))

@@ -114,6 +114,9 @@ class Args:
     """length limit of the sampled responses"""
     temperature: float = 1.0
     """sampling temperature (1.0: the policy itself, so the KL estimate is unbiased)"""
+    sample_every: Optional[int] = None
+    """also sample and score before training and every N optimiser steps, to follow the score and KL
+    over training (None: only at the end); the samples go to samples/step_<N>.jsonl"""
 
     # logging and output
     output_dir: Optional[str] = None
@@ -544,6 +547,20 @@ def main(args: Args) -> dict:
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in record.items()))
 
+    def sample_and_score(path: Path) -> dict:  # the same prompts and sampling seed every time
+        with torch.random.fork_rng():  # training's random state is left as it was
+            torch.manual_seed(args.seed)
+            metrics, samples = evaluate_samples(policy.eval(), ref_model, reward_model, tokenizer, prompts,
+                                                args, device, autocast)
+        policy.train()
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "w") as f:
+            for row in samples:
+                f.write(json.dumps(row) + "\n")
+        return metrics
+
+    if prompts is not None and args.sample_every:
+        log({"step": 0, **sample_and_score(out / "samples" / "step_000000.jsonl")})
     stream, train_time, tokens_seen = batches(), 0.0, 0
     window = {"loss": 0.0, "mean": 0.0, "max": 0.0, "ess": 0.0, "reward": 0.0, "n": 0}
     for step in tqdm(range(1, total_steps + 1), desc="var", dynamic_ncols=True, disable=None):
@@ -577,6 +594,8 @@ def main(args: Args) -> dict:
                  "train/data_reward": window["reward"] / n, "train/grad_norm": grad_norm,
                  "train/lr": scheduler.get_last_lr()[0], "perf/tokens_per_s": tokens_seen / train_time})
             window = {"loss": 0.0, "mean": 0.0, "max": 0.0, "ess": 0.0, "reward": 0.0, "n": 0}
+        if prompts is not None and args.sample_every and step % args.sample_every == 0 and step < total_steps:
+            log({"step": step, **sample_and_score(out / "samples" / f"step_{step:06d}.jsonl")})
     metrics_file.close()
     save_model(policy, tokenizer, out)
 
@@ -586,13 +605,7 @@ def main(args: Args) -> dict:
                "perf/tokens_per_s_with_frozen": round(tokens_seen / (train_time + frozen_time), 1),
                "weights/mean": all_weights.mean().item(), "weights/max": all_weights.max().item()}
     if prompts is not None:
-        torch.manual_seed(args.seed)
-        sample_metrics, samples = evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts, args,
-                                                   device, autocast)
-        results.update(sample_metrics)
-        with open(out / "samples.jsonl", "w") as f:
-            for row in samples:
-                f.write(json.dumps(row) + "\n")
+        results.update(sample_and_score(out / "samples.jsonl"))
     with open(out / "eval.json", "w") as f:
         json.dump(results, f, indent=2)
     print(f"\nsaved to {out}: " + json.dumps(results, indent=1))

@@ -109,12 +109,17 @@ def test_precomputed_and_on_the_fly_reference_agree(tmp_path):
 
 def test_smoke_run_learns(tmp_path):
     """Seconds of DPO from toy/sft: held-out implicit-reward accuracy clearly above chance, and the
-    sampling evaluation writes scored samples."""
+    sampling evaluation (before training, at step 20 and at the end) writes scored samples."""
     results, log = run_small(tmp_path, "smoke", max_steps=40, batch_size=16, max_train_samples=640,
                              max_eval_samples=256, learning_rate=3e-4, log_every=10, reward_model="toy/rm",
-                             num_eval_prompts=16, max_new_tokens=48)
+                             num_eval_prompts=16, max_new_tokens=48, sample_every=20)
+    sampled = [r for r in log if "eval/score" in r]
+    trained = [r for r in log if "train/loss" in r]
+    assert [r["step"] for r in sampled] == [0, 20] and [r["step"] for r in trained] == [10, 20, 30, 40]
+    assert sampled[0]["eval/kl"] == 0  # before training the policy is the reference
+    assert sampled[1]["eval/kl"] > 0 and (tmp_path / "smoke" / "samples" / "step_000020.jsonl").exists()
     assert results["eval/rewards/accuracy"] > 0.6 and results["eval/rewards/margin"] > 0
-    assert results["eval/loss"] < math.log(2) and log[-1]["train/loss"] < log[0]["train/loss"]
+    assert results["eval/loss"] < math.log(2) and trained[-1]["train/loss"] < trained[0]["train/loss"]
     samples = [json.loads(line) for line in open(tmp_path / "smoke" / "samples.jsonl")]
     assert len(samples) == 16 and {"prompt", "response", "score", "logratio"} <= set(samples[0])
     assert results["eval/kl"] == pytest.approx(statistics.mean(s["logratio"] for s in samples))
