@@ -5,6 +5,9 @@ study and summary.json (every number in the tables).
 
 Gold reward and grammaticality are the toy world's own (toy/make.py), computed here on every run's
 samples; KL is the samples' mean log pi(y|x) - log pi_ref(y|x), each script's eval/kl; score is toy/rm's.
+The gold reward is unbounded in repeated praise, so a degenerate model that spams praise for 250 tokens
+scores 100+: "usable gold" counts a response's gold only when it is grammatical (0 otherwise), the number
+to read when a method trades grammar for reward.
 A number "m ± s" is the mean over seeds and its standard error, s = std / sqrt(seeds). Each seed's value
 is itself a mean over its samples (256 test prompts; ExPO: 128 validation prompts, as the paper selects
 alpha on dev prompts).
@@ -25,7 +28,7 @@ import tyro  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmark.run import ALPHAS, BETA, FRACTIONS, LAMBDAS, PPO_BETAS  # noqa: E402
+from benchmark.run import ALPHAS, BETA, DPO_PAIRS, FRACTIONS, LAMBDAS, PPO_BETAS  # noqa: E402
 from toy.make import gold_reward, is_grammatical  # noqa: E402
 
 
@@ -52,8 +55,10 @@ def prompt_text(prompt) -> str:  # the toy's prompts are message lists of one us
 def sample_stats(rows: list[dict]) -> dict:
     """The per-run numbers every table is made of, from one run's samples."""
     n = len(rows)
-    return {"gold": sum(gold_reward(prompt_text(r["prompt"]), r["response"]) for r in rows) / n,
-            "grammatical": sum(is_grammatical(r["response"]) for r in rows) / n,
+    gold = [gold_reward(prompt_text(r["prompt"]), r["response"]) for r in rows]
+    grammatical = [is_grammatical(r["response"]) for r in rows]
+    return {"gold": sum(gold) / n, "grammatical": sum(grammatical) / n,
+            "usable": sum(g for g, ok in zip(gold, grammatical) if ok) / n,
             "kl": sum(r["logratio"] for r in rows) / n,
             "score": sum(r["score"] for r in rows) / n,
             "length": sum(r["length"] for r in rows) / n}
@@ -95,6 +100,10 @@ def fmt(stat: tuple, digits: int = 2, percent: bool = False) -> str:
     return f"{scale * mean:.{digits}f} ± {scale * se:.{digits}f}{unit}"
 
 
+def seeds(n: int) -> str:
+    return f"{n} seed" + ("s" if n > 1 else "")
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -117,28 +126,31 @@ def study_dera(runs: Path, results: Path, summary: dict) -> str:
         return "## 1. DeRa vs retrained DPO\n\n(runs missing)\n"
     summary["dera"] = {f"{lam:g}": {"dera": dera[lam], "retrained": retrained[lam]} for lam in LAMBDAS}
     rows = [[f"{lam:g}", "∞ (SFT)" if lam == 0 else f"{BETA / lam:g}",
-             fmt(dera[lam]["gold"]), fmt(retrained[lam]["gold"]),
-             fmt(dera[lam]["kl"]), fmt(retrained[lam]["kl"]),
+             fmt(dera[lam]["gold"]), fmt(retrained[lam]["gold"]), fmt(dera[lam]["usable"]),
+             fmt(retrained[lam]["usable"]), fmt(dera[lam]["kl"]), fmt(retrained[lam]["kl"]),
              fmt(dera[lam]["grammatical"], 0, True), fmt(retrained[lam]["grammatical"], 0, True)]
             for lam in LAMBDAS]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, label in zip(axes, ["gold", "kl", "grammatical"],
-                              ["gold reward", "KL(pi || pi_sft)", "grammatical fraction"]):
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, key, label in zip(axes, ["gold", "usable", "kl", "grammatical"],
+                              ["gold reward", "usable gold (grammatical responses)", "KL(pi || pi_sft)",
+                               "grammatical fraction"]):
         errorbar(ax, LAMBDAS, [dera[lam] for lam in LAMBDAS], key, marker="s", label="DeRa at lambda")
         errorbar(ax, LAMBDAS, [retrained[lam] for lam in LAMBDAS], key, marker="^", linestyle="--",
                  label="DPO retrained at beta / lambda")
-        ax.set_xlabel("lambda (beta / lambda = 0.1 / lambda)")
+        ax.set_xlabel(f"lambda (retrained at beta = {BETA:g} / lambda)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[2].set_yscale("symlog", linthresh=1)
+    axes[0].legend(fontsize=8)
     fig.suptitle(f"DeRa realigns DPO (beta {BETA}) at decoding time: does it predict retraining?")
     fig.tight_layout()
     fig.savefig(results / "dera.png", dpi=110)
     n = dera[0.0]["seeds"]
     return ("## 1. DeRa vs retrained DPO (DeRa Fig. 2)\n\n![DeRa](dera.png)\n\n"
-            + table(["λ", "β/λ", "gold: DeRa", "gold: retrained", "KL: DeRa", "KL: retrained",
-                     "grammatical: DeRa", "grammatical: retrained"], rows)
-            + f"\n\n{n} seeds; 256 test prompts per seed; temperature 1.\n")
+            + table(["λ", "β/λ", "gold: DeRa", "gold: retrained", "usable gold: DeRa",
+                     "usable gold: retrained", "KL: DeRa", "KL: retrained", "grammatical: DeRa",
+                     "grammatical: retrained"], rows)
+            + f"\n\n{seeds(n)}; 256 test prompts per seed; temperature 1.\n")
 
 
 def study_expo(runs: Path, results: Path, summary: dict) -> str:
@@ -150,27 +162,30 @@ def study_expo(runs: Path, results: Path, summary: dict) -> str:
     rows, summary["expo"] = [], {}
     for f in FRACTIONS:
         # the paper's procedure: the reward model picks alpha on the dev prompts (per seed), gold judges it
-        chosen, gains = [], []
+        chosen = []
         for d in seed_dirs(runs, f"expo/frac{f:g}"):
             best = json.loads((d / "eval.json").read_text())["best_alpha"]
             samples = read_jsonl(d / "samples.jsonl")
-            at = sample_stats([r for r in samples if r["alpha"] == best])
-            base = sample_stats([r for r in samples if r["alpha"] == 0.0])
-            chosen.append({**at, "alpha": best})
-            gains.append({"gain": at["gold"] - base["gold"]})
-        picked, gain = over_seeds(chosen), over_seeds(gains)
-        oracle = max(ALPHAS, key=lambda a: stats[f][a]["gold"][0])
+            chosen.append({**sample_stats([r for r in samples if r["alpha"] == best]), "alpha": best})
+        picked = over_seeds(chosen)
+        # the oracle: the alpha with the best mean usable gold, which no method could know
+        oracle = max(ALPHAS, key=lambda a: stats[f][a]["usable"][0])
+        gain = stats[f][oracle]["usable"][0] - stats[f][0.0]["usable"][0]
         summary["expo"][f"{f:g}"] = {"by_alpha": {f"{a:g}": stats[f][a] for a in ALPHAS},
-                                     "rm_selected": picked, "gain": gain["gain"]}
-        rows.append([f"{f:.0%} ({round(f * 4096)} pairs)", fmt(stats[f][0.0]["gold"]),
-                     ", ".join(f"{c['alpha']:g}" for c in chosen), fmt(picked["gold"]), fmt(gain["gain"]),
-                     fmt(picked["grammatical"], 0, True), f"{fmt(stats[f][oracle]['gold'])} (α {oracle:g})"])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+                                     "rm_selected": picked, "oracle_alpha": oracle, "oracle_gain": gain}
+        rows.append([f"{f:.0%} ({round(f * DPO_PAIRS)} pairs)", fmt(stats[f][0.0]["usable"]),
+                     ", ".join(f"{c['alpha']:g}" for c in chosen), fmt(picked["gold"]), fmt(picked["usable"]),
+                     fmt(picked["grammatical"], 0, True), f"{oracle:g}", fmt(stats[f][oracle]["usable"]),
+                     f"{gain:+.2f}"])
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     for f in FRACTIONS:
-        for ax, key in zip(axes, ["gold", "score", "grammatical"]):
+        for ax, key in zip(axes, ["usable", "gold", "score", "grammatical"]):
             errorbar(ax, ALPHAS, [stats[f][a] for a in ALPHAS], key, marker="o",
                      label=f"DPO on {f:.0%} of the pairs")
-    for ax, label in zip(axes, ["gold reward", "reward-model score (selects alpha)", "grammatical fraction"]):
+    axes[1].set_yscale("symlog", linthresh=10)
+    labels = ["usable gold (grammatical responses)", "gold reward", "reward-model score (selects alpha)",
+              "grammatical fraction"]
+    for ax, label in zip(axes, labels):
         ax.set_xscale("symlog", linthresh=0.25)
         ax.set_xticks(ALPHAS, [f"{a:g}" for a in ALPHAS])
         ax.set_xlabel("alpha (theta_dpo + alpha (theta_dpo - theta_sft))")
@@ -181,9 +196,10 @@ def study_expo(runs: Path, results: Path, summary: dict) -> str:
     fig.tight_layout()
     fig.savefig(results / "expo.png", dpi=110)
     return ("## 2. ExPO on under-trained DPO models (ExPO Table 2, Fig. 6)\n\n![ExPO](expo.png)\n\n"
-            + table(["DPO data", "gold at α = 0", "α picked by the RM (per seed)", "gold at picked α",
-                     "gain", "grammatical at picked α", "best gold over α (oracle)"], rows)
-            + f"\n\n{stats[1.0][0.0]['seeds']} seeds; 128 validation prompts per seed; temperature 1.\n")
+            + table(["DPO data", "usable gold at α = 0", "α picked by the RM (per seed)",
+                     "gold at picked α", "usable gold at picked α", "grammatical at picked α",
+                     "best α by usable gold (oracle)", "its usable gold", "gain over α = 0"], rows)
+            + f"\n\n{seeds(stats[1.0][0.0]['seeds'])}; 128 validation prompts per seed; temperature 1.\n")
 
 
 def study_methods(runs: Path, results: Path, summary: dict, timings: dict) -> str:
@@ -199,11 +215,12 @@ def study_methods(runs: Path, results: Path, summary: dict, timings: dict) -> st
     for name, config, _ in configs:
         minutes = [t / 60 for k, t in timings.items() if k.startswith(config + "/seed") and config != "dera"]
         s = stats[name]
-        rows.append([name, fmt(s["gold"]), fmt(s["kl"]), fmt(s["grammatical"], 0, True), fmt(s["score"]),
+        rows.append([name, fmt(s["gold"]), fmt(s["usable"]), fmt(s["kl"]), fmt(s["grammatical"], 0, True),
+                     fmt(s["score"]),
                      f"{s['length'][0]:.1f}", f"{statistics.mean(minutes):.1f}" if minutes else "—"])
 
     # the frontier: every configuration's (KL, gold), with DPO across beta and DeRa across lambda
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     dpo_betas = sorted({BETA / lam for lam in LAMBDAS if lam > 0})
     families = [("DPO across β", [config_stats(runs, f"dpo/beta{b:g}") for b in dpo_betas], "o-"),
                 ("DeRa across λ", [config_stats(runs, "dera", where=("lambda", f"{lam:g}"))
@@ -211,26 +228,30 @@ def study_methods(runs: Path, results: Path, summary: dict, timings: dict) -> st
                 ("PPO across β", [stats[f"PPO, β {b:g}"] for b in PPO_BETAS], "D-"),
                 ("VAR", [stats[f"VAR, β {BETA:g}"]], "*"),
                 ("SFT", [stats["SFT (toy/sft)"]], "k+")]
-    for label, points, style in families:
-        points = sorted((p for p in points if p), key=lambda p: p["kl"][0])
-        ax.errorbar([p["kl"][0] for p in points], [p["gold"][0] for p in points],
-                    xerr=[0 if math.isnan(p["kl"][1]) else p["kl"][1] for p in points],
-                    yerr=[0 if math.isnan(p["gold"][1]) else p["gold"][1] for p in points],
-                    fmt=style, capsize=3, label=label, markersize=8)
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlabel("KL(pi || pi_sft) of the samples (nats)")
-    ax.set_ylabel("gold reward")
-    ax.set_title("Gold reward against KL, all at temperature 1")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for ax, key in zip(axes, ["gold", "usable"]):
+        for label, points, style in families:
+            points = sorted((p for p in points if p), key=lambda p: p["kl"][0])
+            ax.errorbar([p["kl"][0] for p in points], [p[key][0] for p in points],
+                        xerr=[0 if math.isnan(p["kl"][1]) else p["kl"][1] for p in points],
+                        yerr=[0 if math.isnan(p[key][1]) else p[key][1] for p in points],
+                        fmt=style, capsize=3, label=label, markersize=8)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel("KL(pi || pi_sft) of the samples (nats)")
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("symlog", linthresh=10)
+    axes[0].set_ylabel("gold reward")
+    axes[1].set_ylabel("usable gold (grammatical responses)")
+    axes[0].legend()
+    fig.suptitle("Reward against KL to the SFT model, every method sampled at temperature 1")
     fig.tight_layout()
     fig.savefig(results / "methods.png", dpi=110)
     return ("## 3. PPO vs DPO vs VAR from the same SFT model (Tulu 2.5 Table 2; DPO Fig. 2)\n\n"
             "![methods](methods.png)\n\n"
-            + table(["method", "gold", "KL to SFT", "grammatical", "RM score", "length (tokens)",
+            + table(["method", "gold", "usable gold", "KL to SFT", "grammatical", "RM score",
+                     "length (tokens)",
                      "minutes per run"], rows)
-            + f"\n\n{stats['SFT (toy/sft)']['seeds']} seeds; 256 test prompts per seed; every method sampled "
-              "at temperature 1 (PPO also trained at 1).\n")
+            + f"\n\n{seeds(stats['SFT (toy/sft)']['seeds'])}; 256 test prompts per seed; every method "
+              "sampled at temperature 1 (PPO also trained at 1).\n")
 
 
 def curve(runs: Path, config: str) -> tuple[list[float], list[dict]]:
@@ -251,11 +272,11 @@ def study_stability(runs: Path, results: Path, summary: dict) -> str:
     if not all(fr for fr, _ in curves.values()):
         return "## 4. Stability over training\n\n(runs missing)\n"
     summary["stability"] = {k: {f"{f:.3f}": s for f, s in zip(*v)} for k, v in curves.items()}
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     for name, (fractions, stats) in curves.items():
-        for ax, key in zip(axes, ["score", "gold", "kl"]):
+        for ax, key in zip(axes, ["score", "gold", "kl", "grammatical"]):
             errorbar(ax, fractions, stats, key, marker="o", label=name)
-    labels = ["reward-model score (the paper's y-axis)", "gold reward", "KL(pi || pi_sft)"]
+    labels = ["reward-model score (the paper's y-axis)", "gold reward", "KL(pi || pi_sft)", "grammatical fraction"]
     for ax, label in zip(axes, labels):
         ax.set_xlabel("fraction of training")
         ax.set_ylabel(label)
@@ -270,7 +291,7 @@ def study_stability(runs: Path, results: Path, summary: dict) -> str:
              fmt(at["VAR"][f]["gold"]), fmt(at["DPO"][f]["kl"]), fmt(at["VAR"][f]["kl"])] for f in fractions]
     return ("## 4. Held-out reward over training, DPO vs VAR (VAR Fig. 2)\n\n![stability](stability.png)\n\n"
             + table(["training", "RM score: DPO", "RM score: VAR", "gold: DPO", "gold: VAR", "KL: DPO",
-                     "KL: VAR"], rows) + f"\n\n{curves['DPO'][1][0]['seeds']} seeds.\n")
+                     "KL: VAR"], rows) + f"\n\n{seeds(curves['DPO'][1][0]['seeds'])}.\n")
 
 
 def study_speed(runs: Path, timings: dict) -> str:
