@@ -497,6 +497,9 @@ def main(args: Args) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
     ref_name = args.ref or args.model
     use_rm = args.reward_model.lower() != "none"
+    if args.sample_every is not None and (args.sample_every < 1 or not use_rm):
+        raise SystemExit("error: --sample_every needs a positive number of steps and a --reward_model "
+                         "to score the samples")
     out = check_output_dir(args.output_dir, "dpo", args.overwrite,
                            [args.model, ref_name] + ([args.reward_model] if use_rm else []))
 

@@ -486,6 +486,9 @@ def main(args: Args) -> dict:
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
     ref_name = args.ref or args.model
+    if args.sample_every is not None and (args.sample_every < 1 or args.eval_prompts.lower() == "none"):
+        raise SystemExit("error: --sample_every needs a positive number of steps and --eval_prompts "
+                         "to sample")
     out = check_output_dir(args.output_dir, "var", args.overwrite, [args.model, ref_name, args.reward_model])
 
     # data, and every tokenizer checked against the policy's before any compute

@@ -276,7 +276,8 @@ def study_stability(runs: Path, results: Path, summary: dict) -> str:
     for name, (fractions, stats) in curves.items():
         for ax, key in zip(axes, ["score", "gold", "kl", "grammatical"]):
             errorbar(ax, fractions, stats, key, marker="o", label=name)
-    labels = ["reward-model score (the paper's y-axis)", "gold reward", "KL(pi || pi_sft)", "grammatical fraction"]
+    labels = ["reward-model score (the paper's y-axis)", "gold reward", "KL(pi || pi_sft)",
+              "grammatical fraction"]
     for ax, label in zip(axes, labels):
         ax.set_xlabel("fraction of training")
         ax.set_ylabel(label)

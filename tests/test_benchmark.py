@@ -10,8 +10,8 @@ from benchmark import run  # noqa: E402
 
 
 def test_every_run_is_planned_once_before_its_users():
-    jobs = [job for seed in [0, 1, 2] for job in run.jobs_for_seed(seed, ["dera", "expo", "methods", "stability"],
-                                                                    "benchmark/runs")]
+    studies = ["dera", "expo", "methods", "stability"]
+    jobs = [job for seed in [0, 1, 2] for job in run.jobs_for_seed(seed, studies, "benchmark/runs")]
     names = [name for name, _ in jobs]
     first = {}
     for i, name in enumerate(names):

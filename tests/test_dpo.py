@@ -141,6 +141,8 @@ def test_bad_input_fails_clearly(tmp_path):
     bad.write_text(json.dumps({"prompt": "x", "response": "y"}) + "\n")
     with pytest.raises(SystemExit, match="it needs chosen\\+rejected"):
         dpo.main(dpo.Args(dataset=str(bad), eval_split=None, output_dir=str(tmp_path / "out")))
+    with pytest.raises(SystemExit, match="--sample_every needs"):  # nothing would score the samples
+        dpo.main(dpo.Args(reward_model="none", sample_every=10, output_dir=str(tmp_path / "out")))
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(TOY / "sft")

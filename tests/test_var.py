@@ -144,3 +144,9 @@ def test_smoke_run_learns(tmp_path):
     assert results["eval/score"] > before["eval/score"] + 2 * math.hypot(results["eval/score_se"],
                                                                          before["eval/score_se"])
     assert results["eval/kl"] > 0 and 0 < results["weights/mean"] <= 1
+
+
+def test_sample_every_without_prompts_fails_clearly(tmp_path):
+    with pytest.raises(SystemExit, match="--sample_every needs"):
+        var.main(var.Args(eval_prompts="none", sample_every=5, output_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
