@@ -127,14 +127,14 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
 @torch.no_grad()
 def dera_generate(ref, aligned, input_ids: torch.Tensor, attention_mask: torch.Tensor, lam,
                   max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  eos_token_id: Optional[int] = None, pad_token_id: int = 0,
+                  stop_ids: Sequence[int] = (), pad_token_id: int = 0,
                   generator: Optional[torch.Generator] = None) -> tuple:
     """Algorithm 1, batched: every model decodes with its own KV cache; the next token is drawn from
     the realigned logits (Eq. 9). `aligned` and `lam` may be lists (Appendix B); with aligned = []
     and lam = [] this is plain decoding of `ref`.
 
     input_ids, attention_mask: (B, T) left-padded prompts. Returns (tokens, realigned_logprobs,
-    ref_logprobs), each (B, N) with N <= max_new_tokens: tokens after a row's first EOS are
+    ref_logprobs), each (B, N) with N <= max_new_tokens: tokens after a row's first stop id are
     pad_token_id and their log-probs 0. Log-probs are of logits / temperature (before top-k / top-p)."""
     if not isinstance(aligned, (list, tuple)):
         aligned, lam = [aligned], [lam]
@@ -158,8 +158,7 @@ def dera_generate(ref, aligned, input_ids: torch.Tensor, attention_mask: torch.T
         for store, hh in ((realigned_logprobs, h), (ref_logprobs, logits[0])):
             logprobs = torch.log_softmax(hh / scale, -1)
             store.append(logprobs.gather(-1, token[:, None]).squeeze(-1).masked_fill(finished, 0.0))
-        if eos_token_id is not None:
-            finished = finished | (token == eos_token_id)
+        finished = finished | torch.isin(token, torch.tensor(list(stop_ids), device=token.device))
         if finished.all():
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)],
@@ -262,6 +261,20 @@ def check_same_tokenizer(tokenizer, other, name: str) -> None:
                          "it would read prompts and responses formatted differently from its training")
 
 
+def stop_token_ids(tokenizer, name: str) -> list:
+    """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
+    generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
+    and end-of-text tokens, and generation stops on any of them)."""
+    from transformers import GenerationConfig
+
+    try:
+        listed = GenerationConfig.from_pretrained(resolve(name)).eos_token_id
+    except OSError:  # no generation_config.json
+        listed = None
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
+
+
 def format_prompt(tokenizer, prompt) -> str:
     """A message list through the chat template, ending in the generation prompt; a string as it is."""
     if isinstance(prompt, str):
@@ -292,6 +305,22 @@ def load_causal_lm(name: str, dtype, trust_remote_code: bool):
         raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
 
 
+def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32):
+    """A reward (or value) model: AutoModelForSequenceClassification with one output. A config without
+    pad_token_id gets the tokenizer's (transformers refuses padded batches without one); `score`
+    reads the reward at the index the attention mask gives, whatever the pad id."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve(name), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise SystemExit(f"error: could not load reward model '{name}' (offline, or a wrong name?): {e}")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
 def check_compatible(ref, aligned: list, names: list, mode: str) -> None:
     """Logits can only be mixed over the same vocabulary; weights only between identical shapes."""
     for model, name in zip(aligned, names):
@@ -311,7 +340,7 @@ def check_compatible(ref, aligned: list, names: list, mode: str) -> None:
 # Evaluation
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def decode_all(ref, aligned: list, lam: list, prompts: list, tokenizer, args, device) -> tuple:
+def decode_all(ref, aligned: list, lam: list, prompts: list, tokenizer, args, device, stop_ids: list) -> tuple:
     """Decodes every prompt; returns the samples as (prompt_ids, response_ids, finished) with their
     per-sequence log-ratio log pi_hat(y|x) - log pi_ref(y|x), and the generated tokens per second."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -323,13 +352,13 @@ def decode_all(ref, aligned: list, lam: list, prompts: list, tokenizer, args, de
                           add_special_tokens=not isinstance(chunk[0], list)).to(device)
         tokens, realigned_lp, ref_lp = dera_generate(
             ref, aligned, batch["input_ids"], batch["attention_mask"], lam, args.max_new_tokens,
-            args.temperature, args.top_k, args.top_p, tokenizer.eos_token_id, tokenizer.pad_token_id,
+            args.temperature, args.top_k, args.top_p, stop_ids, tokenizer.pad_token_id,
             generator)
         for row, mask, generated, lr in zip(batch["input_ids"], batch["attention_mask"], tokens.tolist(),
                                             (realigned_lp - ref_lp).sum(-1).tolist()):
-            finished = tokenizer.eos_token_id in generated
-            generated = generated[: generated.index(tokenizer.eos_token_id) + 1] if finished else generated
-            samples.append((row[mask.bool()].tolist(), generated, finished))
+            ends = [t for t, token in enumerate(generated) if token in stop_ids]
+            samples.append((row[mask.bool()].tolist(), generated[: ends[0] + 1] if ends else generated,
+                            bool(ends)))
             logratios.append(lr)
             n_tokens += len(generated)
     return samples, logratios, n_tokens / (time.time() - start)
@@ -341,9 +370,28 @@ def score_samples(reward_model, samples: list, pad_id: int, batch_size: int, dev
     scores = []
     for i in range(0, len(samples), batch_size):
         batch = {k: v.to(device) for k, v in collate_sequences(samples[i : i + batch_size], pad_id).items()}
-        logits = reward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        scores += logits[:, 0].float().tolist()
+        scores += score(reward_model, batch["input_ids"], batch["attention_mask"]).tolist()
     return scores
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last attended token, with left or right padding. (B, T) -> (B,)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(1)
+
+
+def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reward of each sequence: the score head at its last attended token, the EOS that ends
+    prompt + response. The index comes from the attention mask, never from pad_token_id:
+    transformers' own pooling reads the last token that is not pad, which with pad == eos (common in
+    chat checkpoints) is the token before the EOS. Positions count from the first attended token, so
+    left and right padding give the same score. input_ids, attention_mask: (B, T). Returns (B,), fp32."""
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=positions).last_hidden_state
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    return model.score(last).squeeze(-1).float()
 
 
 def summarise(samples: list, logratios: list, scores: Optional[list]) -> dict:
@@ -402,6 +450,7 @@ def main(args: Args) -> dict:
 
     # every tokenizer checked against the reference's before any compute
     tokenizer = load_tokenizer(args.ref, args.trust_remote_code)
+    stop_ids = stop_token_ids(tokenizer, args.ref)
     for name in args.aligned + ([args.reward_model] if use_rm else []):
         check_same_tokenizer(tokenizer, load_tokenizer(name, args.trust_remote_code), name)
     prompts = load_split(args.prompts, args.prompts_split, [("prompt",)])["prompt"]
@@ -412,11 +461,8 @@ def main(args: Args) -> dict:
     check_compatible(ref, aligned, args.aligned, args.mode)
     reward_model = None
     if use_rm:
-        from transformers import AutoModelForSequenceClassification
-
-        reward_model = AutoModelForSequenceClassification.from_pretrained(resolve(args.reward_model),
-                                                                          dtype=dtype)
-        reward_model = reward_model.to(device).eval()
+        reward_model = load_scalar_model(args.reward_model, tokenizer.pad_token_id, args.trust_remote_code,
+                                         dtype).to(device).eval()
     create_output_dir(out, args)
     print(f"dera: {len(prompts)} prompts, {len(rows_lam)} settings of lambda, mode {args.mode}, "
           f"device {device}")
@@ -425,12 +471,12 @@ def main(args: Args) -> dict:
     rows, all_samples, speeds = [], [], []
     for lam in rows_lam:
         if args.mode == "logits":
-            samples, logratios, speed = decode_all(ref, aligned, lam, prompts, tokenizer, args, device)
+            samples, logratios, speed = decode_all(ref, aligned, lam, prompts, tokenizer, args, device, stop_ids)
             speeds.append(speed)
         else:  # the combined model at lambda 1 samples exactly itself; the reference runs alongside only
             # to give log pi_ref for the KL (deployed alone, it costs one model's decoding)
             samples, logratios, speed = decode_all(ref, [combine_weights(ref, aligned, lam)], [1.0], prompts,
-                                                   tokenizer, args, device)
+                                                   tokenizer, args, device, stop_ids)
         scores = (score_samples(reward_model, samples, tokenizer.pad_token_id, args.batch_size, device)
                   if use_rm else None)
         label = ",".join(f"{x:g}" for x in lam)
@@ -443,7 +489,7 @@ def main(args: Args) -> dict:
         print(f"lambda={label}: " + " ".join(f"{k}={v:.3f}" for k, v in rows[-1].items() if k != "lambda"))
 
     # the cost of DeRa: the same decoding loop with one model alone
-    _, _, single_speed = decode_all(aligned[0], [], [], prompts, tokenizer, args, device)
+    _, _, single_speed = decode_all(aligned[0], [], [], prompts, tokenizer, args, device, stop_ids)
     results = {"table": rows, "perf/tokens_per_s_one_model": single_speed}
     if speeds:
         results["perf/tokens_per_s"] = sum(speeds) / len(speeds)

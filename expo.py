@@ -300,6 +300,20 @@ def check_same_tokenizer(tokenizer, other, name: str) -> None:
                          "it would read prompts and responses formatted differently from its training")
 
 
+def stop_token_ids(tokenizer, name: str) -> list:
+    """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
+    generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
+    and end-of-text tokens, and generation stops on any of them)."""
+    from transformers import GenerationConfig
+
+    try:
+        listed = GenerationConfig.from_pretrained(resolve(name)).eos_token_id
+    except OSError:  # no generation_config.json
+        listed = None
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
+
+
 def format_prompt(tokenizer, prompt) -> str:
     """A message list through the chat template, ending in the generation prompt; a string as it is."""
     if isinstance(prompt, str):
@@ -320,14 +334,15 @@ def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
         raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
 
 
-def load_scorer(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32):
-    """A trained reward model (AutoModelForSequenceClassification, score in logits[:, 0]). Without a
-    pad_token_id in its config, transformers cannot find the last real token of a padded batch."""
+def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32):
+    """A reward (or value) model: AutoModelForSequenceClassification with one output. A config without
+    pad_token_id gets the tokenizer's (transformers refuses padded batches without one); `score`
+    reads the reward at the index the attention mask gives, whatever the pad id."""
     from transformers import AutoModelForSequenceClassification
 
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(resolve(name), dtype=dtype,
-                                                                   trust_remote_code=trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve(name), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise SystemExit(f"error: could not load reward model '{name}' (offline, or a wrong name?): {e}")
     if model.config.pad_token_id is None:
@@ -355,28 +370,46 @@ def batch_logps(model, batch: dict, autocast, temperature: float = 1.0) -> torch
     return sequence_logps(logits.float() / temperature, batch["labels"])
 
 
+def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
+    """Pure sampling from softmax(logits / T), stopping on any stop id: no top-k, no top-p, no penalty."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                            max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stop_ids)
+
+
+def generate(model, batch: dict, config):
+    """model.generate with `config` and nothing else (KV-cached). transformers fills every field a
+    config leaves unset from the checkpoint's generation_config.json (a repetition penalty, min_p,
+    suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
+    checkpoint_config, model.generation_config = model.generation_config, config
+    try:
+        return model.generate(**batch, generation_config=config)
+    finally:
+        model.generation_config = checkpoint_config
+
+
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float,
-                     batch_size: int, device) -> list:
-    """One response per prompt, pure sampling (no top-k, no top-p) with the KV cache, left-padded
-    batches. Returns (prompt_ids, response_ids, finished) per prompt: the response is cut after its
-    first EOS (which it keeps); `finished` is False when it hit max_new_tokens first."""
+                     batch_size: int, device, stop_ids: list) -> list:
+    """One response per prompt, sampled from softmax(logits / T) (no top-k, no top-p) with the KV cache,
+    left-padded batches. Returns (prompt_ids, response_ids, finished) per prompt: the response is cut
+    after its first stop id (which it keeps); `finished` is False when it hit max_new_tokens first."""
     tokenizer.padding_side = "left"
     model.eval()
+    config = sampling_config(temperature, max_new_tokens, tokenizer.pad_token_id, stop_ids)
     results = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
         texts = [format_prompt(tokenizer, p) for p in chunk]
         batch = tokenizer(texts, return_tensors="pt", padding=True,
                           add_special_tokens=not isinstance(chunk[0], list)).to(device)
-        out = model.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        out = generate(model, batch, config)
         for row, mask, generated in zip(batch["input_ids"], batch["attention_mask"],
                                         out[:, batch["input_ids"].shape[1] :].tolist()):
-            finished = tokenizer.eos_token_id in generated
-            if finished:
-                generated = generated[: generated.index(tokenizer.eos_token_id) + 1]
-            results.append((row[mask.bool()].tolist(), generated, finished))
+            ends = [t for t, token in enumerate(generated) if token in stop_ids]
+            results.append((row[mask.bool()].tolist(), generated[: ends[0] + 1] if ends else generated,
+                            bool(ends)))
     return results
 
 
@@ -395,14 +428,34 @@ def collate_sequences(samples: list, pad_id: int) -> dict:
 
 # As in dpo.py, except that args.batch_size is the sampling batch itself (dpo.py samples 4 * its
 # training batch of pairs).
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last attended token, with left or right padding. (B, T) -> (B,)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(1)
+
+
+def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reward of each sequence: the score head at its last attended token, the EOS that ends
+    prompt + response. The index comes from the attention mask, never from pad_token_id:
+    transformers' own pooling reads the last token that is not pad, which with pad == eos (common in
+    chat checkpoints) is the token before the EOS. Positions count from the first attended token, so
+    left and right padding give the same score. input_ids, attention_mask: (B, T). Returns (B,), fp32."""
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=positions).last_hidden_state
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    return model.score(last).squeeze(-1).float()
+
+
 @torch.no_grad()
 def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device,
-                     autocast) -> tuple:
+                     autocast, stop_ids: list) -> tuple:
     """Samples the policy at args.temperature, then scores each response with the reward model and
     measures log pi_T(y|x) - log pi_ref,T(y|x) (both from logits / T), whose mean over samples
     estimates KL(pi_T || pi_ref,T): the KL of what was sampled (at T = 1, of the models themselves)."""
     samples = sample_responses(policy, tokenizer, prompts, args.max_new_tokens, args.temperature,
-                               args.batch_size, device)
+                               args.batch_size, device, stop_ids)
     rows = []
     for i in range(0, len(samples), args.batch_size):
         chunk = samples[i : i + args.batch_size]
@@ -410,9 +463,8 @@ def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, 
         logratios = (batch_logps(policy, batch, autocast, args.temperature)
                      - batch_logps(ref_model, batch, autocast, args.temperature))
         with autocast:
-            scores = reward_model(input_ids=batch["input_ids"],
-                                  attention_mask=batch["attention_mask"]).logits[:, 0]
-        for (p, r, finished), s, lr in zip(chunk, scores.float().tolist(), logratios.tolist()):
+            scores = score(reward_model, batch["input_ids"], batch["attention_mask"])
+        for (p, r, finished), s, lr in zip(chunk, scores.tolist(), logratios.tolist()):
             rows.append({"response": tokenizer.decode(r, skip_special_tokens=True), "score": s,
                          "logratio": lr, "length": len(r), "finished": finished})
     n = len(rows)
@@ -479,6 +531,7 @@ def main(args: Args) -> dict:
     sft_dir, aligned_dir = checkpoint_dir(args.sft), checkpoint_dir(args.aligned)
     check_checkpoints(sft_dir, aligned_dir)
     tokenizer = load_tokenizer(args.aligned, args.trust_remote_code)
+    stop_ids = stop_token_ids(tokenizer, args.aligned)
     for name in [args.sft, args.reward_model]:
         check_same_tokenizer(tokenizer, load_tokenizer(name, args.trust_remote_code), name)
     prompts = load_split(args.prompts, args.prompts_split, [("prompt",)])["prompt"]
@@ -486,8 +539,8 @@ def main(args: Args) -> dict:
 
     # the models that stay loaded: the aligned model (the KL reference) and the reward model
     ref_model = load_model(str(aligned_dir), args.trust_remote_code, weights_dtype).to(device).eval()
-    reward_model = load_scorer(args.reward_model, tokenizer.pad_token_id, args.trust_remote_code,
-                               weights_dtype).to(device).eval()
+    reward_model = load_scalar_model(args.reward_model, tokenizer.pad_token_id, args.trust_remote_code,
+                                     weights_dtype).to(device).eval()
     create_output_dir(out, args)
     print(f"expo: {len(args.alphas)} alphas x {len(prompts)} prompts ({args.prompts_split}), sft {args.sft}, "
           f"aligned {args.aligned}, reward model {args.reward_model}, device {device}, {dtype}")
@@ -508,7 +561,7 @@ def main(args: Args) -> dict:
         torch.manual_seed(args.seed)
         start = time.time()
         metrics, alpha_samples = evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts, args,
-                                                  device, autocast)
+                                                  device, autocast, stop_ids)
         tokens = sum(s["length"] for s in alpha_samples)  # sampled tokens per second, scoring included
         row = {"alpha": alpha, **metrics, "perf/tokens_per_s": tokens / (time.time() - start),
                "perf/extrapolate_s": extrapolate_s}

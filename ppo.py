@@ -63,6 +63,10 @@ class Args:
     """allow model code from the hub (only for models you trust)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% slower"""
+    dropout: bool = False
+    """keep the checkpoint's dropout in the policy and value model while training (default: off, so
+    that the first update starts on-policy: ratio 1, approx_kl 0); the rollout's log-probs and values
+    are taken in eval mode either way"""
 
     # rollouts (Table 9)
     total_episodes: int = 6144
@@ -272,6 +276,20 @@ def check_same_tokenizer(tokenizer, other, name: str) -> None:
                          "it would read prompts and responses formatted differently from its training")
 
 
+def stop_token_ids(tokenizer, name: str) -> list:
+    """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
+    generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
+    and end-of-text tokens, and generation stops on any of them)."""
+    from transformers import GenerationConfig
+
+    try:
+        listed = GenerationConfig.from_pretrained(resolve(name)).eos_token_id
+    except OSError:  # no generation_config.json
+        listed = None
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
+
+
 def format_prompt(tokenizer, prompt) -> str:
     """A message list through the chat template, ending in the generation prompt; a string as it is."""
     if isinstance(prompt, str):
@@ -292,37 +310,70 @@ def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
         raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
 
 
-def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool):
+def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32):
+    """A reward (or value) model: AutoModelForSequenceClassification with one output. A config without
+    pad_token_id gets the tokenizer's (transformers refuses padded batches without one); `score`
+    reads the reward at the index the attention mask gives, whatever the pad id."""
     from transformers import AutoModelForSequenceClassification
 
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            resolve(name), num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code)
+            resolve(name), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
-    model.config.pad_token_id = pad_token_id
+        raise SystemExit(f"error: could not load reward model '{name}' (offline, or a wrong name?): {e}")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
     return model
 
 
+def disable_dropout(model) -> None:
+    """Dropout off: every nn.Dropout, and the rates that attention layers keep as plain floats (Llama's
+    and Qwen2's `attention_dropout`), which no module switch reaches. With dropout, the policy in train
+    mode is not the model whose log-probs the reference (or the rollout) recorded: DPO's implicit
+    rewards and PPO's ratio would be off before the first update."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
+def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
+    """Pure sampling from softmax(logits / T), stopping on any stop id: no top-k, no top-p, no penalty."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                            max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stop_ids)
+
+
+def generate(model, batch: dict, config):
+    """model.generate with `config` and nothing else (KV-cached). transformers fills every field a
+    config leaves unset from the checkpoint's generation_config.json (a repetition penalty, min_p,
+    suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
+    checkpoint_config, model.generation_config = model.generation_config, config
+    try:
+        return model.generate(**batch, generation_config=config)
+    finally:
+        model.generation_config = checkpoint_config
+
+
 @torch.no_grad()
-def rollout(policy, tokenizer, prompts: list, args, device) -> dict:
-    """Step 1: one sampled response per prompt (KV-cached `generate`), cut after the first EOS.
-    Returns query (B, Q) left-padded and response (B, R) with its mask: 1 up to and including the
-    EOS, 0 after it (those tokens become padding)."""
+def rollout(policy, tokenizer, prompts: list, args, device, stop_ids: list) -> dict:
+    """Step 1: one response per prompt sampled from softmax(logits / T) (KV-cached), cut after its first
+    stop id. Returns query (B, Q) left-padded and response (B, R) with its mask: 1 up to and including
+    the stop token, 0 after it (those tokens become padding); `finished`: (B,), a stop id was reached."""
     tokenizer.padding_side = "left"
     batch = tokenizer([format_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
                       add_special_tokens=not isinstance(prompts[0], list)).to(device)
     policy.eval()
-    out = policy.generate(**batch, do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
-                          max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-    policy.train()
-    response = out[:, batch["input_ids"].shape[1] :]
-    is_eos = response == tokenizer.eos_token_id
-    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
-    mask = (~after_eos).long()
+    config = sampling_config(args.temperature, args.max_new_tokens, tokenizer.pad_token_id, stop_ids)
+    response = generate(policy, batch, config)[:, batch["input_ids"].shape[1] :]
+    is_stop = torch.isin(response, torch.tensor(stop_ids, device=response.device))
+    after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0  # strictly after the first stop token
     return {"query": batch["input_ids"], "query_mask": batch["attention_mask"],
-            "response": response.masked_fill(after_eos, tokenizer.pad_token_id), "mask": mask,
-            "finished": is_eos.any(1)}
+            "response": response.masked_fill(after_stop, tokenizer.pad_token_id), "mask": (~after_stop).long(),
+            "finished": is_stop.any(1)}
 
 
 def full_inputs(mb: dict) -> dict:
@@ -359,7 +410,7 @@ def values_and_scores(model, mb: dict, autocast) -> tuple:
     response's last real token: the reward model's score, from the same head. Each (B, R) and (B,)."""
     Q = mb["query"].shape[1]
     out = scalar_head(model, mb, autocast)
-    last = Q + mb["mask"].sum(1) - 1
+    last = last_token_index(full_inputs(mb)["attention_mask"])  # the stop token, or the last of a cut response
     return out[:, Q - 1 : -1], out[torch.arange(out.shape[0]), last]
 
 
@@ -405,37 +456,56 @@ def collate_sequences(samples: list, pad_id: int) -> dict:
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float,
-                     batch_size: int, device) -> list:
-    """One response per prompt, pure sampling (no top-k, no top-p) with the KV cache, left-padded
-    batches. Returns (prompt_ids, response_ids, finished) per prompt: the response is cut after its
-    first EOS (which it keeps); `finished` is False when it hit max_new_tokens first."""
+                     batch_size: int, device, stop_ids: list) -> list:
+    """One response per prompt, sampled from softmax(logits / T) (no top-k, no top-p) with the KV cache,
+    left-padded batches. Returns (prompt_ids, response_ids, finished) per prompt: the response is cut
+    after its first stop id (which it keeps); `finished` is False when it hit max_new_tokens first."""
     tokenizer.padding_side = "left"
     model.eval()
+    config = sampling_config(temperature, max_new_tokens, tokenizer.pad_token_id, stop_ids)
     results = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
         texts = [format_prompt(tokenizer, p) for p in chunk]
         batch = tokenizer(texts, return_tensors="pt", padding=True,
                           add_special_tokens=not isinstance(chunk[0], list)).to(device)
-        out = model.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        out = generate(model, batch, config)
         for row, mask, generated in zip(batch["input_ids"], batch["attention_mask"],
                                         out[:, batch["input_ids"].shape[1] :].tolist()):
-            finished = tokenizer.eos_token_id in generated
-            if finished:
-                generated = generated[: generated.index(tokenizer.eos_token_id) + 1]
-            results.append((row[mask.bool()].tolist(), generated, finished))
+            ends = [t for t, token in enumerate(generated) if token in stop_ids]
+            results.append((row[mask.bool()].tolist(), generated[: ends[0] + 1] if ends else generated,
+                            bool(ends)))
     return results
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last attended token, with left or right padding. (B, T) -> (B,)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(1)
+
+
+def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reward of each sequence: the score head at its last attended token, the EOS that ends
+    prompt + response. The index comes from the attention mask, never from pad_token_id:
+    transformers' own pooling reads the last token that is not pad, which with pad == eos (common in
+    chat checkpoints) is the token before the EOS. Positions count from the first attended token, so
+    left and right padding give the same score. input_ids, attention_mask: (B, T). Returns (B,), fp32."""
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=positions).last_hidden_state
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    return model.score(last).squeeze(-1).float()
 
 
 @torch.no_grad()
 def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device,
-                     autocast) -> tuple:
+                     autocast, stop_ids: list) -> tuple:
     """Samples the policy at args.temperature, then scores each response with the reward model and
     measures log pi_T(y|x) - log pi_ref,T(y|x) (both from logits / T), whose mean over samples
     estimates KL(pi_T || pi_ref,T): the KL of what was sampled (at T = 1, of the models themselves)."""
     samples = sample_responses(policy, tokenizer, prompts, args.max_new_tokens, args.temperature,
-                               4 * args.batch_size, device)
+                               4 * args.batch_size, device, stop_ids)
     rows = []
     for i in range(0, len(samples), 4 * args.batch_size):
         chunk = samples[i : i + 4 * args.batch_size]
@@ -443,9 +513,8 @@ def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, 
         logratios = (batch_logps(policy, batch, autocast, args.temperature)
                      - batch_logps(ref_model, batch, autocast, args.temperature))
         with autocast:
-            scores = reward_model(input_ids=batch["input_ids"],
-                                  attention_mask=batch["attention_mask"]).logits[:, 0]
-        for (p, r, finished), s, lr in zip(chunk, scores.float().tolist(), logratios.tolist()):
+            scores = score(reward_model, batch["input_ids"], batch["attention_mask"])
+        for (p, r, finished), s, lr in zip(chunk, scores.tolist(), logratios.tolist()):
             rows.append({"response": tokenizer.decode(r, skip_special_tokens=True), "score": s,
                          "logratio": lr, "length": len(r), "finished": finished})
     n = len(rows)
@@ -511,6 +580,7 @@ def main(args: Args) -> dict:
 
     # data, and every tokenizer checked against the policy's before any compute
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    stop_ids = stop_token_ids(tokenizer, args.model)
     for name in {ref_name, args.reward_model, value_name}:
         check_same_tokenizer(tokenizer, load_tokenizer(name, args.trust_remote_code), name)
     train_prompts = load_split(args.prompts, args.train_split, [("prompt",)])["prompt"]
@@ -526,6 +596,8 @@ def main(args: Args) -> dict:
     reward_model = load_scalar_model(
         args.reward_model, pad_id, args.trust_remote_code).to(device).eval().requires_grad_(False)
     value_model = load_scalar_model(value_name, pad_id, args.trust_remote_code).to(device)
+    if not args.dropout:
+        disable_dropout(policy), disable_dropout(value_model)
     policy.train(), value_model.train()
     if args.gradient_checkpointing:
         for m in (policy, value_model):
@@ -564,7 +636,7 @@ def main(args: Args) -> dict:
         # 1. rollout
         start = time.time()
         prompts = [p for p in next(stream) for _ in range(args.num_rollouts_per_prompt)]
-        batch = rollout(policy, tokenizer, prompts, args, device)
+        batch = rollout(policy, tokenizer, prompts, args, device, stop_ids)
         times["rollout"] += time.time() - start
         start = time.time()
         stats = {}
@@ -572,6 +644,7 @@ def main(args: Args) -> dict:
         for m in range(minibatches):
             mb = take(batch, order[m * args.minibatch_size : (m + 1) * args.minibatch_size])
             mask = mb["mask"].float()
+            policy.eval(), value_model.eval()  # "old" quantities without dropout, whatever --dropout says
             with torch.no_grad():  # App. G: from the current models, per minibatch
                 # 2. score, with the EOS trick for responses that never ended
                 _, scores = values_and_scores(reward_model, mb, autocast)
@@ -585,6 +658,7 @@ def main(args: Args) -> dict:
                 # 4. GAE (gamma 1, lambda 0.95), advantages whitened within the batch
                 advantages, returns = compute_gae(rewards, old_values * mask, mask, args.gamma, args.lam)
                 advantages = masked_whiten(advantages, mask)
+            policy.train(), value_model.train()
             kl = ((old_logprobs - ref_logprobs) * mask).sum(1)
             for key, v in [("objective/score", scores.mean()), ("objective/kl", kl.mean()),
                            ("objective/non_score_reward", (-args.beta * kl).mean()),
@@ -641,7 +715,7 @@ def main(args: Args) -> dict:
         torch.manual_seed(args.seed)
         eval_args = dataclasses.replace(args, temperature=args.eval_temperature or args.temperature)
         sample_metrics, samples = evaluate_samples(policy, ref_model, reward_model, tokenizer, eval_prompts,
-                                                   eval_args, device, autocast)
+                                                   eval_args, device, autocast, stop_ids)
         results.update(sample_metrics)
         with open(out / "samples.jsonl", "w") as f:
             for row in samples:

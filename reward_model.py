@@ -113,11 +113,24 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     return -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float())  # Tulu 2.5 Eq. 1
 
 
-def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The reward of each sequence, read at its last non-pad token (left or right padding).
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last attended token, with left or right padding. (B, T) -> (B,)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(1)
 
-    input_ids, attention_mask: (B, T). Returns (B,) in fp32."""
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+
+def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reward of each sequence: the score head at its last attended token, the EOS that ends
+    prompt + response. The index comes from the attention mask, never from pad_token_id:
+    transformers' own pooling reads the last token that is not pad, which with pad == eos (common in
+    chat checkpoints) is the token before the EOS. Positions count from the first attended token, so
+    left and right padding give the same score. input_ids, attention_mask: (B, T). Returns (B,), fp32."""
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=positions).last_hidden_state
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    return model.score(last).squeeze(-1).float()
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
@@ -190,6 +203,20 @@ def load_tokenizer(name: str, trust_remote_code: bool):
     return tokenizer
 
 
+def stop_token_ids(tokenizer, name: str) -> list:
+    """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
+    generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
+    and end-of-text tokens, and generation stops on any of them)."""
+    from transformers import GenerationConfig
+
+    try:
+        listed = GenerationConfig.from_pretrained(resolve(name)).eos_token_id
+    except OSError:  # no generation_config.json
+        listed = None
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
+
+
 def format_prompt(tokenizer, prompt) -> str:
     """A message list through the chat template, ending in the generation prompt; a string as it is."""
     if isinstance(prompt, str):
@@ -199,7 +226,8 @@ def format_prompt(tokenizer, prompt) -> str:
 
 def format_example(tokenizer, prompt, completion) -> tuple:
     """(prompt_text, completion_text, templated): the response is what the template adds after the
-    prompt, so it carries the template's end-of-turn tokens."""
+    prompt, so it carries the template's end-of-turn token (and whatever the template writes after it,
+    which tokenize_example cuts off)."""
     if isinstance(prompt, str):
         return prompt, completion, False
     prompt_text = format_prompt(tokenizer, prompt)
@@ -210,21 +238,26 @@ def format_example(tokenizer, prompt, completion) -> tuple:
     return prompt_text, full_text[len(prompt_text):], True
 
 
-def tokenize_example(tokenizer, prompt, completion, max_length: int, check: bool = False) -> tuple:
-    """(prompt_ids, completion_ids). Tokenised apart and concatenated, so the response mask is exact;
-    `check` warns when that differs from tokenising the joined text (a BPE merge across the
-    boundary, or special tokens added twice): the model is then trained on a tokenisation that it
-    would not see at inference."""
+def tokenize_example(tokenizer, prompt, completion, max_length: int, stop_ids: list,
+                     check: bool = False) -> tuple:
+    """(prompt_ids, completion_ids). The response is what the policy emits: its tokens up to and
+    including the first stop id. Template text after the end-of-turn token (ChatML's newline after
+    <|im_end|>) is not part of it; a response with no stop id gets the tokenizer's EOS. Prompt and
+    response are tokenised apart and concatenated, so the response mask is exact; `check` warns when
+    that differs from tokenising the joined text (a BPE merge across the boundary, or special tokens
+    added twice): the model is then trained on a tokenisation that it would not see at inference."""
     prompt_text, completion_text, templated = format_example(tokenizer, prompt, completion)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=not templated)["input_ids"]
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id not in completion_ids:
-        completion_ids.append(tokenizer.eos_token_id)
+    ends = [t for t, token in enumerate(completion_ids) if token in stop_ids]
+    completion_ids = completion_ids[: ends[0] + 1] if ends else completion_ids + [tokenizer.eos_token_id]
     if check:
         joined = tokenizer(prompt_text + completion_text, add_special_tokens=not templated)["input_ids"]
-        if joined != prompt_ids + completion_ids[: len(joined) - len(prompt_ids)]:
+        apart = prompt_ids + completion_ids
+        n = min(len(joined), len(apart))  # the joined text may go on past the stop; apart may add EOS
+        if joined[:n] != apart[:n]:
             print(f"warning: prompt and response tokenise differently apart than together:\n"
-                  f"  apart:    {prompt_ids + completion_ids}\n  together: {joined}")
+                  f"  apart:    {apart}\n  together: {joined}")
     return prompt_ids, completion_ids[: max(0, max_length - len(prompt_ids))]
 
 
@@ -238,7 +271,7 @@ def split_pair(row: dict) -> tuple:
     return row["chosen"][:-1], row["chosen"][-1:], row["rejected"][-1:]
 
 
-def build_pairs(data, tokenizer, max_length: int) -> list:
+def build_pairs(data, tokenizer, max_length: int, stop_ids: list) -> list:
     """Token ids of prompt + chosen and prompt + rejected for every row; too-long pairs are skipped.
     Differs from dpo.py's build_pairs on purpose: no response labels (the score needs none), and no
     truncation (a reward model must not learn to score text cut short)."""
@@ -247,7 +280,7 @@ def build_pairs(data, tokenizer, max_length: int) -> list:
         prompt, chosen, rejected = split_pair(row)
         seqs = []
         for completion in (chosen, rejected):
-            prompt_ids, completion_ids = tokenize_example(tokenizer, prompt, completion, 10**9,
+            prompt_ids, completion_ids = tokenize_example(tokenizer, prompt, completion, 10**9, stop_ids,
                                                           check=(i == 0))
             seqs.append(prompt_ids + completion_ids)
         if max(map(len, seqs)) > max_length:
@@ -367,13 +400,14 @@ def main(args: Args) -> dict:
     train_data = load_split(args.dataset, args.train_split, needs)
     if args.max_train_samples:
         train_data = train_data.select(range(min(args.max_train_samples, len(train_data))))
-    train = build_pairs(train_data, tokenizer, args.max_length)
+    stop_ids = stop_token_ids(tokenizer, args.model)
+    train = build_pairs(train_data, tokenizer, args.max_length, stop_ids)
     evals = []
     if args.eval_split:
         eval_data = load_split(args.dataset, args.eval_split, needs)
         if args.max_eval_samples:
             eval_data = eval_data.select(range(min(args.max_eval_samples, len(eval_data))))
-        evals = build_pairs(eval_data, tokenizer, args.max_length)
+        evals = build_pairs(eval_data, tokenizer, args.max_length, stop_ids)
 
     # model and optimiser
     model = load_reward_model(args.model, tokenizer.pad_token_id, args.trust_remote_code).to(device)

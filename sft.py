@@ -189,6 +189,20 @@ def load_tokenizer(name: str, trust_remote_code: bool):
     return tokenizer
 
 
+def stop_token_ids(tokenizer, name: str) -> list:
+    """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
+    generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
+    and end-of-text tokens, and generation stops on any of them)."""
+    from transformers import GenerationConfig
+
+    try:
+        listed = GenerationConfig.from_pretrained(resolve(name)).eos_token_id
+    except OSError:  # no generation_config.json
+        listed = None
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
+
+
 def format_prompt(tokenizer, prompt) -> str:
     """A message list through the chat template, ending in the generation prompt; a string as it is."""
     if isinstance(prompt, str):
@@ -198,7 +212,8 @@ def format_prompt(tokenizer, prompt) -> str:
 
 def format_example(tokenizer, prompt, completion) -> tuple:
     """(prompt_text, completion_text, templated): the response is what the template adds after the
-    prompt, so it carries the template's end-of-turn tokens."""
+    prompt, so it carries the template's end-of-turn token (and whatever the template writes after it,
+    which tokenize_example cuts off)."""
     if isinstance(prompt, str):
         return prompt, completion, False
     prompt_text = format_prompt(tokenizer, prompt)
@@ -209,21 +224,26 @@ def format_example(tokenizer, prompt, completion) -> tuple:
     return prompt_text, full_text[len(prompt_text):], True
 
 
-def tokenize_example(tokenizer, prompt, completion, max_length: int, check: bool = False) -> tuple:
-    """(prompt_ids, completion_ids). Tokenised apart and concatenated, so the response mask is exact;
-    `check` warns when that differs from tokenising the joined text (a BPE merge across the
-    boundary, or special tokens added twice): the model is then trained on a tokenisation that it
-    would not see at inference."""
+def tokenize_example(tokenizer, prompt, completion, max_length: int, stop_ids: list,
+                     check: bool = False) -> tuple:
+    """(prompt_ids, completion_ids). The response is what the policy emits: its tokens up to and
+    including the first stop id. Template text after the end-of-turn token (ChatML's newline after
+    <|im_end|>) is not part of it; a response with no stop id gets the tokenizer's EOS. Prompt and
+    response are tokenised apart and concatenated, so the response mask is exact; `check` warns when
+    that differs from tokenising the joined text (a BPE merge across the boundary, or special tokens
+    added twice): the model is then trained on a tokenisation that it would not see at inference."""
     prompt_text, completion_text, templated = format_example(tokenizer, prompt, completion)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=not templated)["input_ids"]
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id not in completion_ids:
-        completion_ids.append(tokenizer.eos_token_id)
+    ends = [t for t, token in enumerate(completion_ids) if token in stop_ids]
+    completion_ids = completion_ids[: ends[0] + 1] if ends else completion_ids + [tokenizer.eos_token_id]
     if check:
         joined = tokenizer(prompt_text + completion_text, add_special_tokens=not templated)["input_ids"]
-        if joined != prompt_ids + completion_ids[: len(joined) - len(prompt_ids)]:
+        apart = prompt_ids + completion_ids
+        n = min(len(joined), len(apart))  # the joined text may go on past the stop; apart may add EOS
+        if joined[:n] != apart[:n]:
             print(f"warning: prompt and response tokenise differently apart than together:\n"
-                  f"  apart:    {prompt_ids + completion_ids}\n  together: {joined}")
+                  f"  apart:    {apart}\n  together: {joined}")
     return prompt_ids, completion_ids[: max(0, max_length - len(prompt_ids))]
 
 
@@ -233,11 +253,11 @@ def prompt_and_completion(row: dict) -> tuple:
     return row["prompt"], row["completion"]
 
 
-def build_examples(data, tokenizer, max_length: int) -> list:
+def build_examples(data, tokenizer, max_length: int, stop_ids: list) -> list:
     """Token ids and the response mask of every row; rows whose prompt fills max_length are skipped."""
     examples, skipped = [], 0
     for i, row in enumerate(data):
-        prompt_ids, completion_ids = tokenize_example(tokenizer, *prompt_and_completion(row), max_length,
+        prompt_ids, completion_ids = tokenize_example(tokenizer, *prompt_and_completion(row), max_length, stop_ids,
                                                       check=(i == 0))
         if not completion_ids:
             skipped += 1
@@ -297,16 +317,36 @@ def evaluate_loss(model, examples: list, batch_size: int, pad_id: int, device, a
     return total / max(1, count)
 
 
+def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
+    """Pure sampling from softmax(logits / T), stopping on any stop id: no top-k, no top-p, no penalty."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                            max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stop_ids)
+
+
+def generate(model, batch: dict, config):
+    """model.generate with `config` and nothing else (KV-cached). transformers fills every field a
+    config leaves unset from the checkpoint's generation_config.json (a repetition penalty, min_p,
+    suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
+    checkpoint_config, model.generation_config = model.generation_config, config
+    try:
+        return model.generate(**batch, generation_config=config)
+    finally:
+        model.generation_config = checkpoint_config
+
+
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, device) -> list:
-    """One sampled response per prompt (pure sampling: no top-k, no top-p), batched, left-padded."""
+def sample(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, device,
+           stop_ids: list) -> list:
+    """One response per prompt sampled from softmax(logits / T) (no top-k, no top-p), batched,
+    left-padded, stopping on any stop id."""
     texts = [format_prompt(tokenizer, p) for p in prompts]
     tokenizer.padding_side = "left"
     batch = tokenizer(texts, return_tensors="pt", padding=True,
                       add_special_tokens=not isinstance(prompts[0], list)).to(device)
     model.eval()
-    out = model.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    out = generate(model, batch, sampling_config(temperature, max_new_tokens, tokenizer.pad_token_id, stop_ids))
     model.train()
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
@@ -362,13 +402,14 @@ def main(args: Args) -> dict:
     train_data = load_split(args.dataset, args.train_split, needs)
     if args.max_train_samples:
         train_data = train_data.select(range(min(args.max_train_samples, len(train_data))))
-    train = build_examples(train_data, tokenizer, args.max_length)
+    stop_ids = stop_token_ids(tokenizer, args.model)
+    train = build_examples(train_data, tokenizer, args.max_length, stop_ids)
     eval_rows, evals = [], []
     if args.eval_split:
         eval_data = load_split(args.dataset, args.eval_split, needs)
         if args.max_eval_samples:
             eval_data = eval_data.select(range(min(args.max_eval_samples, len(eval_data))))
-        eval_rows, evals = list(eval_data), build_examples(eval_data, tokenizer, args.max_length)
+        eval_rows, evals = list(eval_data), build_examples(eval_data, tokenizer, args.max_length, stop_ids)
 
     # model and optimiser
     model = load_model(args.model, args.trust_remote_code).to(device)
@@ -444,7 +485,7 @@ def main(args: Args) -> dict:
                "perf/tokens_per_s": round(tokens_seen / train_time, 1)}
     if args.num_samples and eval_rows:
         prompts = [prompt_and_completion(r)[0] for r in eval_rows[: args.num_samples]]
-        responses = sample(model, tokenizer, prompts, args.max_new_tokens, args.temperature, device)
+        responses = sample(model, tokenizer, prompts, args.max_new_tokens, args.temperature, device, stop_ids)
         with open(out / "samples.jsonl", "w") as f:
             for prompt, response in zip(prompts, responses):
                 f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")

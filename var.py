@@ -76,6 +76,9 @@ class Args:
     """allow model code from the hub (only for models you trust)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% slower"""
+    dropout: bool = False
+    """keep the checkpoint's dropout while training (default: off, so that the policy in train mode is
+    the model the reference log-probs describe and the first implicit rewards are exactly 0)"""
 
     # method
     beta: float = 0.1
@@ -257,6 +260,20 @@ def check_same_tokenizer(tokenizer, other, name: str) -> None:
                          "it would read prompts and responses formatted differently from its training")
 
 
+def stop_token_ids(tokenizer, name: str) -> list:
+    """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
+    generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
+    and end-of-text tokens, and generation stops on any of them)."""
+    from transformers import GenerationConfig
+
+    try:
+        listed = GenerationConfig.from_pretrained(resolve(name)).eos_token_id
+    except OSError:  # no generation_config.json
+        listed = None
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
+
+
 def format_prompt(tokenizer, prompt) -> str:
     """A message list through the chat template, ending in the generation prompt; a string as it is."""
     if isinstance(prompt, str):
@@ -266,7 +283,8 @@ def format_prompt(tokenizer, prompt) -> str:
 
 def format_example(tokenizer, prompt, completion) -> tuple:
     """(prompt_text, completion_text, templated): the response is what the template adds after the
-    prompt, so it carries the template's end-of-turn tokens."""
+    prompt, so it carries the template's end-of-turn token (and whatever the template writes after it,
+    which tokenize_example cuts off)."""
     if isinstance(prompt, str):
         return prompt, completion, False
     prompt_text = format_prompt(tokenizer, prompt)
@@ -277,21 +295,26 @@ def format_example(tokenizer, prompt, completion) -> tuple:
     return prompt_text, full_text[len(prompt_text):], True
 
 
-def tokenize_example(tokenizer, prompt, completion, max_length: int, check: bool = False) -> tuple:
-    """(prompt_ids, completion_ids). Tokenised apart and concatenated, so the response mask is exact;
-    `check` warns when that differs from tokenising the joined text (a BPE merge across the
-    boundary, or special tokens added twice): the model is then trained on a tokenisation that it
-    would not see at inference."""
+def tokenize_example(tokenizer, prompt, completion, max_length: int, stop_ids: list,
+                     check: bool = False) -> tuple:
+    """(prompt_ids, completion_ids). The response is what the policy emits: its tokens up to and
+    including the first stop id. Template text after the end-of-turn token (ChatML's newline after
+    <|im_end|>) is not part of it; a response with no stop id gets the tokenizer's EOS. Prompt and
+    response are tokenised apart and concatenated, so the response mask is exact; `check` warns when
+    that differs from tokenising the joined text (a BPE merge across the boundary, or special tokens
+    added twice): the model is then trained on a tokenisation that it would not see at inference."""
     prompt_text, completion_text, templated = format_example(tokenizer, prompt, completion)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=not templated)["input_ids"]
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id not in completion_ids:
-        completion_ids.append(tokenizer.eos_token_id)
+    ends = [t for t, token in enumerate(completion_ids) if token in stop_ids]
+    completion_ids = completion_ids[: ends[0] + 1] if ends else completion_ids + [tokenizer.eos_token_id]
     if check:
         joined = tokenizer(prompt_text + completion_text, add_special_tokens=not templated)["input_ids"]
-        if joined != prompt_ids + completion_ids[: len(joined) - len(prompt_ids)]:
+        apart = prompt_ids + completion_ids
+        n = min(len(joined), len(apart))  # the joined text may go on past the stop; apart may add EOS
+        if joined[:n] != apart[:n]:
             print(f"warning: prompt and response tokenise differently apart than together:\n"
-                  f"  apart:    {prompt_ids + completion_ids}\n  together: {joined}")
+                  f"  apart:    {apart}\n  together: {joined}")
     return prompt_ids, completion_ids[: max(0, max_length - len(prompt_ids))]
 
 
@@ -305,7 +328,7 @@ def split_pair(row: dict) -> tuple:
     return row["chosen"][:-1], row["chosen"][-1:], row["rejected"][-1:]
 
 
-def build_units(data, tokenizer, responses: str, max_length: int) -> list:
+def build_units(data, tokenizer, responses: str, max_length: int, stop_ids: list) -> list:
     """Per row, the (prompt_ids, response_ids) examples it contributes: one for an SFT row, one or
     two for a preference row. A row's examples stay together when groups are formed."""
     units = []
@@ -317,7 +340,7 @@ def build_units(data, tokenizer, responses: str, max_length: int) -> list:
             prompt, completions = row["messages"][:-1], [row["messages"][-1:]]
         else:
             prompt, completions = row["prompt"], [row["completion"]]
-        units.append([tokenize_example(tokenizer, prompt, c, max_length, check=(i == 0))
+        units.append([tokenize_example(tokenizer, prompt, c, max_length, stop_ids, check=(i == 0))
                       for c in completions])
     return units
 
@@ -356,6 +379,35 @@ def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
         raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
 
 
+def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32):
+    """A reward (or value) model: AutoModelForSequenceClassification with one output. A config without
+    pad_token_id gets the tokenizer's (transformers refuses padded batches without one); `score`
+    reads the reward at the index the attention mask gives, whatever the pad id."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve(name), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise SystemExit(f"error: could not load reward model '{name}' (offline, or a wrong name?): {e}")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def disable_dropout(model) -> None:
+    """Dropout off: every nn.Dropout, and the rates that attention layers keep as plain floats (Llama's
+    and Qwen2's `attention_dropout`), which no module switch reaches. With dropout, the policy in train
+    mode is not the model whose log-probs the reference (or the rollout) recorded: DPO's implicit
+    rewards and PPO's ratio would be off before the first update."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
 def batch_logps(model, batch: dict, autocast, temperature: float = 1.0) -> torch.Tensor:
     """Summed response log-probs of each sequence of a collated batch (B rows: for pairs, chosen then
     rejected), under logits / temperature, the distribution that sampling at that temperature draws
@@ -381,46 +433,83 @@ def group_weights(group: list, ref_model, reward_model, args, pad_id: int, devic
     rewards = torch.full((B, B), float("nan"), device=device)
     index = tuple(torch.tensor(ix, device=device) for ix in zip(*pairs))
     with autocast:
-        rewards[index] = reward_model(input_ids=batch["input_ids"],
-                                      attention_mask=batch["attention_mask"]).logits[:, 0].float()
+        rewards[index] = score(reward_model, batch["input_ids"], batch["attention_mask"])
     if args.normalizer == "cross":
         ref_logps[index] = batch_logps(ref_model, batch, autocast)
     return var_weights(ref_logps, rewards, args.beta, args.normalizer), rewards.diagonal()
 
 
+def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
+    """Pure sampling from softmax(logits / T), stopping on any stop id: no top-k, no top-p, no penalty."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                            max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stop_ids)
+
+
+def generate(model, batch: dict, config):
+    """model.generate with `config` and nothing else (KV-cached). transformers fills every field a
+    config leaves unset from the checkpoint's generation_config.json (a repetition penalty, min_p,
+    suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
+    checkpoint_config, model.generation_config = model.generation_config, config
+    try:
+        return model.generate(**batch, generation_config=config)
+    finally:
+        model.generation_config = checkpoint_config
+
+
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float,
-                     batch_size: int, device) -> list:
-    """One response per prompt, pure sampling (no top-k, no top-p) with the KV cache, left-padded
-    batches. Returns (prompt_ids, response_ids, finished) per prompt: the response is cut after its
-    first EOS (which it keeps); `finished` is False when it hit max_new_tokens first."""
+                     batch_size: int, device, stop_ids: list) -> list:
+    """One response per prompt, sampled from softmax(logits / T) (no top-k, no top-p) with the KV cache,
+    left-padded batches. Returns (prompt_ids, response_ids, finished) per prompt: the response is cut
+    after its first stop id (which it keeps); `finished` is False when it hit max_new_tokens first."""
     tokenizer.padding_side = "left"
     model.eval()
+    config = sampling_config(temperature, max_new_tokens, tokenizer.pad_token_id, stop_ids)
     results = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
         texts = [format_prompt(tokenizer, p) for p in chunk]
         batch = tokenizer(texts, return_tensors="pt", padding=True,
                           add_special_tokens=not isinstance(chunk[0], list)).to(device)
-        out = model.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        out = generate(model, batch, config)
         for row, mask, generated in zip(batch["input_ids"], batch["attention_mask"],
                                         out[:, batch["input_ids"].shape[1] :].tolist()):
-            finished = tokenizer.eos_token_id in generated
-            if finished:
-                generated = generated[: generated.index(tokenizer.eos_token_id) + 1]
-            results.append((row[mask.bool()].tolist(), generated, finished))
+            ends = [t for t, token in enumerate(generated) if token in stop_ids]
+            results.append((row[mask.bool()].tolist(), generated[: ends[0] + 1] if ends else generated,
+                            bool(ends)))
     return results
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last attended token, with left or right padding. (B, T) -> (B,)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(1)
+
+
+def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reward of each sequence: the score head at its last attended token, the EOS that ends
+    prompt + response. The index comes from the attention mask, never from pad_token_id:
+    transformers' own pooling reads the last token that is not pad, which with pad == eos (common in
+    chat checkpoints) is the token before the EOS. Positions count from the first attended token, so
+    left and right padding give the same score. input_ids, attention_mask: (B, T). Returns (B,), fp32."""
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=positions).last_hidden_state
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    return model.score(last).squeeze(-1).float()
 
 
 @torch.no_grad()
 def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device,
-                     autocast) -> tuple:
+                     autocast, stop_ids: list) -> tuple:
     """Samples the policy at args.temperature, then scores each response with the reward model and
     measures log pi_T(y|x) - log pi_ref,T(y|x) (both from logits / T), whose mean over samples
     estimates KL(pi_T || pi_ref,T): the KL of what was sampled (at T = 1, of the models themselves)."""
     samples = sample_responses(policy, tokenizer, prompts, args.max_new_tokens, args.temperature,
-                               4 * args.batch_size, device)
+                               4 * args.batch_size, device, stop_ids)
     rows = []
     for i in range(0, len(samples), 4 * args.batch_size):
         chunk = samples[i : i + 4 * args.batch_size]
@@ -428,9 +517,8 @@ def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, 
         logratios = (batch_logps(policy, batch, autocast, args.temperature)
                      - batch_logps(ref_model, batch, autocast, args.temperature))
         with autocast:
-            scores = reward_model(input_ids=batch["input_ids"],
-                                  attention_mask=batch["attention_mask"]).logits[:, 0]
-        for (p, r, finished), s, lr in zip(chunk, scores.float().tolist(), logratios.tolist()):
+            scores = score(reward_model, batch["input_ids"], batch["attention_mask"])
+        for (p, r, finished), s, lr in zip(chunk, scores.tolist(), logratios.tolist()):
             rows.append({"response": tokenizer.decode(r, skip_special_tokens=True), "score": s,
                          "logratio": lr, "length": len(r), "finished": finished})
     n = len(rows)
@@ -493,11 +581,12 @@ def main(args: Args) -> dict:
 
     # data, and every tokenizer checked against the policy's before any compute
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    stop_ids = stop_token_ids(tokenizer, args.model)
     for name in [ref_name, args.reward_model]:
         check_same_tokenizer(tokenizer, load_tokenizer(name, args.trust_remote_code), name)
     needs = [("chosen", "rejected"), ("messages",), ("prompt", "completion")]
     train_data = load_split(args.dataset, args.train_split, needs)
-    groups = make_groups(build_units(train_data, tokenizer, args.responses, args.max_length),
+    groups = make_groups(build_units(train_data, tokenizer, args.responses, args.max_length, stop_ids),
                          args.batch_size, args.seed)
     if not groups:
         raise SystemExit(f"error: fewer examples than one batch of {args.batch_size}")
@@ -507,13 +596,12 @@ def main(args: Args) -> dict:
         prompts = prompts[: args.num_eval_prompts] if args.num_eval_prompts else prompts
 
     # models: the policy trains; the reference and the reward model are frozen
-    from transformers import AutoModelForSequenceClassification
-
     policy = load_model(args.model, args.trust_remote_code).to(device)
+    if not args.dropout:
+        disable_dropout(policy)
     ref_model = load_model(ref_name, args.trust_remote_code).to(device).eval().requires_grad_(False)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(
-        resolve(args.reward_model)).to(device).eval()
     pad_id = tokenizer.pad_token_id
+    reward_model = load_scalar_model(args.reward_model, pad_id, args.trust_remote_code).to(device).eval()
     create_output_dir(out, args)
 
     # the frozen work, once per fixed group (B^2 sequences each for the cross-context estimator)
@@ -554,7 +642,7 @@ def main(args: Args) -> dict:
         with torch.random.fork_rng():  # training's random state is left as it was
             torch.manual_seed(args.seed)
             metrics, samples = evaluate_samples(policy.eval(), ref_model, reward_model, tokenizer, prompts,
-                                                args, device, autocast)
+                                                args, device, autocast, stop_ids)
         policy.train()
         path.parent.mkdir(exist_ok=True)
         with open(path, "w") as f:

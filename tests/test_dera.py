@@ -58,7 +58,7 @@ def models():
 def greedy(ref, aligned, lam, tokenizer, texts, max_new_tokens=20):
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     return dera.dera_generate(ref, aligned, batch["input_ids"], batch["attention_mask"], lam, max_new_tokens,
-                              temperature=0.0, eos_token_id=tokenizer.eos_token_id,
+                              temperature=0.0, stop_ids=[tokenizer.eos_token_id],
                               pad_token_id=tokenizer.pad_token_id)
 
 

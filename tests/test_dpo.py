@@ -68,7 +68,8 @@ def test_sequence_logps_sums_labelled_tokens_in_fp32():
 def policy_and_pairs():
     tokenizer = dpo.load_tokenizer(str(TOY / "sft"), False)
     rows = [json.loads(line) for line in open(TOY / "data" / "prefs" / "test.jsonl")][:8]
-    return dpo.load_model(str(TOY / "sft"), False).eval(), tokenizer, dpo.build_pairs(rows, tokenizer, 1024)
+    return dpo.load_model(str(TOY / "sft"), False).eval(), tokenizer, dpo.build_pairs(rows, tokenizer, 1024,
+                                                                                [tokenizer.eos_token_id])
 
 
 def test_concatenated_forward_equals_separate_forwards(policy_and_pairs):

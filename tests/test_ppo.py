@@ -116,7 +116,7 @@ def test_rollout_layout_matches_the_models_own_outputs(toy_models):
     prompts = ppo.load_split(str(TOY / "data" / "prompts"), "validation", [("prompt",)])["prompt"][:6]
     torch.manual_seed(0)
     args = ppo.Args(max_new_tokens=12)  # short: some responses end without EOS
-    batch = ppo.rollout(policy, tok, prompts, args, torch.device("cpu"))
+    batch = ppo.rollout(policy, tok, prompts, args, torch.device("cpu"), [tok.eos_token_id])
     assert not batch["finished"].all() and batch["finished"].any()
     no_autocast = torch.autocast("cpu", enabled=False)
     with torch.no_grad():

@@ -52,7 +52,7 @@ def test_score_reads_the_last_real_token_with_either_padding(toy_rm):
 def test_concatenated_forward_equals_separate_forwards(toy_rm):
     model, tok = toy_rm
     rows = [json.loads(line) for line in open(TOY / "data" / "prefs" / "test.jsonl")][:6]
-    pairs = rm.build_pairs(rows, tok, 1024)
+    pairs = rm.build_pairs(rows, tok, 1024, [tok.eos_token_id])
     batch = rm.collate_pairs(pairs, tok.pad_token_id)
     with torch.no_grad():
         together = rm.score(model, **batch)
@@ -68,12 +68,12 @@ def test_formats_string_conversational_and_implicit_prompt(toy_rm):
             "rejected": [{"role": "assistant", "content": "It was bad."}]}
     implicit = {"chosen": conv["prompt"] + conv["chosen"], "rejected": conv["prompt"] + conv["rejected"]}
     string = {"prompt": "How was the cake?", "chosen": " It was good.", "rejected": " It was bad."}
-    a, b, c = (rm.build_pairs([row], tok, 1024)[0] for row in (conv, implicit, string))
+    a, b, c = (rm.build_pairs([row], tok, 1024, [tok.eos_token_id])[0] for row in (conv, implicit, string))
     assert a == b
     assert tok.decode(a["chosen"]) == ("<|bos|><|user|>How was the cake?<|end|>"
                                        "<|assistant|>It was good.<|end|>")
     assert tok.decode(c["rejected"]) == "How was the cake? It was bad.<|end|>"
-    assert rm.build_pairs([conv], tok, 10) == []  # too long: skipped, never truncated
+    assert rm.build_pairs([conv], tok, 10, [tok.eos_token_id]) == []  # too long: skipped, never truncated
 
 
 def test_missing_columns_fail_clearly(tmp_path):
@@ -104,7 +104,7 @@ def test_committed_reward_model_ranks_and_tracks_gold(toy_rm, sft_samples):
     model, tok = toy_rm
     bayes = json.load(open(TOY / "data" / "stats.json"))["prefs/test"]["bayes_accuracy"]
     pairs = rm.build_pairs([json.loads(line) for line in open(TOY / "data" / "prefs" / "test.jsonl")],
-                           tok, 1024)
+                           tok, 1024, [tok.eos_token_id])
     metrics = rm.evaluate(model, pairs, 128, tok.pad_token_id, torch.device("cpu"),
                           torch.autocast("cpu", enabled=False))
     assert metrics["eval/accuracy"] > bayes - 0.05

@@ -45,19 +45,20 @@ def test_tokenize_conversation(toy_tokenizer):
     tok = toy_tokenizer
     prompt = [{"role": "user", "content": "How was the cake?"}]
     prompt_ids, completion_ids = sft.tokenize_example(
-        tok, prompt, [{"role": "assistant", "content": "It was good."}], 1024, check=True)
+        tok, prompt, [{"role": "assistant", "content": "It was good."}], 1024, [tok.eos_token_id], check=True)
     assert tok.convert_ids_to_tokens(prompt_ids)[-1] == "<|assistant|>"
     assert tok.decode(completion_ids) == "It was good.<|end|>"
     full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": "It was good."}],
                                    return_dict=False)
     assert prompt_ids + completion_ids == full
     _, cut = sft.tokenize_example(tok, prompt, [{"role": "assistant", "content": "It was good."}],
-                                  len(prompt_ids) + 2)
+                                  len(prompt_ids) + 2, [tok.eos_token_id])
     assert len(cut) == 2
 
 
 def test_tokenize_strings_appends_eos(toy_tokenizer):
-    prompt_ids, completion_ids = sft.tokenize_example(toy_tokenizer, "How was the cake?", " Good.", 1024)
+    prompt_ids, completion_ids = sft.tokenize_example(toy_tokenizer, "How was the cake?", " Good.", 1024,
+                                                      [toy_tokenizer.eos_token_id])
     assert completion_ids[-1] == toy_tokenizer.eos_token_id
     assert toy_tokenizer.decode(prompt_ids + completion_ids) == "How was the cake? Good.<|end|>"
 

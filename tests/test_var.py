@@ -103,13 +103,13 @@ def test_appendix_d_tabular_policy_converges_to_the_rlhf_optimum():
 def test_groups_keep_a_pairs_responses_together():
     tok = var.load_tokenizer(str(TOY / "sft"), False)
     data = var.load_split(str(TOY / "data" / "prefs"), "test[:20]", [("chosen", "rejected")])
-    units = var.build_units(data, tok, "both", 1024)
+    units = var.build_units(data, tok, "both", 1024, [tok.eos_token_id])
     groups = var.make_groups(units, 8, seed=0)
     assert len(groups) == 5 and all(len(g) == 8 for g in groups)
     for group in groups:
         for k in range(0, 8, 2):  # chosen then rejected of one row, same prompt
             assert group[k][0] == group[k + 1][0] and group[k][1] != group[k + 1][1]
-    assert len(var.build_units(data, tok, "chosen", 1024)[0]) == 1
+    assert len(var.build_units(data, tok, "chosen", 1024, [tok.eos_token_id])[0]) == 1
 
 
 def test_group_weights_match_separately_computed_matrices():
@@ -117,7 +117,7 @@ def test_group_weights_match_separately_computed_matrices():
 
     tok = var.load_tokenizer(str(TOY / "sft"), False)
     data = var.load_split(str(TOY / "data" / "prefs"), "test[:2]", [("chosen", "rejected")])
-    group = var.make_groups(var.build_units(data, tok, "both", 1024), 4, seed=0)[0]
+    group = var.make_groups(var.build_units(data, tok, "both", 1024, [tok.eos_token_id]), 4, seed=0)[0]
     ref = var.load_model(str(TOY / "sft"), False).eval()
     rm = AutoModelForSequenceClassification.from_pretrained(TOY / "rm").eval()
     no_autocast = torch.autocast("cpu", enabled=False)
