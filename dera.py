@@ -18,7 +18,9 @@ weight-combining variant of Appendix D.5: one model with parameters lam theta_al
 
 Each lambda is evaluated on the dev prompts: reward-model score, the sequence KL to the reference
 (mean over samples of log pi_hat(y|x) - log pi_ref(y|x), both from logits / temperature, accumulated
-while decoding; unbiased without top-k / top-p, the defaults), response length and EOS rate.
+while decoding; unbiased without top-k / top-p, the defaults), response length and EOS rate. A response
+ends at its first stop id (the tokenizer's EOS or any `eos_token_id` of the generation config) and is
+scored at that token, where the reward model was trained to read it.
 
     python dera.py                                    # the toy: toy/sft + toy/dpo, lambdas 0 0.5 1 2
     python dera.py --ref HuggingFaceH4/mistral-7b-sft-beta --aligned HuggingFaceH4/zephyr-7b-beta \
@@ -148,6 +150,7 @@ def dera_generate(ref, aligned, input_ids: torch.Tensor, attention_mask: torch.T
         logits.append(out.logits[:, -1].float())
     next_position = positions[:, -1:] + 1  # (B, 1)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
     tokens, realigned_logprobs, ref_logprobs = [], [], []
     for _ in range(max_new_tokens):
         h = realigned_logits(logits[0], logits[1:], lam)  # (B, V), Eq. 9
@@ -158,7 +161,7 @@ def dera_generate(ref, aligned, input_ids: torch.Tensor, attention_mask: torch.T
         for store, hh in ((realigned_logprobs, h), (ref_logprobs, logits[0])):
             logprobs = torch.log_softmax(hh / scale, -1)
             store.append(logprobs.gather(-1, token[:, None]).squeeze(-1).masked_fill(finished, 0.0))
-        finished = finished | torch.isin(token, torch.tensor(list(stop_ids), device=token.device))
+        finished = finished | torch.isin(token, stops)
         if finished.all():
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)],
@@ -340,7 +343,8 @@ def check_compatible(ref, aligned: list, names: list, mode: str) -> None:
 # Evaluation
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def decode_all(ref, aligned: list, lam: list, prompts: list, tokenizer, args, device, stop_ids: list) -> tuple:
+def decode_all(ref, aligned: list, lam: list, prompts: list, tokenizer, args, device,
+               stop_ids: list) -> tuple:
     """Decodes every prompt; returns the samples as (prompt_ids, response_ids, finished) with their
     per-sequence log-ratio log pi_hat(y|x) - log pi_ref(y|x), and the generated tokens per second."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -471,7 +475,8 @@ def main(args: Args) -> dict:
     rows, all_samples, speeds = [], [], []
     for lam in rows_lam:
         if args.mode == "logits":
-            samples, logratios, speed = decode_all(ref, aligned, lam, prompts, tokenizer, args, device, stop_ids)
+            samples, logratios, speed = decode_all(ref, aligned, lam, prompts, tokenizer, args, device,
+                                                   stop_ids)
             speeds.append(speed)
         else:  # the combined model at lambda 1 samples exactly itself; the reference runs alongside only
             # to give log pi_ref for the KL (deployed alone, it costs one model's decoding)

@@ -20,6 +20,12 @@ The reference log-probs are computed once over the dataset before training (defa
 reference model's memory during training; `--no-precompute_ref` computes them per batch instead (same
 numbers). Chosen and rejected run in one concatenated forward pass.
 
+Real checkpoints: dropout is off in the policy by default (`--dropout` keeps it), so that before the
+first update the policy is the reference and the implicit rewards are exactly 0. A response ends at
+its first stop token (the tokenizer's EOS or any `eos_token_id` of the checkpoint's generation
+config); the end-of-run samples are drawn from softmax(logits / T) with a generation config built
+from the arguments (never the checkpoint's sampling settings), and scored at that stop token.
+
     python dpo.py                                           # the toy: toy/sft -> an aligned policy
     python dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/ultrafeedback_binarized \
         --learning_rate 5e-7 --batch_size 8 --reward_model none
@@ -665,7 +671,8 @@ def main(args: Args) -> dict:
         if ref_model is None:  # freed for training
             ref_model = load_model(ref_name, args.trust_remote_code).to(device).eval()
         if reward_model is None:
-            reward_model = load_scalar_model(args.reward_model, pad_id, args.trust_remote_code).to(device).eval()
+            reward_model = load_scalar_model(args.reward_model, pad_id, args.trust_remote_code)
+            reward_model = reward_model.to(device).eval()
         with torch.random.fork_rng():  # training's random state is left as it was
             torch.manual_seed(args.seed)
             metrics, samples = evaluate_samples(policy.eval(), ref_model, reward_model, tokenizer, prompts,

@@ -13,7 +13,8 @@ with the highest mean reward. The table also reports the sequence KL to the alig
 which show how far each alpha moves the policy: a reward model can be gamed, and the alpha it prefers may
 be past the point where the responses stay well-formed (on the toy, read the grammaticality of
 samples.jsonl). The paper samples at temperature 0.7, top-k 40, top-p 0.9; here the samples are pure
-(temperature 1 by default), so the KL estimate is unbiased.
+(temperature 1 by default, and never the checkpoint's own sampling settings), so the KL estimate is
+unbiased. Responses end at their first stop id and are scored at it.
 
 Every floating tensor is extrapolated (embeddings, norms and lm_head too, as the authors do), integer
 tensors are copied; a tensor identical in both models comes out unchanged at any alpha. The authors load

@@ -18,6 +18,15 @@ per minibatch from the current models; with the default one minibatch per batch 
 *is* the rollout policy. Fixed beta, no reward normalisation or whitening, advantage whitening
 (Table 10). Log-probs are computed from logits / temperature, the distribution the rollout sampled.
 
+Real checkpoints: the rollout samples exactly softmax(logits / T) (a complete generation config built
+from the arguments; the checkpoint's own sampling settings, such as a repetition penalty, are never
+inherited), so the ratio and the KL describe the sampler. A response ends at its first stop id (the
+tokenizer's EOS or any `eos_token_id` of the generation config): the EOS trick penalises only responses
+that never stopped, and the tokens after a stop are padding in every mask, length and KL. The score
+is read at the stop token, the position the reward model was trained on. Dropout is off in the policy
+and value model (`--dropout` keeps it for the update), and the "old" log-probs, values and reference
+log-probs are computed in eval mode, so the first minibatch starts on-policy (ratio 1).
+
     python ppo.py                                          # the toy: toy/sft aligned against toy/rm
     python ppo.py --model my-sft --reward_model my-rm --prompts my-prompts --learning_rate 1e-6
 """
@@ -372,8 +381,8 @@ def rollout(policy, tokenizer, prompts: list, args, device, stop_ids: list) -> d
     is_stop = torch.isin(response, torch.tensor(stop_ids, device=response.device))
     after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0  # strictly after the first stop token
     return {"query": batch["input_ids"], "query_mask": batch["attention_mask"],
-            "response": response.masked_fill(after_stop, tokenizer.pad_token_id), "mask": (~after_stop).long(),
-            "finished": is_stop.any(1)}
+            "response": response.masked_fill(after_stop, tokenizer.pad_token_id),
+            "mask": (~after_stop).long(), "finished": is_stop.any(1)}
 
 
 def full_inputs(mb: dict) -> dict:
@@ -410,7 +419,7 @@ def values_and_scores(model, mb: dict, autocast) -> tuple:
     response's last real token: the reward model's score, from the same head. Each (B, R) and (B,)."""
     Q = mb["query"].shape[1]
     out = scalar_head(model, mb, autocast)
-    last = last_token_index(full_inputs(mb)["attention_mask"])  # the stop token, or the last of a cut response
+    last = last_token_index(full_inputs(mb)["attention_mask"])  # the stop token (or a cut response's last)
     return out[:, Q - 1 : -1], out[torch.arange(out.shape[0]), last]
 
 

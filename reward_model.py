@@ -10,9 +10,14 @@ The head starts at std 1/sqrt(hidden_size + 1), as in summarize_from_feedback_de
 Chosen and rejected run in one concatenated forward pass. Recipe (Tulu 2.5 App. F): one epoch, lr
 warmed up over the first 3% of steps, then decayed linearly to a tenth of its peak.
 
-The saved config carries `pad_token_id`, so every AutoModelForSequenceClassification user reads the
-score at the same token this script trains (transformers reads the rightmost non-pad token; with no
-pad_token_id it refuses batches, or, as in trl#937, reads the wrong position).
+The score is read at one position everywhere in this project: the last attended token of prompt +
+response, which is the response's first stop token (`<|im_end|>` in ChatML), exactly as the policy
+emits it. Template text after the end-of-turn token (ChatML's newline) is not part of a response, so
+it is not trained on. The index comes from the attention mask, not from `pad_token_id`: transformers'
+own pooling reads the last token that is not pad, which with pad == eos (common in chat checkpoints)
+is the token before the EOS (and with no pad_token_id it refuses batches, or, as in trl#937, reads
+the wrong position). The saved config still carries `pad_token_id` for other readers. Dropout in the
+checkpoint's config stays on while training, as in SFT: there is no reference distribution to match.
 
     python reward_model.py                                   # the toy: toy/sft -> a reward model
     python reward_model.py --model Qwen/Qwen2.5-0.5B-Instruct \

@@ -10,7 +10,9 @@ response, everything before it the prompt, formatted by the tokenizer's chat tem
 `prompt` + `completion` (strings, used as they are, or message lists through the template).
 
 A model directory with a config but no weights (like `toy/base`) starts from random weights: that is
-how the toy's pi_sft is trained from scratch.
+how the toy's pi_sft is trained from scratch. A response ends at its first stop token, as the model
+will generate it (template text after the end-of-turn token is not trained on); dropout in the
+checkpoint's config stays on, as in ordinary fine-tuning.
 
     python sft.py                                            # the toy: trains toy/base from scratch
     python sft.py --model Qwen/Qwen2.5-0.5B --dataset HuggingFaceH4/ultrachat_200k \
@@ -257,8 +259,8 @@ def build_examples(data, tokenizer, max_length: int, stop_ids: list) -> list:
     """Token ids and the response mask of every row; rows whose prompt fills max_length are skipped."""
     examples, skipped = [], 0
     for i, row in enumerate(data):
-        prompt_ids, completion_ids = tokenize_example(tokenizer, *prompt_and_completion(row), max_length, stop_ids,
-                                                      check=(i == 0))
+        prompt_ids, completion_ids = tokenize_example(tokenizer, *prompt_and_completion(row), max_length,
+                                                      stop_ids, check=(i == 0))
         if not completion_ids:
             skipped += 1
             continue
@@ -346,7 +348,8 @@ def sample(model, tokenizer, prompts: list, max_new_tokens: int, temperature: fl
     batch = tokenizer(texts, return_tensors="pt", padding=True,
                       add_special_tokens=not isinstance(prompts[0], list)).to(device)
     model.eval()
-    out = generate(model, batch, sampling_config(temperature, max_new_tokens, tokenizer.pad_token_id, stop_ids))
+    config = sampling_config(temperature, max_new_tokens, tokenizer.pad_token_id, stop_ids)
+    out = generate(model, batch, config)
     model.train()
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 

@@ -27,6 +27,10 @@ and summed log-probs of two responses differ by many nats, so unless beta is sma
 the reference's probability (short, common responses) more than the reward. On the toy's pairs the
 larger weight goes to the higher-reward response 89% of the time at beta 0.1, 75% at 0.25, 61% at 1.
 
+Real checkpoints, as in dpo.py: dropout off in the policy unless `--dropout`, responses cut after their
+first stop token, rewards read at it, samples drawn from softmax(logits / T) whatever the checkpoint's
+generation config says.
+
 Batches are fixed groups, formed once, so the B x B reference log-probs and rewards (B^2 frozen
 forward passes per batch) are computed once before training, whatever the number of epochs. With
 `--responses both` a pair's chosen and rejected responses sit in the same group: each prompt then has
@@ -77,8 +81,8 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% slower"""
     dropout: bool = False
-    """keep the checkpoint's dropout while training (default: off, so that the policy in train mode is
-    the model the reference log-probs describe and the first implicit rewards are exactly 0)"""
+    """keep the checkpoint's dropout while training (default: off, as in DPO and PPO: the weights were
+    computed for the policy that the reference describes, not for a random sub-network of it)"""
 
     # method
     beta: float = 0.1

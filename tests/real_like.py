@@ -26,8 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 EOS, SECOND_STOP, BOS, PAD = 2, 3, 1, 0
-TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] "
-            "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+            "{{ '<|' + message['role'] + '|>' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 GENERATION_CONFIG = {"do_sample": True, "temperature": 0.3, "top_k": 5, "top_p": 0.5,
                      "repetition_penalty": 1.3, "eos_token_id": [EOS, SECOND_STOP], "max_new_tokens": 7,
                      "bos_token_id": BOS}
@@ -39,11 +40,10 @@ def dress(src: Path, dst: Path, pad: str) -> None:
         text = (dst / name).read_text().replace('"<|end|>"', '"<|im_end|>"')
         (dst / name).write_text(text.replace('"<|system|>"', '"<|endoftext|>"'))
     tokenizer = json.loads((dst / "tokenizer.json").read_text())
+    bos, a, b = ({"SpecialToken": {"id": "<|bos|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 1}})
     tokenizer["post_processor"] = {
-        "type": "TemplateProcessing",
-        "single": [{"SpecialToken": {"id": "<|bos|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"SpecialToken": {"id": "<|bos|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "type": "TemplateProcessing", "single": [bos, a], "pair": [bos, a, b],
         "special_tokens": {"<|bos|>": {"id": "<|bos|>", "ids": [BOS], "tokens": ["<|bos|>"]}}}
     (dst / "tokenizer.json").write_text(json.dumps(tokenizer, indent=1))
     tokenizer_config = json.loads((dst / "tokenizer_config.json").read_text())

@@ -54,8 +54,8 @@ def test_one_scoring_position_in_training_ppo_and_evaluation(tier, pad):
         long_ids = tok(ppo.format_prompt(tok, LONG_PROMPT), add_special_tokens=False)["input_ids"]
         response = seq[len(prompt_ids):]
         Q, R = len(long_ids), len(response) + 3
-        mb = {"query": torch.full((2, Q), tok.pad_token_id), "query_mask": torch.zeros(2, Q, dtype=torch.long),
-              "response": torch.full((2, R), tok.pad_token_id), "mask": torch.zeros(2, R, dtype=torch.long)}
+        mb = {"query": torch.full((2, Q), tok.pad_token_id), "response": torch.full((2, R), tok.pad_token_id),
+              "query_mask": torch.zeros(2, Q, dtype=torch.long), "mask": torch.zeros(2, R, dtype=torch.long)}
         for i, (q, r) in enumerate([(prompt_ids, response), (long_ids, response[:2])]):
             mb["query"][i, Q - len(q):], mb["query_mask"][i, Q - len(q):] = torch.tensor(q), 1
             mb["response"][i, : len(r)], mb["mask"][i, : len(r)] = torch.tensor(r), 1
@@ -122,7 +122,8 @@ def test_sampling_is_exactly_softmax_of_logits_over_temperature(tier):
     is_stop = torch.isin(response, torch.tensor(stops))
     mask = ((is_stop.cumsum(1) - is_stop.long()) == 0).long()
     sampler = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, response[..., None]).squeeze(-1)
-    mb = {"query": batch["input_ids"], "query_mask": batch["attention_mask"], "response": response, "mask": mask}
+    mb = {"query": batch["input_ids"], "query_mask": batch["attention_mask"], "response": response,
+          "mask": mask}
     with torch.no_grad():
         recomputed, _ = ppo.policy_logprobs(model, mb, 0.7, NO_AUTOCAST)
     assert ((sampler - recomputed).abs() * mask).max() < 1e-4
@@ -172,8 +173,9 @@ def test_every_stop_id_ends_a_response(tier, pad):
     assert (rewards.argmax(1) == batch["mask"].sum(1) - 1).all()  # the score sits on the stop token
 
     torch.manual_seed(0)
+    dera_args = dera.Args(max_new_tokens=48)
     for samples in (dpo.sample_responses(policy, tok, prompts, 48, 1.0, 16, CPU, stops),
-                    dera.decode_all(policy, [], [], prompts, tok, dera.Args(max_new_tokens=48), CPU, stops)[0]):
+                    dera.decode_all(policy, [], [], prompts, tok, dera_args, CPU, stops)[0]):
         for prompt_ids, response, finished in samples:
             assert prompt_ids.count(BOS) == 1
             stop_at = [t for t, x in enumerate(response) if x in stops]
@@ -207,3 +209,16 @@ def test_ppo_first_minibatch_is_on_policy_on_the_tier(tier, tmp_path):
     first = json.loads(open(tmp_path / "ppo" / "metrics.jsonl").readline())
     assert first["ppo/approx_kl"] < 1e-9 and first["ppo/clipfrac"] == 0, first
     assert first["val/eos_rate"] > 0.9 and first["objective/score"] > ppo.Args().missing_eos_penalty / 2
+
+
+@pytest.mark.parametrize("script", [dpo, var, ppo])
+def test_disable_dropout_reaches_the_attention_rate(tier, script):
+    """Trap: Llama's and Qwen2's attention keep their dropout rate as a float, out of nn.Dropout's reach."""
+    model = script.load_model(tier["eos"]["sft"], False).train()
+    ids = torch.tensor([[BOS, 4, 407, 270, 19, EOS]])
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, model(ids).logits)  # armed: dropout in train mode
+        script.disable_dropout(model)
+        train_mode = model(ids).logits
+        assert torch.equal(train_mode, model(ids).logits)
+        assert torch.allclose(train_mode, model.eval()(ids).logits, atol=1e-6)
