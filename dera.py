@@ -320,6 +320,7 @@ def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dty
     except OSError as e:
         raise SystemExit(f"error: could not load reward model '{name}' (offline, or a wrong name?): {e}")
     if model.config.pad_token_id is None:
+        print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
         model.config.pad_token_id = pad_token_id
     return model
 
