@@ -1,40 +1,46 @@
 """VAR: variational alignment with re-weighting, RLHF as a reward-weighted SFT (Du et al., 2025).
 
-The paper's premises: RLHF's optimum is pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x) (their
-Eq. 3); VAR minimises the forward KL(pi* || pi_theta), which up to a constant is the weighted SFT loss
+From the paper: RLHF's optimum is pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x) (Eq. 3). VAR fits
+pi_theta to it by minimising the forward KL(pi* || pi_theta) (Eq. 11-13), which up to a constant is
+- E_x E_{pi*} log pi_theta(y|x); importance sampling with the offline data in place of pi* (Eq. 14-15)
+turns that into a weighted SFT with positive weights exp(r(x, y) / beta) / Z(x), bounded below
+(Theorem B.1). Z(x) is estimated inside each mini-batch by "cross-context importance sampling" (Sec.
+3.3): the batch's other responses serve as samples for prompt x_i, and Algorithm 1 builds each prompt's
+normaliser from exponentiated rewards alone ("for j: compute the exponent of reward for the pair
+(x_i, y_j); add it to Z_i"). The paper's text lost its equations, so the exact formulas are a
+reconstruction from that prose (shared/notes/var.md). For a batch {(x_i, y_i)}, i = 1..B, without
+gradient (the default, `--normalizer reward`):
 
-    - E_x sum_y pi*(y|x) log pi_theta(y|x)                          (positive weights: Theorem B.1)
+    R[i, j] = r(x_i, y_j) / beta                                     every prompt with every response
+    w_i     = B softmax_j(R[i, :])[i]  =  e^{r(x_i, y_i)/beta} / mean_j e^{r(x_i, y_j)/beta}    (Alg. 1)
+    L_VAR   = - (1/B) sum_i w_i log pi_theta(y_i | x_i)               (Eq. 21; log-probs summed over tokens)
 
-on offline (prompt, response) pairs scored by a frozen reward model, with Z(x) estimated inside each
-mini-batch by "cross-context importance sampling": the other prompts' responses serve as samples, "as
-if drawn from a uniform distribution instead of pi_ref" (Sec. 3.3; batch size 8, Algorithm 1).
+Why this reading: when the offline responses look like samples of pi_ref (responses of the SFT model or
+one like it, the usual case), mean_j e^{r(x_i, y_j)/beta} estimates Z(x_i) = E_{pi_ref} e^{r/beta}, and
+the minimiser of L_VAR for each prompt is pi_ref e^{r/beta} / Z = pi* (Appendix D; tested on a tabular
+problem with batches sampled from pi_ref). The estimator's assumption is that the other prompts'
+responses stand in for samples of pi_ref(. | x_i): per prompt the minimiser is still pi*, but how much
+each prompt weighs against the others depends on how much responses depend on their prompt. The weights
+have mean 1 when a response's reward does not depend on which prompt it answers, and more when a
+response scores best for its own prompt (on toy batches of B = 8, mean 1.5 at beta 1).
 
-The paper's text lost every equation, so the exact estimator below is a RECONSTRUCTION from those
-premises (shared/notes/var.md), not a transcription. For a batch {(x_i, y_i)}, i = 1..B, without
-gradient:
-
-    S[i, j] = log pi_ref(y_j | x_i) + r(x_i, y_j) / beta                  every prompt with every response
-    w_i     = exp(S[i, i] - logsumexp_j S[i, j])                          = pi_ref e^{r/beta} / Z_hat(x_i)
-    L_VAR   = - (1/B) sum_i w_i log pi_theta(y_i | x_i)                   (log-probs summed over the response)
-
-The uniform proposal's density cancels in the self-normalised estimate; with a batch holding every
-response, w_i = pi*(y_i|x_i) exactly and the minimiser is pi* (the paper's Appendix D). `--normalizer
-batch` is the cheaper alternative reading: w_i = B softmax_i(r(x_i, y_i) / beta), one normaliser per
-batch from the rewards alone (no reference model, the cost of SFT), not the paper's estimator.
-
-A caution the toy makes measurable: the uniform-proposal reading keeps pi_ref(y_i|x_i) in the weight,
-and summed log-probs of two responses differ by many nats, so unless beta is small the weights follow
-the reference's probability (short, common responses) more than the reward. On the toy's pairs the
-larger weight goes to the higher-reward response 89% of the time at beta 0.1, 75% at 0.25, 61% at 1.
+Two alternatives, each one switch:
+- `--normalizer ref`, the earlier reconstruction: w_i = B softmax_j(log pi_ref(y_j|x_i) + R[i, j])[i],
+  which is B pi*(y_i|x_i) when a batch holds every response, but counts pi_ref twice when the responses
+  are samples of pi_ref (it converges to pi_ref^2 e^{r/beta}); it also needs B^2 reference passes;
+- `--normalizer batch`: w_i = B softmax_i(r(x_i, y_i) / beta), one normaliser per batch from each
+  row's own reward (mean exactly 1; the cost of SFT), which ignores which prompt a response answers.
 
 Real checkpoints, as in dpo.py: dropout off in the policy unless `--dropout`, responses cut after their
 first stop token, rewards read at it, samples drawn from softmax(logits / T) whatever the checkpoint's
 generation config says.
 
-Batches are fixed groups, formed once, so the B x B reference log-probs and rewards (B^2 frozen
-forward passes per batch) are computed once before training, whatever the number of epochs. With
-`--responses both` a pair's chosen and rejected responses sit in the same group: each prompt then has
-a same-prompt alternative in its row, which is where the estimator's comparison comes from.
+Batches are fixed groups of whole rows, formed once, so the B x B rewards (B^2 frozen reward-model
+passes per batch, in micro-batches of `--score_batch_size` sequences sorted by length) are computed
+once before training, whatever the number of epochs. With `--responses both` a pair's chosen and
+rejected responses always sit in the same group (the batch size must then be even): each prompt has a
+same-prompt alternative in its row. The reference model is the initialisation and the KL anchor of the
+evaluation, not a term of the default loss.
 
     python var.py                                           # the toy: toy/sft -> aligned with toy/rm
     python var.py --model Qwen/Qwen2.5-0.5B-Instruct --reward_model my-rm \
@@ -87,8 +93,11 @@ class Args:
     # method
     beta: float = 0.1
     """temperature of pi* = pi_ref exp(r / beta) / Z (the paper's lambda); smaller: greedier weights"""
-    normalizer: Literal["cross", "batch"] = "cross"
-    """cross: the cross-context estimator of Z(x) (the reconstruction); batch: B softmax(r / beta)"""
+    normalizer: Literal["reward", "ref", "batch"] = "reward"
+    """reward: Z(x_i) from the rewards of every response in the batch (Algorithm 1); ref: the same with
+    pi_ref(y_j|x_i) in each term (counts pi_ref twice on pi_ref-like data); batch: B softmax_i(r_i / beta)"""
+    score_batch_size: int = 64
+    """sequences per forward pass of the frozen B x B scoring (memory is bounded by this, not by B^2)"""
 
     # optimisation (the paper: batch 8, AdamW, cosine schedule, lr 1e-5 or 5e-6, 2 epochs)
     num_epochs: int = 2
@@ -145,19 +154,25 @@ class Args:
 # ---------------------------------------------------------------------------------------------------
 # The method's maths
 # ---------------------------------------------------------------------------------------------------
-def var_weights(ref_logps: torch.Tensor, rewards: torch.Tensor, beta: float,
-                normalizer: str = "cross") -> torch.Tensor:
-    """The weight of each example (x_i, y_i) of a batch, in fp32 log space.
+def var_weights(rewards: torch.Tensor, beta: float, normalizer: str = "reward",
+                ref_logps: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The weight of each example (x_i, y_i) of a batch, in fp32 log space; all three are O(1).
 
-    ref_logps, rewards: (B, B), [i, j] = log pi_ref(y_j | x_i) and r(x_i, y_j). Returns (B,).
-    cross: w_i = softmax_j(S[i, :])[i] with S = ref_logps + rewards / beta, in [0, 1];
-    batch: w_i = B softmax_i(r(x_i, y_i) / beta), read from the diagonal of `rewards` only."""
-    if normalizer == "cross":
-        scores = ref_logps.float() + rewards.float() / beta  # S[i, j]: pi_ref(y_j|x_i) e^{r(x_i, y_j)/beta}
-        return torch.exp(scores.diagonal() - torch.logsumexp(scores, dim=1))  # pi_ref e^{r/beta} / Z_hat(x_i)
+    rewards: (B, B), rewards[i, j] = r(x_i, y_j); ref_logps: (B, B), log pi_ref(y_j | x_i), for "ref"
+    only. Returns (B,).
+    reward: w_i = B softmax_j(r(x_i, y_j) / beta)[i], in [0, B]; mean 1 when rewards do not depend on
+            the prompt, above 1 when each response scores best for its own prompt;
+    ref:    w_i = B softmax_j(log pi_ref(y_j|x_i) + r(x_i, y_j) / beta)[i], in [0, B];
+    batch:  w_i = B softmax_i(r(x_i, y_i) / beta), the diagonal only; mean exactly 1."""
+    scaled = rewards.float() / beta
+    B = scaled.shape[0]
+    if normalizer == "reward":  # Algorithm 1: Z_i = sum_j e^{r(x_i,y_j)/beta}; Eq. 14-15: w = e^{r/beta} / Z
+        return B * torch.softmax(scaled, dim=1).diagonal()
+    if normalizer == "ref":  # S[i, j]: pi_ref(y_j|x_i) e^{r(x_i, y_j)/beta}, in log space
+        scores = ref_logps.float() + scaled
+        return B * torch.exp(scores.diagonal() - torch.logsumexp(scores, dim=1))
     if normalizer == "batch":
-        diag = rewards.float().diagonal() / beta
-        return diag.shape[0] * torch.softmax(diag, dim=0)
+        return B * torch.softmax(scaled.diagonal(), dim=0)
     raise ValueError(f"unknown normalizer {normalizer!r}")
 
 
@@ -350,8 +365,13 @@ def build_units(data, tokenizer, responses: str, max_length: int, stop_ids: list
 
 
 def make_groups(units: list, batch_size: int, seed: int) -> list:
-    """Shuffles the rows once, then cuts their examples into fixed groups of `batch_size` (the last,
-    smaller group is dropped so every Z(x) is estimated from B responses)."""
+    """Shuffles the rows once, then packs whole rows into fixed groups of `batch_size` examples: a
+    preference row's two responses always share a group, so the batch size must be a multiple of the
+    examples per row. The last, smaller group is dropped so every Z(x) is estimated from B responses."""
+    per_row = len(units[0]) if units else 1
+    if batch_size % per_row:
+        raise SystemExit(f"error: --batch_size {batch_size} would split a row's {per_row} responses between "
+                         f"groups; use a multiple of {per_row} (or --responses chosen)")
     order = torch.randperm(len(units), generator=torch.Generator().manual_seed(seed)).tolist()
     examples = [ex for i in order for ex in units[i]]
     return [examples[i : i + batch_size] for i in range(0, len(examples) - batch_size + 1, batch_size)]
@@ -395,6 +415,7 @@ def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dty
     except OSError as e:
         raise SystemExit(f"error: could not load reward model '{name}' (offline, or a wrong name?): {e}")
     if model.config.pad_token_id is None:
+        print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
         model.config.pad_token_id = pad_token_id
     return model
 
@@ -421,26 +442,67 @@ def batch_logps(model, batch: dict, autocast, temperature: float = 1.0) -> torch
     return sequence_logps(logits.float() / temperature, batch["labels"])
 
 
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last attended token, with left or right padding. (B, T) -> (B,)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(1)
+
+
+def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reward of each sequence: the score head at its last attended token, the EOS that ends
+    prompt + response. The index comes from the attention mask, never from pad_token_id:
+    transformers' own pooling reads the last token that is not pad, which with pad == eos (common in
+    chat checkpoints) is the token before the EOS. Positions count from the first attended token, so
+    left and right padding give the same score. input_ids, attention_mask: (B, T). Returns (B,), fp32."""
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=positions).last_hidden_state
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    return model.score(last).squeeze(-1).float()
+
+
+def chunked_logps(model, batch: dict, autocast, chunk: int = 128) -> torch.Tensor:
+    """batch_logps computed as gather minus logsumexp, `chunk` positions at a time in fp32, so that no
+    fp32 log-softmax over the whole (B, T, V) block is ever held (at V = 152k it dwarfs the model).
+    Returns (B,)."""
+    with autocast:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]  # position t predicts token t + 1
+    total = torch.zeros(labels.shape[0], device=logits.device)
+    for t in range(0, labels.shape[1], chunk):
+        part, target = logits[:, t : t + chunk].float(), labels[:, t : t + chunk]
+        token_logps = part.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1) - part.logsumexp(-1)
+        total += (token_logps * (target != -100)).sum(1)
+    return total
+
+
 @torch.no_grad()
-def group_weights(group: list, ref_model, reward_model, args, pad_id: int, device, autocast) -> torch.Tensor:
-    """The frozen work of one group: the B x B reference log-probs and rewards (only the diagonal's
-    rewards for the batch normaliser), then var_weights. Returns (B,)."""
+def group_weights(group: list, ref_model, reward_model, args, pad_id: int, device, autocast) -> tuple:
+    """The frozen work of one group: rewards[i, j] = r(x_i, y_j) for every prompt with every response
+    (the diagonal only for the batch normaliser; log pi_ref(y_j | x_i) too for "ref"), then
+    var_weights. The sequences go through the models args.score_batch_size at a time, sorted by
+    length so that a micro-batch pads little. Returns (weights (B,), the diagonal's rewards (B,))."""
     B = len(group)
-    if args.normalizer == "cross":
-        pairs = [(i, j) for i in range(B) for j in range(B)]  # prompt i with response j
-    else:
+    if args.normalizer == "batch":
         pairs = [(i, i) for i in range(B)]
-    seqs = [(group[i][0], group[j][1], True) for i, j in pairs]
-    batch = {k: v.to(device) for k, v in collate_sequences(seqs, pad_id).items()}
-    # entries the batch normaliser never reads stay NaN, so a misuse cannot go unnoticed
+    else:
+        pairs = [(i, j) for i in range(B) for j in range(B)]  # prompt i with response j
+    pairs.sort(key=lambda ij: len(group[ij[0]][0]) + len(group[ij[1]][1]))
+    # entries a normaliser never reads stay NaN, so a misuse cannot go unnoticed
     ref_logps = torch.full((B, B), float("nan"), device=device)
     rewards = torch.full((B, B), float("nan"), device=device)
-    index = tuple(torch.tensor(ix, device=device) for ix in zip(*pairs))
-    with autocast:
-        rewards[index] = score(reward_model, batch["input_ids"], batch["attention_mask"])
-    if args.normalizer == "cross":
-        ref_logps[index] = batch_logps(ref_model, batch, autocast)
-    return var_weights(ref_logps, rewards, args.beta, args.normalizer), rewards.diagonal()
+    for k in range(0, len(pairs), args.score_batch_size):
+        chunk = pairs[k : k + args.score_batch_size]
+        seqs = [(group[i][0], group[j][1], True) for i, j in chunk]
+        batch = {key: v.to(device) for key, v in collate_sequences(seqs, pad_id).items()}
+        index = tuple(torch.tensor(ix, device=device) for ix in zip(*chunk))
+        with autocast:
+            rewards[index] = score(reward_model, batch["input_ids"], batch["attention_mask"])
+        if args.normalizer == "ref":
+            ref_logps[index] = chunked_logps(ref_model, batch, autocast)
+    return (var_weights(rewards, args.beta, args.normalizer, ref_logps if args.normalizer == "ref" else None),
+            rewards.diagonal())
 
 
 def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
@@ -484,26 +546,6 @@ def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, tempe
             results.append((row[mask.bool()].tolist(), generated[: ends[0] + 1] if ends else generated,
                             bool(ends)))
     return results
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last attended token, with left or right padding. (B, T) -> (B,)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask).argmax(1)
-
-
-def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The reward of each sequence: the score head at its last attended token, the EOS that ends
-    prompt + response. The index comes from the attention mask, never from pad_token_id:
-    transformers' own pooling reads the last token that is not pad, which with pad == eos (common in
-    chat checkpoints) is the token before the EOS. Positions count from the first attended token, so
-    left and right padding give the same score. input_ids, attention_mask: (B, T). Returns (B,), fp32."""
-    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=positions).last_hidden_state
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-    return model.score(last).squeeze(-1).float()
 
 
 @torch.no_grad()
@@ -608,7 +650,7 @@ def main(args: Args) -> dict:
     reward_model = load_scalar_model(args.reward_model, pad_id, args.trust_remote_code).to(device).eval()
     create_output_dir(out, args)
 
-    # the frozen work, once per fixed group (B^2 sequences each for the cross-context estimator)
+    # the frozen work, once per fixed group (B^2 reward-model passes each, but for the batch normaliser)
     start = time.time()
     weights, rewards = zip(*[group_weights(g, ref_model, reward_model, args, pad_id, device, autocast)
                              for g in tqdm(groups, desc="weights", leave=False, disable=None)])
