@@ -5,10 +5,10 @@ pi_theta to it by minimising the forward KL(pi* || pi_theta) (Eq. 11-13), which 
 - E_x E_{pi*} log pi_theta(y|x); importance sampling with the offline data in place of pi* (Eq. 14-15)
 turns that into a weighted SFT with positive weights exp(r(x, y) / beta) / Z(x), bounded below
 (Theorem B.1). Z(x) is estimated inside each mini-batch by "cross-context importance sampling" (Sec.
-3.3): the batch's other responses serve as samples for prompt x_i, and Algorithm 1 builds each prompt's
-normaliser from exponentiated rewards alone ("for j: compute the exponent of reward for the pair
-(x_i, y_j); add it to Z_i"). The paper's text lost its equations, so the exact formulas are a
-reconstruction from that prose (shared/notes/var.md). For a batch {(x_i, y_i)}, i = 1..B, without
+3.3, Eq. 16-20): the batch's other responses serve as samples for prompt x_i, and Algorithm 1 builds
+each prompt's normaliser from exponentiated rewards alone ("for j: compute the exponent of reward
+for the pair (x_i, y_j); add it to Z_i"). The paper's text lost its equations, so the exact formulas
+are a reconstruction from that prose (shared/notes/var.md). For a batch {(x_i, y_i)}, i = 1..B, without
 gradient (the default, `--normalizer reward`):
 
     R[i, j] = r(x_i, y_j) / beta                                     every prompt with every response
