@@ -1,3 +1,12 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#     "torch==2.13.0",
+#     "transformers==5.23.0",
+#     "datasets==5.2.0",
+#     "tyro==1.0.17",
+# ]
+# ///
 """Decoding-time realignment (DeRa): change the KL strength of an aligned model without retraining.
 
 Liu et al. (2024), ICML. An aligned model pi_theta(beta), trained from pi_ref with KL strength beta,
@@ -30,8 +39,10 @@ scored at that token, where the reward model was trained to read it.
 import copy
 import json
 import math
+import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +54,14 @@ import tyro
 
 @dataclass
 class Args:
+    """DeRa: sample an aligned model realigned to other KL strengths at decoding time, by mixing its logits
+    with the reference model's (lambda 0: the reference, 1: the aligned model, above 1: a weaker KL than
+    training used); for each lambda, score the samples with a reward model and report the KL to the
+    reference. The defaults sweep the toy's pi_dpo against pi_sft in a minute on a CPU.
+
+    Example: python dera.py --ref HuggingFaceH4/mistral-7b-sft-beta --aligned HuggingFaceH4/zephyr-7b-beta
+    --reward_model none --prompts my_prompts.jsonl --lambdas 0.5 1 2 --temperature 0.7 --top_k 50"""
+
     # models
     ref: str = "toy/sft"
     """hub id or local directory of the reference model pi_ref (usually the SFT model)"""
@@ -69,7 +88,7 @@ class Args:
     max_new_tokens: int = 256
     """length limit of a response"""
     temperature: float = 1.0
-    """sampling temperature applied after mixing (0: greedy); the authors' demo uses 0.7"""
+    """sampling temperature applied after mixing (positive); the authors' demo uses 0.7"""
     top_k: int = 0
     """keep the k most likely tokens after mixing (0: all); the authors' demo uses 50"""
     top_p: float = 1.0
@@ -82,12 +101,38 @@ class Args:
     """where the run goes (default: runs/dera-<time>); must be empty unless --overwrite"""
     overwrite: bool = False
     """replace the contents of an existing, non-empty output_dir"""
+    verbose: bool = False
+    """show transformers' loading reports and progress bars"""
     seed: int = 0
     """seed of the sampling (the same for every lambda, so rows differ only by lambda)"""
     device: str = "auto"
     """cuda, cpu, ... (auto: cuda when available)"""
     dtype: Optional[Literal["float32", "bfloat16"]] = None
     """weights' dtype (logits are mixed in fp32); default bf16 on CUDA, fp32 on CPU"""
+
+
+def check_args(args: Args) -> None:
+    """Every argument checked before anything is loaded or written: one line each, exit code 2."""
+    K = len(args.aligned)
+    problems = [
+        (K == 0, "--aligned is empty; give at least one aligned model"),
+        (K > 0 and (not args.lambdas or len(args.lambdas) % K),
+         f"{len(args.lambdas)} lambdas for {K} aligned models; give {K} per row (one row at least)"),
+        (any(lam < 0 for lam in args.lambdas),
+         f"every lambda must be >= 0 (got {[lam for lam in args.lambdas if lam < 0]}): 0 is the reference, "
+         "1 the aligned model, above 1 a weaker KL than training used"),
+        (args.temperature <= 0, f"--temperature must be positive (got {args.temperature}); this script "
+                                "samples, and its KL estimate needs the sampled distribution"),
+        (args.top_k < 0, f"--top_k must be >= 0 (got {args.top_k}; 0 keeps every token)"),
+        (not 0 < args.top_p <= 1, f"--top_p must be in (0, 1] (got {args.top_p}; 1 keeps every token)"),
+        (args.max_new_tokens < 1, f"--max_new_tokens must be at least 1 (got {args.max_new_tokens})"),
+        (args.batch_size < 1, f"--batch_size must be at least 1 (got {args.batch_size})"),
+        (args.num_prompts is not None and args.num_prompts < 1,
+         f"--num_prompts must be at least 1 (got {args.num_prompts}; leave it out to use all prompts)"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UsageError(message)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,7 +243,8 @@ def combine_weights(ref, aligned: list, lam: list):
 # ---------------------------------------------------------------------------------------------------
 def resolve(path: str) -> str:
     """A relative path that is not under the working directory but is next to this script (the toy
-    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder."""
+    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder; `~` is expanded."""
+    path = os.path.expanduser(path)
     here = Path(__file__).resolve().parent / path
     return str(here) if not Path(path).exists() and here.exists() else path
 
@@ -207,29 +253,98 @@ def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
 
 
+class UsageError(SystemExit):
+    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
+    for a malformed command line (str() gives the message, for code that calls main directly)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = f"error: {message}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def set_verbosity(verbose: bool) -> None:
+    """Unless --verbose, transformers' per-load reports and progress bars are hidden: load_model says
+    what it loaded in one line instead (and refuses what would have been a warning in the report)."""
+    import datasets
+    import transformers
+
+    if not verbose:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
+def locate(name: str, what: str) -> str:
+    """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
+    a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
+    fails at once, instead of after a minute of trying the hub."""
+    path = resolve(name)
+    if Path(path).exists():
+        return path
+    if looks_local(name) or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()):
+        raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
+    return path
+
+
+def load_failure(name: str, what: str, error: Exception) -> SystemExit:
+    """One line for a name that could not be loaded, naming HF_HUB_OFFLINE when that is the reason."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline and not Path(resolve(name)).exists():
+        return SystemExit(f"error: {what} '{name}' is not a local path and not in the Hugging Face cache, "
+                          "and HF_HUB_OFFLINE=1 forbids downloading it: pass a local directory, or run "
+                          "once online")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return SystemExit(f"error: could not load {what} '{name}': {reason}")
+
+
+def field_problem(value) -> Optional[str]:
+    """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
+    if value is None:
+        return "is missing"
+    if isinstance(value, str):
+        return None
+    if isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        return None
+    return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
+            "{role, content} messages")
+
+
 def load_split(name: str, split: str, needs: list):
-    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file.
-    `needs` lists alternatives: each a tuple of columns that together suffice."""
+    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (all its
+    rows; load_splits holds some out). `needs` lists alternatives: each a tuple of columns that together
+    suffice. Every row's fields are checked here, so a bad row fails with its number, not deep inside."""
     from datasets import load_dataset
 
-    path = resolve(name)
-    if looks_local(path) and not Path(path).exists():
-        raise SystemExit(f"error: dataset '{name}' not found: no such file or directory")
+    path = locate(name, "dataset")
+    one_file = path.endswith((".json", ".jsonl"))
+    where = f"dataset '{name}'" if one_file else f"split '{split}' of dataset '{name}'"
+    file = Path(path) if one_file else Path(path) / f"{split.split('[')[0]}.jsonl"
+    if file.is_file() and not any(line.strip() for line in open(file)):
+        raise SystemExit(f"error: {where} is empty: {file} has no rows")
     try:
-        if path.endswith((".json", ".jsonl")):
-            data = load_dataset("json", data_files=path, split="train")
-        else:
-            data = load_dataset(path, split=split)
+        data = load_dataset("json", data_files=path, split="train") if one_file else load_dataset(path, split=split)
     except Exception as e:  # datasets raises many types; all mean the same to a user
-        raise SystemExit(f"error: could not load split '{split}' of dataset '{name}': {e}")
-    if not any(set(cols) <= set(data.column_names) for cols in needs):
+        raise load_failure(name, f"split '{split}' of dataset", e)
+    columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
+    if columns is None:
         wanted = " or ".join("+".join(cols) for cols in needs)
-        raise SystemExit(f"error: dataset '{name}' ({split}) has columns {data.column_names}; "
-                         f"it needs {wanted}")
+        raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
+    if len(data) == 0:
+        raise SystemExit(f"error: {where} has no rows")
+    columns = list(dict.fromkeys([c for c in ("prompt",) if c in data.column_names] + list(columns)))
+    for i, row in enumerate(data.select_columns(columns)):
+        for column in columns:
+            problem = field_problem(row[column])
+            if problem and not (column == "prompt" and row[column] == ""):
+                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' {problem}")
     return data
 
 
-# Used only for a tokenizer without a chat template; documented in the README.
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
@@ -240,9 +355,9 @@ def load_tokenizer(name: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise SystemExit(f"error: could not load the tokenizer of '{name}' (offline, or a wrong name?): {e}")
+        tokenizer = AutoTokenizer.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "the tokenizer of", e)
     if tokenizer.pad_token is None:
         print(f"note: the tokenizer of '{name}' has no pad token; using its EOS token for padding "
               "(padding is masked everywhere, so this changes no result)")
@@ -299,8 +414,10 @@ def collate_sequences(samples: list, pad_id: int) -> dict:
 
 
 def load_causal_lm(name: str, dtype, trust_remote_code: bool):
+    """A causal LM (the reference or an aligned model); a reward model is refused before its weights load."""
     from transformers import AutoModelForCausalLM
 
+    check_architecture(name, trust_remote_code, "ForCausalLM")
     try:
         return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype,
                                                     trust_remote_code=trust_remote_code)
@@ -308,21 +425,51 @@ def load_causal_lm(name: str, dtype, trust_remote_code: bool):
         raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
 
 
-def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32):
-    """A reward (or value) model: AutoModelForSequenceClassification with one output. A config without
-    pad_token_id gets the tokenizer's (transformers refuses padded batches without one); `score`
-    reads the reward at the index the attention mask gives, whatever the pad id."""
+def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32,
+                      new_head: bool = False):
+    """A reward (or value) model: AutoModelForSequenceClassification with one output. A checkpoint with
+    no trained score head (a causal LM) is refused unless `new_head` (a value model may start from one).
+    A config without pad_token_id gets the tokenizer's (transformers refuses padded batches without
+    one); `score` reads the reward at the index the attention mask gives, whatever the pad id."""
     from transformers import AutoModelForSequenceClassification
 
+    if not new_head:
+        check_architecture(name, trust_remote_code, "ForSequenceClassification")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolve(name), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise SystemExit(f"error: could not load reward model '{name}' (offline, or a wrong name?): {e}")
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            locate(name, "model"), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
+            output_loading_info=True)
+    except Exception as e:
+        raise load_failure(name, "reward model", e)
+    if info["missing_keys"] and not new_head:
+        raise SystemExit(f"error: '{name}' has no trained score head ({sorted(info['missing_keys'])[:3]} "
+                         "missing): train a reward model on it first (reward_model.py)")
+    describe_model(name, model)
     if model.config.pad_token_id is None:
         print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
         model.config.pad_token_id = pad_token_id
     return model
+
+
+def describe_model(name: str, model) -> None:
+    n = sum(p.numel() for p in model.parameters())
+    print(f"loaded '{name}': {type(model).__name__}, {n / 1e6:.1f}M parameters")
+
+
+def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
+    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
+    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
+    reward model, whose score head would be random."""
+    from transformers import AutoConfig
+
+    try:
+        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    found = found.architectures or []
+    if found and not any(a.endswith(wanted) for a in found):
+        kind = "a causal LM (...ForCausalLM)" if wanted == "ForCausalLM" else "a reward model (...ForSequenceClassification)"
+        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
 
 
 def check_compatible(ref, aligned: list, names: list, mode: str) -> None:
@@ -418,46 +565,122 @@ def print_table(rows: list) -> None:
         print(" ".join(f"{row[k]:>10}" if isinstance(row[k], str) else f"{row[k]:>10.3f}" for k, _ in cols))
 
 
-def check_output_dir(output_dir: Optional[str], script: str, overwrite: bool, models: list) -> Path:
-    """Fails before any work if the run would overwrite a previous one; writes nothing."""
-    out = Path(output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
+    """Fails before any work if the run would overwrite a previous one; writes nothing. With --resume,
+    the directory must hold an unfinished run with the same arguments. `resume` None: the script
+    cannot resume. Sets args.output_dir (the default is runs/<script>-<time>)."""
+    out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.output_dir = str(out)
     if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
-        raise SystemExit(f"error: output_dir '{out}' holds a model this run reads; choose another")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SystemExit(f"error: output_dir '{out}' already holds a run ({len(list(out.iterdir()))} "
-                         "entries); pass --overwrite to replace it, or choose another --output_dir")
+        raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
+    if resume:
+        if not (out / "args.json").exists():
+            raise UsageError(f"--resume: '{out}' holds no run to continue (no args.json); drop --resume")
+        if (out / "eval.json").exists():
+            raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
+        recorded = json.load(open(out / "args.json"))
+        changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in json.loads(json.dumps(asdict(args))).items()
+                   if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
+                   and recorded.get(k) != v]
+        if changed:
+            raise UsageError(f"--resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
+                              "resume with the same ones")
+        return out
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        hint = "--resume to continue it, " if resume is not None else ""
+        raise UsageError(f"output_dir '{out}' already holds a run; pass {hint}--overwrite to start over, or "
+                          "choose another --output_dir")
     return out
 
 
-def create_output_dir(out: Path, args) -> None:
-    """Called once the inputs have loaded: empties an --overwrite'n dir, records the arguments."""
+def run_info(device, dtype: str) -> dict:
+    """What a reader needs to reproduce a run besides its arguments."""
+    import subprocess
+
+    import datasets
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
+            "python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "datasets": datasets.__version__,
+            "device": str(device), "dtype": dtype, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional[int] = None) -> None:
+    """Called once the inputs have loaded. A new run: empties an --overwrite'n dir, writes args.json (the
+    arguments, then under "run" the versions, device, dtype and git commit). A resumed run keeps the
+    metrics logged up to its checkpoint and drops the later ones, which the run will log again."""
+    if resume_step is not None:
+        log = out / "metrics.jsonl"
+        records = [json.loads(line) for line in open(log)] if log.exists() else []
+        with open(log, "w") as f:
+            for r in records:
+                if r.get("step", 0) <= resume_step:
+                    f.write(json.dumps(r) + "\n")
+        return
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     with open(out / "args.json", "w") as f:
-        json.dump(asdict(args), f, indent=2)
+        json.dump({**asdict(args), "run": run_info(device, dtype)}, f, indent=2)
+
+
+def last_checkpoint(out: Path) -> Optional[Path]:
+    found = sorted(out.glob("checkpoint-*"))
+    return found[-1] if found else None
+
+
+def describe_run(output_dir: Optional[str]) -> str:
+    """What a stopped run left behind, in one line (printed on Ctrl-C)."""
+    out = Path(output_dir) if output_dir else None
+    if out is None or not (out / "args.json").exists():
+        return "nothing was written"
+    log = out / "metrics.jsonl"
+    records = [json.loads(line) for line in open(log)] if log.exists() else []
+    steps = [r.get("step", r.get("iteration")) for r in records]
+    kept = f"args.json, metrics.jsonl ({len(records)} records" + (f", last at step {steps[-1]})" if steps else ")")
+    checkpoint = last_checkpoint(out)
+    kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
+    resumable = "resume" in json.load(open(out / "args.json"))
+    hint = f"--resume --output_dir {out} continues it" if resumable else f"--overwrite --output_dir {out} starts over"
+    return f"kept in {out}: {kept}; {hint}"
 
 
 def main(args: Args) -> dict:
-    # setup
+    # setup: every argument and the output dir checked before anything loads. From Python, one aligned
+    # model or one lambda may be given bare; the command line always gives lists.
+    if isinstance(args.aligned, str):
+        args.aligned = [args.aligned]
+    if isinstance(args.lambdas, (int, float)):
+        args.lambdas = [float(args.lambdas)]
+    check_args(args)
+    set_verbosity(args.verbose)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
     use_rm = args.reward_model.lower() != "none"
     K = len(args.aligned)
-    if K == 0 or len(args.lambdas) % K:
-        raise SystemExit(f"error: {len(args.lambdas)} lambdas for {K} aligned models; give {K} per row")
     rows_lam = [args.lambdas[i : i + K] for i in range(0, len(args.lambdas), K)]
-    out = check_output_dir(args.output_dir, "dera", args.overwrite,
-                           [args.ref, *args.aligned] + ([args.reward_model] if use_rm else []))
+    out = check_output_dir(args, "dera", [args.ref, *args.aligned] + ([args.reward_model] if use_rm else []),
+                           resume=None)
 
     # every tokenizer checked against the reference's before any compute
     tokenizer = load_tokenizer(args.ref, args.trust_remote_code)
     stop_ids = stop_token_ids(tokenizer, args.ref)
     for name in args.aligned + ([args.reward_model] if use_rm else []):
         check_same_tokenizer(tokenizer, load_tokenizer(name, args.trust_remote_code), name)
+    for name in [args.ref, *args.aligned]:  # each a causal LM, before any weights load
+        check_architecture(name, args.trust_remote_code, "ForCausalLM")
+    if use_rm:
+        check_architecture(args.reward_model, args.trust_remote_code, "ForSequenceClassification")
     prompts = load_split(args.prompts, args.prompts_split, [("prompt",)])["prompt"]
     prompts = prompts[: args.num_prompts] if args.num_prompts else prompts
 
@@ -468,7 +691,7 @@ def main(args: Args) -> dict:
     if use_rm:
         reward_model = load_scalar_model(args.reward_model, tokenizer.pad_token_id, args.trust_remote_code,
                                          dtype).to(device).eval()
-    create_output_dir(out, args)
+    create_output_dir(out, args, device, dtype_name)
     print(f"dera: {len(prompts)} prompts, {len(rows_lam)} settings of lambda, mode {args.mode}, "
           f"device {device}")
 
@@ -514,5 +737,18 @@ def main(args: Args) -> dict:
     return results
 
 
+def cli(argv: Optional[list] = None) -> None:
+    """The command line. Ctrl-C stops the run with one line saying what was kept; exit code 130."""
+    args = tyro.cli(Args, args=argv)
+    try:
+        main(args)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {describe_run(args.output_dir)}", file=sys.stderr)
+        raise SystemExit(130)
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli()

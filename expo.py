@@ -1,3 +1,12 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#     "torch==2.13.0",
+#     "transformers==5.23.0",
+#     "datasets==5.2.0",
+#     "tyro==1.0.17",
+# ]
+# ///
 """ExPO: weak-to-strong extrapolation, a better-aligned model from an aligned model and its SFT start.
 
 Zheng et al. (2024), Weak-to-Strong Extrapolation Expedites Alignment, Eq. 1: with theta_0 the weights
@@ -21,8 +30,10 @@ tensors are copied; a tensor identical in both models comes out unchanged at any
 both models whole and do the arithmetic in bf16; here the checkpoint streams tensor by tensor through the
 safetensors shards with fp32 arithmetic, cast back to the checkpoint's dtype, so the peak memory is about
 one output shard (plus the largest tensor's inputs and fp32 result), whatever the model's size. The two
-checkpoints must hold the same tensors with the same shapes and dtypes (the paper's premise: theta_1 was
-trained from theta_0; extrapolating unrelated models collapses them), checked before anything is computed.
+checkpoints must hold the same tensors with the same shapes (the paper's premise: theta_1 was trained from
+theta_0; extrapolating unrelated models collapses them), checked before anything is computed. Their
+floating dtypes may differ (an fp32 SFT model and a bf16 aligned one): both are upcast to fp32, and each
+result is saved in the aligned checkpoint's dtype.
 
     python expo.py                      # the toy: toy/sft and toy/dpo, alpha chosen by toy/rm
     python expo.py --sft allenai/tulu-2-7b --aligned allenai/tulu-2-dpo-7b --reward_model runs/rm-tulu2 \
@@ -35,6 +46,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +60,14 @@ from safetensors.torch import save_file
 
 @dataclass
 class Args:
+    """ExPO: extrapolate an aligned model past itself, away from the SFT model it was trained from
+    (theta_1 + alpha (theta_1 - theta_0)), for each alpha of a grid, with no training; sample dev prompts
+    with each, score them with a reward model, and save the model of the best alpha. The defaults run the
+    toy's pi_sft and pi_dpo in a few minutes on a CPU.
+
+    Example: python expo.py --sft allenai/tulu-2-7b --aligned allenai/tulu-2-dpo-7b --reward_model runs/rm
+    --prompts trl-lib/ultrafeedback-prompt --prompts_split test --num_prompts 512 --alphas 0.1 0.3 0.5"""
+
     # models
     sft: str = "toy/sft"
     """hub id or local directory of the SFT model theta_0 that the aligned model was trained from"""
@@ -81,6 +101,8 @@ class Args:
     """where the run goes (default: runs/expo-<time>); must be empty unless --overwrite"""
     overwrite: bool = False
     """replace the contents of an existing, non-empty output_dir"""
+    verbose: bool = False
+    """show transformers' loading reports and progress bars"""
 
     # setup
     seed: int = 0
@@ -89,7 +111,27 @@ class Args:
     """cuda, cpu, ... (auto: cuda when available)"""
     dtype: Optional[Literal["float32", "bfloat16"]] = None
     """compute dtype of the evaluation: bfloat16 loads the models in bf16 and autocasts (log-probs stay
-    fp32); default bf16 on CUDA. The extrapolation itself is always fp32, saved in the checkpoint's dtype"""
+    fp32); default bf16 on CUDA. The extrapolation itself is always fp32, saved in the aligned checkpoint's
+    dtype"""
+
+
+def check_args(args: Args) -> None:
+    """Every argument checked before anything is loaded or written: one line each, exit code 2."""
+    problems = [
+        (not args.alphas, "--alphas is empty; give at least one extrapolation strength"),
+        (any(alpha < 0 for alpha in args.alphas),
+         f"every alpha must be >= 0 (got {[a for a in args.alphas if a < 0]}): 0 is the aligned model "
+         "itself, above 0 extrapolates past it (Eq. 1)"),
+        (args.temperature <= 0, f"--temperature must be positive (got {args.temperature}); this script "
+                                "samples, and its KL estimate needs the sampled distribution"),
+        (args.max_new_tokens < 1, f"--max_new_tokens must be at least 1 (got {args.max_new_tokens})"),
+        (args.batch_size < 1, f"--batch_size must be at least 1 (got {args.batch_size})"),
+        (args.num_prompts is not None and args.num_prompts < 1,
+         f"--num_prompts must be at least 1 (got {args.num_prompts}; leave it out to use all prompts)"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UsageError(message)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -99,7 +141,8 @@ def extrapolate(sft_tensor: torch.Tensor, aligned_tensor: torch.Tensor, alpha: f
     """theta_2 = theta_1 + alpha * (theta_1 - theta_0) for one tensor, computed in fp32 and returned in
     the aligned tensor's dtype: rounded once, where bf16 arithmetic would round alpha * (theta_1 -
     theta_0) and the sum each to 8 significant bits. A non-floating tensor (an integer buffer) is copied
-    from the aligned model. Both tensors have the same shape; the result is a new tensor."""
+    from the aligned model. Both tensors have the same shape, not necessarily the same dtype; the
+    result is a new tensor."""
     if not aligned_tensor.is_floating_point():
         return aligned_tensor.clone()
     theta_0, theta_1 = sft_tensor.float(), aligned_tensor.float()
@@ -107,18 +150,40 @@ def extrapolate(sft_tensor: torch.Tensor, aligned_tensor: torch.Tensor, alpha: f
     return theta_2.to(aligned_tensor.dtype)
 
 
+def is_floating(dtype: str) -> bool:
+    """Whether a safetensors dtype name (F32, BF16, F16, F8_E4M3, I64, BOOL, ...) is a floating type."""
+    return dtype.startswith(("F", "BF"))
+
+
 def checkpoint_mismatches(sft_specs: dict, aligned_specs: dict) -> list:
-    """Why two checkpoints cannot be extrapolated, one line per tensor: present in only one of them, or
-    with another dtype or shape. specs map tensor names to (dtype, shape, shard file); the shard a
-    tensor is stored in may differ between the two. Empty when they pair up."""
+    """Why two checkpoints cannot be extrapolated, one line per tensor: present in only one of them, with
+    another shape, or with another dtype unless both are floating (extrapolate upcasts those to fp32).
+    specs map tensor names to (dtype, shape, shard file); the shard a tensor is stored in may differ
+    between the two. Empty when they pair up."""
     problems = [f"{name}: only in the SFT checkpoint" for name in sft_specs if name not in aligned_specs]
     problems += [f"{name}: only in the aligned checkpoint" for name in aligned_specs if name not in sft_specs]
     for name in sorted(sft_specs.keys() & aligned_specs.keys()):
         (sft_dtype, sft_shape, _), (aligned_dtype, aligned_shape, _) = sft_specs[name], aligned_specs[name]
-        if (sft_dtype, sft_shape) != (aligned_dtype, aligned_shape):
+        both_floating = is_floating(sft_dtype) and is_floating(aligned_dtype)
+        if sft_shape != aligned_shape or (sft_dtype != aligned_dtype and not both_floating):
             problems.append(f"{name}: {sft_dtype}{list(sft_shape)} in the SFT checkpoint, "
                             f"{aligned_dtype}{list(aligned_shape)} in the aligned one")
     return problems
+
+
+DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def dtype_note(sft_specs: dict, aligned_specs: dict) -> Optional[str]:
+    """One line when the checkpoints store tensors in different (floating) dtypes, None when they agree."""
+    shared = sorted(sft_specs.keys() & aligned_specs.keys())
+    pairs = [(sft_specs[n][0], aligned_specs[n][0]) for n in shared if sft_specs[n][0] != aligned_specs[n][0]]
+    if not pairs:
+        return None
+    sft = "/".join(dict.fromkeys(DTYPE_NAMES.get(d, d) for d, _ in pairs))
+    aligned = "/".join(dict.fromkeys(DTYPE_NAMES.get(d, d) for _, d in pairs))
+    return (f"note: the SFT checkpoint is {sft} and the aligned one {aligned}: extrapolating in float32, "
+            f"saving in {aligned}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,13 +191,75 @@ def checkpoint_mismatches(sft_specs: dict, aligned_specs: dict) -> list:
 # ---------------------------------------------------------------------------------------------------
 def resolve(path: str) -> str:
     """A relative path that is not under the working directory but is next to this script (the toy
-    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder."""
+    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder; `~` is expanded."""
+    path = os.path.expanduser(path)
     here = Path(__file__).resolve().parent / path
     return str(here) if not Path(path).exists() and here.exists() else path
 
 
 def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
+
+
+class UsageError(SystemExit):
+    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
+    for a malformed command line (str() gives the message, for code that calls main directly)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = f"error: {message}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def set_verbosity(verbose: bool) -> None:
+    """Unless --verbose, transformers' per-load reports and progress bars are hidden: load_model says
+    what it loaded in one line instead (and refuses what would have been a warning in the report)."""
+    import datasets
+    import transformers
+
+    if not verbose:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
+def locate(name: str, what: str) -> str:
+    """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
+    a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
+    fails at once, instead of after a minute of trying the hub."""
+    path = resolve(name)
+    if Path(path).exists():
+        return path
+    if looks_local(name) or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()):
+        raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
+    return path
+
+
+def load_failure(name: str, what: str, error: Exception) -> SystemExit:
+    """One line for a name that could not be loaded, naming HF_HUB_OFFLINE when that is the reason."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline and not Path(resolve(name)).exists():
+        return SystemExit(f"error: {what} '{name}' is not a local path and not in the Hugging Face cache, "
+                          "and HF_HUB_OFFLINE=1 forbids downloading it: pass a local directory, or run "
+                          "once online")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return SystemExit(f"error: could not load {what} '{name}': {reason}")
+
+
+def field_problem(value) -> Optional[str]:
+    """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
+    if value is None:
+        return "is missing"
+    if isinstance(value, str):
+        return None
+    if isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        return None
+    return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
+            "{role, content} messages")
 
 
 def checkpoint_dir(name: str) -> Path:
@@ -177,7 +304,8 @@ def read_checkpoint(path: Path) -> tuple:
 
 def check_checkpoints(sft_dir: Path, aligned_dir: Path) -> tuple:
     """Reads both checkpoints' headers and stops with every mismatch listed unless they pair up tensor by
-    tensor. Returns (sft_specs, aligned_specs, aligned_shards, aligned_index)."""
+    tensor: the same names and shapes (floating dtypes may differ: see checkpoint_mismatches). Returns
+    (sft_specs, aligned_specs, aligned_shards, aligned_index)."""
     sft_specs, _, _ = read_checkpoint(sft_dir)
     aligned_specs, aligned_shards, aligned_index = read_checkpoint(aligned_dir)
     problems = checkpoint_mismatches(sft_specs, aligned_specs)
@@ -203,9 +331,11 @@ def extrapolate_checkpoint(sft_dir, aligned_dir, out_dir, alpha: float,
     """Writes theta_2 (Eq. 1) of two safetensors checkpoints to out_dir, in the aligned checkpoint's shards
     (same file names, same tensors per shard, same header metadata) with its index, config, generation
     config and tokenizer: a directory that from_pretrained loads. Streams tensor by tensor: the peak memory
-    is one output shard plus one tensor's inputs and fp32 result. Checkpoints of models with tied weights
-    store the shared tensor once, so it is extrapolated once. Atomic: written to out_dir/.saving, then
-    moved into place. Returns the number of tensors extrapolated and copied."""
+    is one output shard plus one tensor's inputs and fp32 result. Each tensor is saved in the aligned
+    checkpoint's dtype, whatever the SFT checkpoint's (an fp32 SFT model with a bf16 aligned one gives a
+    bf16 model). Checkpoints of models with tied weights store the shared tensor once, so it is
+    extrapolated once. Atomic: written to out_dir/.saving, then moved into place. Returns the number of
+    tensors extrapolated and copied."""
     from transformers import AutoTokenizer
 
     sft_dir, aligned_dir, out = Path(sft_dir), Path(aligned_dir), Path(out_dir)
@@ -245,28 +375,36 @@ def extrapolate_checkpoint(sft_dir, aligned_dir, out_dir, alpha: float,
 # Data
 # ---------------------------------------------------------------------------------------------------
 def load_split(name: str, split: str, needs: list):
-    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file.
-    `needs` lists alternatives: each a tuple of columns that together suffice."""
+    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (all its
+    rows; load_splits holds some out). `needs` lists alternatives: each a tuple of columns that together
+    suffice. Every row's fields are checked here, so a bad row fails with its number, not deep inside."""
     from datasets import load_dataset
 
-    path = resolve(name)
-    if looks_local(path) and not Path(path).exists():
-        raise SystemExit(f"error: dataset '{name}' not found: no such file or directory")
+    path = locate(name, "dataset")
+    one_file = path.endswith((".json", ".jsonl"))
+    where = f"dataset '{name}'" if one_file else f"split '{split}' of dataset '{name}'"
+    file = Path(path) if one_file else Path(path) / f"{split.split('[')[0]}.jsonl"
+    if file.is_file() and not any(line.strip() for line in open(file)):
+        raise SystemExit(f"error: {where} is empty: {file} has no rows")
     try:
-        if path.endswith((".json", ".jsonl")):
-            data = load_dataset("json", data_files=path, split="train")
-        else:
-            data = load_dataset(path, split=split)
+        data = load_dataset("json", data_files=path, split="train") if one_file else load_dataset(path, split=split)
     except Exception as e:  # datasets raises many types; all mean the same to a user
-        raise SystemExit(f"error: could not load split '{split}' of dataset '{name}': {e}")
-    if not any(set(cols) <= set(data.column_names) for cols in needs):
+        raise load_failure(name, f"split '{split}' of dataset", e)
+    columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
+    if columns is None:
         wanted = " or ".join("+".join(cols) for cols in needs)
-        raise SystemExit(f"error: dataset '{name}' ({split}) has columns {data.column_names}; "
-                         f"it needs {wanted}")
+        raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
+    if len(data) == 0:
+        raise SystemExit(f"error: {where} has no rows")
+    columns = list(dict.fromkeys([c for c in ("prompt",) if c in data.column_names] + list(columns)))
+    for i, row in enumerate(data.select_columns(columns)):
+        for column in columns:
+            problem = field_problem(row[column])
+            if problem and not (column == "prompt" and row[column] == ""):
+                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' {problem}")
     return data
 
 
-# Used only for a tokenizer without a chat template; documented in the README.
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
@@ -277,9 +415,9 @@ def load_tokenizer(name: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise SystemExit(f"error: could not load the tokenizer of '{name}' (offline, or a wrong name?): {e}")
+        tokenizer = AutoTokenizer.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "the tokenizer of", e)
     if tokenizer.pad_token is None:
         print(f"note: the tokenizer of '{name}' has no pad token; using its EOS token for padding "
               "(padding is masked everywhere, so this changes no result)")
@@ -328,28 +466,64 @@ def format_prompt(tokenizer, prompt) -> str:
 def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
+    check_architecture(name, trust_remote_code, "ForCausalLM")
     try:
-        return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype,
-                                                    trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
+        model, info = AutoModelForCausalLM.from_pretrained(
+            locate(name, "model"), dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    if info["missing_keys"]:
+        raise SystemExit(f"error: '{name}' lacks weights a causal LM needs ({sorted(info['missing_keys'])[:3]}); "
+                         "is it the right checkpoint?")
+    describe_model(name, model)
+    return model
 
 
-def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32):
-    """A reward (or value) model: AutoModelForSequenceClassification with one output. A config without
-    pad_token_id gets the tokenizer's (transformers refuses padded batches without one); `score`
-    reads the reward at the index the attention mask gives, whatever the pad id."""
+def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32,
+                      new_head: bool = False):
+    """A reward (or value) model: AutoModelForSequenceClassification with one output. A checkpoint with
+    no trained score head (a causal LM) is refused unless `new_head` (a value model may start from one).
+    A config without pad_token_id gets the tokenizer's (transformers refuses padded batches without
+    one); `score` reads the reward at the index the attention mask gives, whatever the pad id."""
     from transformers import AutoModelForSequenceClassification
 
+    if not new_head:
+        check_architecture(name, trust_remote_code, "ForSequenceClassification")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolve(name), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise SystemExit(f"error: could not load reward model '{name}' (offline, or a wrong name?): {e}")
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            locate(name, "model"), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
+            output_loading_info=True)
+    except Exception as e:
+        raise load_failure(name, "reward model", e)
+    if info["missing_keys"] and not new_head:
+        raise SystemExit(f"error: '{name}' has no trained score head ({sorted(info['missing_keys'])[:3]} "
+                         "missing): train a reward model on it first (reward_model.py)")
+    describe_model(name, model)
     if model.config.pad_token_id is None:
         print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
         model.config.pad_token_id = pad_token_id
     return model
+
+
+def describe_model(name: str, model) -> None:
+    n = sum(p.numel() for p in model.parameters())
+    print(f"loaded '{name}': {type(model).__name__}, {n / 1e6:.1f}M parameters")
+
+
+def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
+    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
+    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
+    reward model, whose score head would be random."""
+    from transformers import AutoConfig
+
+    try:
+        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    found = found.architectures or []
+    if found and not any(a.endswith(wanted) for a in found):
+        kind = "a causal LM (...ForCausalLM)" if wanted == "ForCausalLM" else "a reward model (...ForSequenceClassification)"
+        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -492,31 +666,96 @@ def format_table(rows: list, best_alpha: float) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------------
-def check_output_dir(output_dir: Optional[str], script: str, overwrite: bool, models: list) -> Path:
-    """Fails before any work if the run would overwrite a previous one; writes nothing."""
-    out = Path(output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
+    """Fails before any work if the run would overwrite a previous one; writes nothing. With --resume,
+    the directory must hold an unfinished run with the same arguments. `resume` None: the script
+    cannot resume. Sets args.output_dir (the default is runs/<script>-<time>)."""
+    out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.output_dir = str(out)
     if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
-        raise SystemExit(f"error: output_dir '{out}' holds a model this run reads; choose another")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SystemExit(f"error: output_dir '{out}' already holds a run ({len(list(out.iterdir()))} "
-                         "entries); pass --overwrite to replace it, or choose another --output_dir")
+        raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
+    if resume:
+        if not (out / "args.json").exists():
+            raise UsageError(f"--resume: '{out}' holds no run to continue (no args.json); drop --resume")
+        if (out / "eval.json").exists():
+            raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
+        recorded = json.load(open(out / "args.json"))
+        changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in json.loads(json.dumps(asdict(args))).items()
+                   if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
+                   and recorded.get(k) != v]
+        if changed:
+            raise UsageError(f"--resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
+                              "resume with the same ones")
+        return out
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        hint = "--resume to continue it, " if resume is not None else ""
+        raise UsageError(f"output_dir '{out}' already holds a run; pass {hint}--overwrite to start over, or "
+                          "choose another --output_dir")
     return out
 
 
-def create_output_dir(out: Path, args) -> None:
-    """Called once the inputs have loaded: empties an --overwrite'n dir, records the arguments."""
+def run_info(device, dtype: str) -> dict:
+    """What a reader needs to reproduce a run besides its arguments."""
+    import subprocess
+
+    import datasets
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
+            "python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "datasets": datasets.__version__,
+            "device": str(device), "dtype": dtype, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional[int] = None) -> None:
+    """Called once the inputs have loaded. A new run: empties an --overwrite'n dir, writes args.json (the
+    arguments, then under "run" the versions, device, dtype and git commit). A resumed run keeps the
+    metrics logged up to its checkpoint and drops the later ones, which the run will log again."""
+    if resume_step is not None:
+        log = out / "metrics.jsonl"
+        records = [json.loads(line) for line in open(log)] if log.exists() else []
+        with open(log, "w") as f:
+            for r in records:
+                if r.get("step", 0) <= resume_step:
+                    f.write(json.dumps(r) + "\n")
+        return
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     with open(out / "args.json", "w") as f:
-        json.dump(asdict(args), f, indent=2)
+        json.dump({**asdict(args), "run": run_info(device, dtype)}, f, indent=2)
 
 
-# ---------------------------------------------------------------------------------------------------
-# The alpha search
-# ---------------------------------------------------------------------------------------------------
+def last_checkpoint(out: Path) -> Optional[Path]:
+    found = sorted(out.glob("checkpoint-*"))
+    return found[-1] if found else None
+
+
+def describe_run(output_dir: Optional[str]) -> str:
+    """What a stopped run left behind, in one line (printed on Ctrl-C)."""
+    out = Path(output_dir) if output_dir else None
+    if out is None or not (out / "args.json").exists():
+        return "nothing was written"
+    log = out / "metrics.jsonl"
+    records = [json.loads(line) for line in open(log)] if log.exists() else []
+    steps = [r.get("step", r.get("iteration")) for r in records]
+    kept = f"args.json, metrics.jsonl ({len(records)} records" + (f", last at step {steps[-1]})" if steps else ")")
+    checkpoint = last_checkpoint(out)
+    kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
+    resumable = "resume" in json.load(open(out / "args.json"))
+    hint = f"--resume --output_dir {out} continues it" if resumable else f"--overwrite --output_dir {out} starts over"
+    return f"kept in {out}: {kept}; {hint}"
+
+
 def main(args: Args) -> dict:
-    # setup
+    # setup: every argument and the output dir checked before anything loads
+    check_args(args)
+    set_verbosity(args.verbose)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -524,14 +763,14 @@ def main(args: Args) -> dict:
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
     weights_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32  # no training: no fp32 masters
-    if not args.alphas:
-        raise SystemExit("error: --alphas is empty; give at least one extrapolation strength")
-    models = [args.sft, args.aligned, args.reward_model]
-    out = check_output_dir(args.output_dir, "expo", args.overwrite, models)
+    out = check_output_dir(args, "expo", [args.sft, args.aligned, args.reward_model], resume=None)
 
     # inputs, all checked before any compute: checkpoints that pair up, one tokenizer for the three models
     sft_dir, aligned_dir = checkpoint_dir(args.sft), checkpoint_dir(args.aligned)
-    check_checkpoints(sft_dir, aligned_dir)
+    sft_specs, aligned_specs, _, _ = check_checkpoints(sft_dir, aligned_dir)
+    note = dtype_note(sft_specs, aligned_specs)
+    if note:
+        print(note)
     tokenizer = load_tokenizer(args.aligned, args.trust_remote_code)
     stop_ids = stop_token_ids(tokenizer, args.aligned)
     for name in [args.sft, args.reward_model]:
@@ -543,7 +782,7 @@ def main(args: Args) -> dict:
     ref_model = load_model(str(aligned_dir), args.trust_remote_code, weights_dtype).to(device).eval()
     reward_model = load_scalar_model(args.reward_model, tokenizer.pad_token_id, args.trust_remote_code,
                                      weights_dtype).to(device).eval()
-    create_output_dir(out, args)
+    create_output_dir(out, args, device, dtype)
     print(f"expo: {len(args.alphas)} alphas x {len(prompts)} prompts ({args.prompts_split}), sft {args.sft}, "
           f"aligned {args.aligned}, reward model {args.reward_model}, device {device}, {dtype}")
 
@@ -595,5 +834,18 @@ def main(args: Args) -> dict:
     return results
 
 
+def cli(argv: Optional[list] = None) -> None:
+    """The command line. Ctrl-C stops the run with one line saying what was kept; exit code 130."""
+    args = tyro.cli(Args, args=argv)
+    try:
+        main(args)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {describe_run(args.output_dir)}", file=sys.stderr)
+        raise SystemExit(130)
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli()

@@ -1,3 +1,12 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#     "torch==2.13.0",
+#     "transformers==5.23.0",
+#     "datasets==5.2.0",
+#     "tyro==1.0.17",
+# ]
+# ///
 """RLHF with PPO, the Tulu 2.5 recipe (Ivison et al., 2024, Appendix F.2 / E.2, Tables 9 and 10).
 
 Four models: the policy pi_theta (initialised from SFT), the frozen reference pi_ref (SFT), the frozen
@@ -37,6 +46,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +59,15 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
+    """PPO: align an SFT policy against a frozen reward model. Each iteration samples responses to a
+    batch of prompts, scores them, turns the scores minus a KL penalty (beta) to the reference into
+    per-token rewards, estimates advantages with a value model (GAE) and takes clipped policy and value
+    steps; then samples held-out prompts and scores them. The defaults align the toy's pi_sft (toy/sft)
+    against its reward model (toy/rm).
+
+    Example: python ppo.py --model my-sft --reward_model my-rm --prompts my-prompts.jsonl
+    --learning_rate 1e-6 --batch_size 16 --minibatch_size 16"""
+
     # data
     prompts: str = "toy/data/prompts"
     """prompt dataset (column `prompt`): hub name, directory of {split}.jsonl files, or a .jsonl file"""
@@ -56,6 +75,9 @@ class Args:
     """split whose prompts the policy is trained on"""
     eval_split: Optional[str] = "test"
     """split for the end-of-run samples (None: skip)"""
+    eval_fraction: float = 0.05
+    """for --prompts that is one .jsonl file (no splits): the fraction of its prompts held out for the
+    end-of-run samples, never trained on"""
     num_eval_prompts: Optional[int] = 256
     """sample one response for each of the first N eval prompts (None: all)"""
 
@@ -95,7 +117,7 @@ class Args:
 
     # RL (Table 9)
     beta: float = 0.05
-    """fixed KL penalty coefficient"""
+    """fixed KL penalty coefficient (0: no KL penalty; the policy may drift from pi_ref freely)"""
     gamma: float = 1.0
     """discount factor"""
     lam: float = 0.95
@@ -133,6 +155,15 @@ class Args:
     """replace the contents of an existing, non-empty output_dir"""
     log_every: int = 10
     """iterations between log lines"""
+    save_every: int = 0
+    """iterations between checkpoints of the policy and the value model (output_dir/checkpoint-<iteration>,
+    the last one kept; 0: none). PPO cannot --resume: a checkpoint is models to load, not a run to
+    continue"""
+    dry_run: bool = False
+    """print one formatted, tokenised prompt and the counts, then stop before loading any model and
+    write nothing: the first thing to run on new data"""
+    verbose: bool = False
+    """show transformers' loading reports and progress bars"""
 
     # setup
     seed: int = 0
@@ -141,6 +172,48 @@ class Args:
     """cuda, cpu, ... (auto: cuda when available)"""
     dtype: Optional[Literal["float32", "bfloat16"]] = None
     """compute dtype: bfloat16 autocasts the forward pass (weights stay fp32); default bf16 on CUDA"""
+
+
+def check_args(args: Args) -> None:
+    """Every argument checked before anything is loaded or written: one line each, exit code 2."""
+    episodes_per_batch = args.batch_size * args.num_rollouts_per_prompt
+    problems = [
+        (args.beta < 0, f"--beta must be 0 (no KL penalty) or more (got {args.beta}); below 0 the policy is "
+                        "rewarded for moving away from the reference"),
+        (args.temperature <= 0, f"--temperature must be positive (got {args.temperature}); PPO samples, and "
+                                "its log-probs are taken from logits / temperature"),
+        (args.eval_temperature is not None and args.eval_temperature <= 0,
+         f"--eval_temperature must be positive (got {args.eval_temperature}); leave it unset for the "
+         "rollout temperature"),
+        (args.max_new_tokens < 1, f"--max_new_tokens must be at least 1 (got {args.max_new_tokens})"),
+        (args.batch_size < 1, f"--batch_size must be at least 1 (got {args.batch_size})"),
+        (args.num_rollouts_per_prompt < 1,
+         f"--num_rollouts_per_prompt must be at least 1 (got {args.num_rollouts_per_prompt})"),
+        (args.minibatch_size < 1, f"--minibatch_size must be at least 1 (got {args.minibatch_size})"),
+        (args.gradient_accumulation_steps < 1,
+         f"--gradient_accumulation_steps must be at least 1 (got {args.gradient_accumulation_steps})"),
+        (args.ppo_epochs < 1, f"--ppo_epochs must be at least 1 (got {args.ppo_epochs})"),
+        (args.learning_rate <= 0, f"--learning_rate must be positive (got {args.learning_rate})"),
+        (not 0 <= args.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1) (got {args.warmup_ratio})"),
+        (args.max_grad_norm <= 0, f"--max_grad_norm must be positive (got {args.max_grad_norm})"),
+        (args.clip <= 0, f"--clip must be positive (got {args.clip}); it is the ratio's distance from 1"),
+        (not 0 <= args.gamma <= 1, f"--gamma must be in [0, 1] (got {args.gamma})"),
+        (not 0 <= args.lam <= 1, f"--lam must be in [0, 1] (got {args.lam})"),
+        (args.total_episodes < episodes_per_batch,
+         f"--total_episodes ({args.total_episodes}) is less than one batch of --batch_size * "
+         f"--num_rollouts_per_prompt ({episodes_per_batch}) episodes: the run would have zero iterations"),
+        (args.minibatch_size >= 1 and args.gradient_accumulation_steps >= 1  # no division by 0 here
+         and (episodes_per_batch % args.minibatch_size > 0
+              or args.minibatch_size % args.gradient_accumulation_steps > 0),
+         f"--batch_size * --num_rollouts_per_prompt ({episodes_per_batch}) must be a multiple of "
+         f"--minibatch_size ({args.minibatch_size}), itself a multiple of --gradient_accumulation_steps "
+         f"({args.gradient_accumulation_steps})"),
+        (args.log_every < 1, f"--log_every must be at least 1 (got {args.log_every})"),
+        (args.save_every < 0, f"--save_every must be 0 (no checkpoints) or more (got {args.save_every})"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UsageError(message)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -217,9 +290,34 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 
 # ---------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------
+class UsageError(SystemExit):
+    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
+    for a malformed command line (str() gives the message, for code that calls main directly)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = f"error: {message}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def set_verbosity(verbose: bool) -> None:
+    """Unless --verbose, transformers' per-load reports and progress bars are hidden: load_model says
+    what it loaded in one line instead (and refuses what would have been a warning in the report)."""
+    import datasets
+    import transformers
+
+    if not verbose:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
 def resolve(path: str) -> str:
     """A relative path that is not under the working directory but is next to this script (the toy
-    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder."""
+    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder; `~` is expanded."""
+    path = os.path.expanduser(path)
     here = Path(__file__).resolve().parent / path
     return str(here) if not Path(path).exists() and here.exists() else path
 
@@ -228,29 +326,93 @@ def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
 
 
+def locate(name: str, what: str) -> str:
+    """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
+    a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
+    fails at once, instead of after a minute of trying the hub."""
+    path = resolve(name)
+    if Path(path).exists():
+        return path
+    if looks_local(name) or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()):
+        raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
+    return path
+
+
+def load_failure(name: str, what: str, error: Exception) -> SystemExit:
+    """One line for a name that could not be loaded, naming HF_HUB_OFFLINE when that is the reason."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline and not Path(resolve(name)).exists():
+        return SystemExit(f"error: {what} '{name}' is not a local path and not in the Hugging Face cache, "
+                          "and HF_HUB_OFFLINE=1 forbids downloading it: pass a local directory, or run "
+                          "once online")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return SystemExit(f"error: could not load {what} '{name}': {reason}")
+
+
+def field_problem(value) -> Optional[str]:
+    """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
+    if value is None:
+        return "is missing"
+    if isinstance(value, str):
+        return None
+    if isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        return None
+    return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
+            "{role, content} messages")
+
+
 def load_split(name: str, split: str, needs: list):
-    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file.
-    `needs` lists alternatives: each a tuple of columns that together suffice."""
+    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (all its
+    rows; load_splits holds some out). `needs` lists alternatives: each a tuple of columns that together
+    suffice. Every row's fields are checked here, so a bad row fails with its number, not deep inside."""
     from datasets import load_dataset
 
-    path = resolve(name)
-    if looks_local(path) and not Path(path).exists():
-        raise SystemExit(f"error: dataset '{name}' not found: no such file or directory")
+    path = locate(name, "dataset")
+    one_file = path.endswith((".json", ".jsonl"))
+    where = f"dataset '{name}'" if one_file else f"split '{split}' of dataset '{name}'"
+    file = Path(path) if one_file else Path(path) / f"{split.split('[')[0]}.jsonl"
+    if file.is_file() and not any(line.strip() for line in open(file)):
+        raise SystemExit(f"error: {where} is empty: {file} has no rows")
     try:
-        if path.endswith((".json", ".jsonl")):
-            data = load_dataset("json", data_files=path, split="train")
-        else:
-            data = load_dataset(path, split=split)
+        data = load_dataset("json", data_files=path, split="train") if one_file else load_dataset(path, split=split)
     except Exception as e:  # datasets raises many types; all mean the same to a user
-        raise SystemExit(f"error: could not load split '{split}' of dataset '{name}': {e}")
-    if not any(set(cols) <= set(data.column_names) for cols in needs):
+        raise load_failure(name, f"split '{split}' of dataset", e)
+    columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
+    if columns is None:
         wanted = " or ".join("+".join(cols) for cols in needs)
-        raise SystemExit(f"error: dataset '{name}' ({split}) has columns {data.column_names}; "
-                         f"it needs {wanted}")
+        raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
+    if len(data) == 0:
+        raise SystemExit(f"error: {where} has no rows")
+    columns = list(dict.fromkeys([c for c in ("prompt",) if c in data.column_names] + list(columns)))
+    for i, row in enumerate(data.select_columns(columns)):
+        for column in columns:
+            problem = field_problem(row[column])
+            if problem and not (column == "prompt" and row[column] == ""):
+                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' {problem}")
     return data
 
 
-# Used only for a tokenizer without a chat template; documented in the README.
+def load_splits(name: str, train_split: str, eval_split: Optional[str], needs: list, eval_fraction: float,
+                seed: int) -> tuple:
+    """(train rows, eval rows or None). One .jsonl file has no splits: a shuffled `eval_fraction` of its
+    rows is held out for evaluation and never trained on, and the counts are printed; a run never
+    evaluates on its own training rows."""
+    train = load_split(name, train_split, needs)
+    if not eval_split:
+        return train, None
+    if not resolve(name).endswith((".json", ".jsonl")):
+        return train, load_split(name, eval_split, needs)
+    if not 0 < eval_fraction < 1 or len(train) < 2:
+        raise SystemExit(f"error: '{name}' is one file ({len(train)} rows), with no separate eval split: "
+                         "hold out rows with 0 < --eval_fraction < 1, or pass --eval_split None")
+    parts = train.train_test_split(test_size=eval_fraction, seed=seed)
+    print(f"note: '{name}' is one file: {len(parts['train'])} rows to train on, {len(parts['test'])} held "
+          f"out for evaluation (--eval_fraction {eval_fraction})")
+    return parts["train"], parts["test"]
+
+
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
@@ -261,9 +423,9 @@ def load_tokenizer(name: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise SystemExit(f"error: could not load the tokenizer of '{name}' (offline, or a wrong name?): {e}")
+        tokenizer = AutoTokenizer.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "the tokenizer of", e)
     if tokenizer.pad_token is None:
         print(f"note: the tokenizer of '{name}' has no pad token; using its EOS token for padding "
               "(padding is masked everywhere, so this changes no result)")
@@ -312,24 +474,39 @@ def format_prompt(tokenizer, prompt) -> str:
 def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
+    check_architecture(name, trust_remote_code, "ForCausalLM")
     try:
-        return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype,
-                                                    trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
+        model, info = AutoModelForCausalLM.from_pretrained(
+            locate(name, "model"), dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    if info["missing_keys"]:
+        raise SystemExit(f"error: '{name}' lacks weights a causal LM needs ({sorted(info['missing_keys'])[:3]}); "
+                         "is it the right checkpoint?")
+    describe_model(name, model)
+    return model
 
 
-def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32):
-    """A reward (or value) model: AutoModelForSequenceClassification with one output. A config without
-    pad_token_id gets the tokenizer's (transformers refuses padded batches without one); `score`
-    reads the reward at the index the attention mask gives, whatever the pad id."""
+def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32,
+                      new_head: bool = False):
+    """A reward (or value) model: AutoModelForSequenceClassification with one output. A checkpoint with
+    no trained score head (a causal LM) is refused unless `new_head` (a value model may start from one).
+    A config without pad_token_id gets the tokenizer's (transformers refuses padded batches without
+    one); `score` reads the reward at the index the attention mask gives, whatever the pad id."""
     from transformers import AutoModelForSequenceClassification
 
+    if not new_head:
+        check_architecture(name, trust_remote_code, "ForSequenceClassification")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolve(name), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise SystemExit(f"error: could not load reward model '{name}' (offline, or a wrong name?): {e}")
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            locate(name, "model"), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
+            output_loading_info=True)
+    except Exception as e:
+        raise load_failure(name, "reward model", e)
+    if info["missing_keys"] and not new_head:
+        raise SystemExit(f"error: '{name}' has no trained score head ({sorted(info['missing_keys'])[:3]} "
+                         "missing): train a reward model on it first (reward_model.py)")
+    describe_model(name, model)
     if model.config.pad_token_id is None:
         print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
         model.config.pad_token_id = pad_token_id
@@ -347,6 +524,39 @@ def disable_dropout(model) -> None:
         for name, value in list(vars(module).items()):
             if "dropout" in name and isinstance(value, float):
                 setattr(module, name, 0.0)
+
+
+def describe_model(name: str, model) -> None:
+    n = sum(p.numel() for p in model.parameters())
+    print(f"loaded '{name}': {type(model).__name__}, {n / 1e6:.1f}M parameters")
+
+
+def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
+    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
+    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
+    reward model, whose score head would be random."""
+    from transformers import AutoConfig
+
+    try:
+        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    found = found.architectures or []
+    if found and not any(a.endswith(wanted) for a in found):
+        kind = "a causal LM (...ForCausalLM)" if wanted == "ForCausalLM" else "a reward model (...ForSequenceClassification)"
+        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
+
+
+def has_no_score_head(name: str, trust_remote_code: bool) -> bool:
+    """Whether the checkpoint `name` is of a kind with no trained score head (a causal LM): a value model
+    started from one begins with a random head, which only the value loss trains."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "value model", e)
+    return not any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
 
 
 def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
@@ -536,43 +746,138 @@ def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, 
     return metrics, [{"prompt": p, **r} for p, r in zip(prompts, rows)]
 
 
-def check_output_dir(output_dir: Optional[str], script: str, overwrite: bool, models: list) -> Path:
-    """Fails before any work if the run would overwrite a previous one; writes nothing."""
-    out = Path(output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
+    """Fails before any work if the run would overwrite a previous one; writes nothing. With --resume,
+    the directory must hold an unfinished run with the same arguments. `resume` None: the script
+    cannot resume. Sets args.output_dir (the default is runs/<script>-<time>)."""
+    out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.output_dir = str(out)
     if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
-        raise SystemExit(f"error: output_dir '{out}' holds a model this run reads; choose another")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SystemExit(f"error: output_dir '{out}' already holds a run ({len(list(out.iterdir()))} "
-                         "entries); pass --overwrite to replace it, or choose another --output_dir")
+        raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
+    if resume:
+        if not (out / "args.json").exists():
+            raise UsageError(f"--resume: '{out}' holds no run to continue (no args.json); drop --resume")
+        if (out / "eval.json").exists():
+            raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
+        recorded = json.load(open(out / "args.json"))
+        changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in json.loads(json.dumps(asdict(args))).items()
+                   if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
+                   and recorded.get(k) != v]
+        if changed:
+            raise UsageError(f"--resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
+                              "resume with the same ones")
+        return out
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        hint = "--resume to continue it, " if resume is not None else ""
+        raise UsageError(f"output_dir '{out}' already holds a run; pass {hint}--overwrite to start over, or "
+                          "choose another --output_dir")
     return out
 
 
-def create_output_dir(out: Path, args) -> None:
-    """Called once the inputs have loaded: empties an --overwrite'n dir, records the arguments."""
+def run_info(device, dtype: str) -> dict:
+    """What a reader needs to reproduce a run besides its arguments."""
+    import subprocess
+
+    import datasets
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
+            "python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "datasets": datasets.__version__,
+            "device": str(device), "dtype": dtype, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional[int] = None) -> None:
+    """Called once the inputs have loaded. A new run: empties an --overwrite'n dir, writes args.json (the
+    arguments, then under "run" the versions, device, dtype and git commit). A resumed run keeps the
+    metrics logged up to its checkpoint and drops the later ones, which the run will log again."""
+    if resume_step is not None:
+        log = out / "metrics.jsonl"
+        records = [json.loads(line) for line in open(log)] if log.exists() else []
+        with open(log, "w") as f:
+            for r in records:
+                if r.get("step", 0) <= resume_step:
+                    f.write(json.dumps(r) + "\n")
+        return
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     with open(out / "args.json", "w") as f:
-        json.dump(asdict(args), f, indent=2)
+        json.dump({**asdict(args), "run": run_info(device, dtype)}, f, indent=2)
+
+
+def check_finite(model, when: str) -> None:
+    """Refuses to save weights that hold a NaN or an infinity."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise SystemExit(f"error: {len(bad)} weight tensors are non-finite {when} (first: {bad[0]}); "
+                         "nothing saved. Try a lower --learning_rate or float32")
 
 
 def save_model(model, tokenizer, out: Path) -> None:
-    """Atomic save: written to a temporary folder, then moved into place, so a crash mid-save never
-    leaves a half-written model in `out`."""
+    """The final model, in `out` itself (loadable as --model out). Written to a temporary folder, then
+    moved in with config.json last: until config.json is there, no loader takes the folder for a model,
+    so a crash mid-save never leaves a loadable half-model. Non-finite weights are never saved."""
+    check_finite(model, "at the end of training")
     tmp = out / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    for f in tmp.iterdir():
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
         os.replace(f, out / f.name)
     tmp.rmdir()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------
+def save_ppo_checkpoint(policy, value_model, tokenizer, out: Path, iteration: int) -> None:
+    """A periodic checkpoint, out/checkpoint-<iteration>: the policy (loadable as --model) with the value
+    model in its value_model/ subfolder (loadable as --value_model). It is written complete to a
+    temporary folder and renamed into place in one step, and older checkpoints are removed only then: a
+    kill at any moment leaves at least one complete checkpoint. PPO keeps no optimiser state: a
+    checkpoint is models to start from, not a run to resume."""
+    check_finite(policy, f"at iteration {iteration}")
+    check_finite(value_model, f"at iteration {iteration}")
+    final, tmp = out / f"checkpoint-{iteration:06d}", out / f".tmp-checkpoint-{iteration:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    value_model.save_pretrained(tmp / "value_model")
+    tokenizer.save_pretrained(tmp / "value_model")  # a model directory that loads on its own
+    os.replace(tmp, final)
+    for old in out.glob("checkpoint-*"):
+        if old != final:
+            shutil.rmtree(old)
+
+
+def last_checkpoint(out: Path) -> Optional[Path]:
+    found = sorted(out.glob("checkpoint-*"))
+    return found[-1] if found else None
+
+
+def describe_run(output_dir: Optional[str]) -> str:
+    """What a stopped run left behind, in one line (printed on Ctrl-C)."""
+    out = Path(output_dir) if output_dir else None
+    if out is None or not (out / "args.json").exists():
+        return "nothing was written"
+    log = out / "metrics.jsonl"
+    records = [json.loads(line) for line in open(log)] if log.exists() else []
+    steps = [r.get("step", r.get("iteration")) for r in records]
+    kept = f"args.json, metrics.jsonl ({len(records)} records" + (f", last at step {steps[-1]})" if steps else ")")
+    checkpoint = last_checkpoint(out)
+    kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
+    resumable = "resume" in json.load(open(out / "args.json"))
+    hint = f"--resume --output_dir {out} continues it" if resumable else f"--overwrite --output_dir {out} starts over"
+    return f"kept in {out}: {kept}; {hint}"
+
+
 def main(args: Args) -> dict:
-    # setup
+    # setup: every argument and the output dir checked before anything loads
+    check_args(args)
+    set_verbosity(args.verbose)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -581,23 +886,39 @@ def main(args: Args) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
     ref_name, value_name = args.ref or args.model, args.value_model or args.reward_model
     episodes_per_batch = args.batch_size * args.num_rollouts_per_prompt
-    if episodes_per_batch % args.minibatch_size or args.minibatch_size % args.gradient_accumulation_steps:
-        raise SystemExit(f"error: batch_size * num_rollouts_per_prompt ({episodes_per_batch}) must be a "
-                         f"multiple of minibatch_size ({args.minibatch_size}), itself a multiple of "
-                         "gradient_accumulation_steps")
-    out = check_output_dir(args.output_dir, "ppo", args.overwrite,
-                           [args.model, ref_name, args.reward_model, value_name])
+    if not args.dry_run:
+        models = [args.model, ref_name, args.reward_model, value_name]
+        out = check_output_dir(args, "ppo", models, resume=None)
 
     # data, and every tokenizer checked against the policy's before any compute
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     stop_ids = stop_token_ids(tokenizer, args.model)
     for name in {ref_name, args.reward_model, value_name}:
         check_same_tokenizer(tokenizer, load_tokenizer(name, args.trust_remote_code), name)
-    train_prompts = load_split(args.prompts, args.train_split, [("prompt",)])["prompt"]
+    train_data, eval_data = load_splits(args.prompts, args.train_split, args.eval_split, [("prompt",)],
+                                        args.eval_fraction, args.seed)
+    train_prompts = train_data["prompt"]
     eval_prompts = None
-    if args.eval_split:
-        eval_prompts = load_split(args.prompts, args.eval_split, [("prompt",)])["prompt"]
+    if eval_data is not None:
+        eval_prompts = eval_data["prompt"]
         eval_prompts = eval_prompts[: args.num_eval_prompts] if args.num_eval_prompts else eval_prompts
+    if len(train_prompts) < args.batch_size:  # the prompt stream would yield no batch, ever
+        raise UsageError(f"{len(train_prompts)} train prompts in '{args.prompts}' are fewer than one batch "
+                          f"of --batch_size {args.batch_size}: lower --batch_size, or give more prompts")
+    num_iterations = args.total_episodes // episodes_per_batch
+    minibatches = episodes_per_batch // args.minibatch_size
+    total_steps = num_iterations * minibatches * args.ppo_epochs
+    if args.dry_run:
+        first = train_prompts[0]
+        ids = tokenizer(format_prompt(tokenizer, first),
+                        add_special_tokens=not isinstance(first, list))["input_ids"]  # as rollout() does
+        print(f"prompt: {tokenizer.decode(ids)!r}  ({len(ids)} tokens; the response follows)")
+        print(f"dry run: {len(train_prompts)} train / {len(eval_prompts or [])} eval prompts, "
+              f"{num_iterations} iterations of {episodes_per_batch} episodes, {total_steps} optimiser steps "
+              f"of {args.minibatch_size} episodes; no model loaded, nothing written")
+        return {"train/prompts": len(train_prompts), "eval/prompts": len(eval_prompts or []),
+                "train/iterations": num_iterations, "train/episodes_per_batch": episodes_per_batch,
+                "train/steps": total_steps}
 
     # the four models
     pad_id = tokenizer.pad_token_id
@@ -605,7 +926,12 @@ def main(args: Args) -> dict:
     ref_model = load_model(ref_name, args.trust_remote_code).to(device).eval().requires_grad_(False)
     reward_model = load_scalar_model(
         args.reward_model, pad_id, args.trust_remote_code).to(device).eval().requires_grad_(False)
-    value_model = load_scalar_model(value_name, pad_id, args.trust_remote_code).to(device)
+    # the reward model must have a trained head; a value model given explicitly may start from a causal LM
+    new_head = args.value_model is not None
+    if new_head and has_no_score_head(value_name, args.trust_remote_code):
+        print(f"note: the value model '{value_name}' has no trained score head: it starts random and only "
+              "the value loss trains it (the paper starts V from the reward model)")
+    value_model = load_scalar_model(value_name, pad_id, args.trust_remote_code, new_head=new_head).to(device)
     if not args.dropout:
         disable_dropout(policy), disable_dropout(value_model)
     policy.train(), value_model.train()
@@ -613,16 +939,13 @@ def main(args: Args) -> dict:
         for m in (policy, value_model):
             m.gradient_checkpointing_enable()
             m.config.use_cache = False
-    num_iterations = args.total_episodes // episodes_per_batch
-    minibatches = episodes_per_batch // args.minibatch_size
-    total_steps = num_iterations * minibatches * args.ppo_epochs
     params = list(policy.parameters()) + list(value_model.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
     warmup = int(args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, "linear", floor=1.0))  # warmup, then constant
-    create_output_dir(out, args)
+    create_output_dir(out, args, device, dtype)
     print(f"ppo: {len(train_prompts)} train prompts, {num_iterations} iterations of {episodes_per_batch} "
           f"episodes, {total_steps} optimiser steps, beta {args.beta}, device {device}, {dtype}")
 
@@ -697,9 +1020,15 @@ def main(args: Args) -> dict:
                                    ("ppo/entropy", masked_mean(entropy, mask[sl]))]:
                         stats.setdefault(key, []).append(v.item())
                 if not math.isfinite(stats["ppo/policy_loss"][-1] + stats["ppo/value_loss"][-1]):
-                    raise SystemExit(f"error: the loss became non-finite at iteration {iteration}; stopping, "
-                                     f"nothing saved in {out}. Try a lower --learning_rate.")
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    raise SystemExit(f"error: the loss became non-finite at iteration {iteration}; stopping "
+                                     f"before the update (the last checkpoint, if any, is in {out}). Try a "
+                                     "lower --learning_rate.")
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+                if not math.isfinite(grad_norm):  # a finite loss, a non-finite gradient: an overflow
+                    raise SystemExit(f"error: the gradient norm became {grad_norm} at iteration {iteration} "
+                                     "(the loss was finite); stopping before the update. Try a lower "
+                                     "--learning_rate or float32.")
+                stats.setdefault("train/grad_norm", []).append(grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -708,19 +1037,21 @@ def main(args: Args) -> dict:
             window.setdefault(key, []).append(sum(v) / len(v))
 
         if iteration % args.log_every == 0 or iteration == num_iterations:
-            elapsed = times["rollout"] + times["update"]
+            elapsed = max(times["rollout"] + times["update"], 1e-9)
             log({"iteration": iteration, "episodes": iteration * episodes_per_batch,
                  **{k: sum(v) / len(v) for k, v in window.items()}, "train/lr": scheduler.get_last_lr()[0],
                  "perf/episodes_per_s": iteration * episodes_per_batch / elapsed,
                  "perf/rollout_fraction": times["rollout"] / elapsed})
             window = {}
+        if args.save_every and iteration % args.save_every == 0 and iteration < num_iterations:
+            save_ppo_checkpoint(policy, value_model, tokenizer, out, iteration)
     metrics_file.close()
     save_model(policy, tokenizer, out)
 
     elapsed = times["rollout"] + times["update"]
     results = {"train/iterations": num_iterations, "train/runtime_s": round(elapsed, 1),
                "perf/rollout_s": round(times["rollout"], 1), "perf/update_s": round(times["update"], 1),
-               "perf/episodes_per_s": round(num_iterations * episodes_per_batch / elapsed, 2)}
+               "perf/episodes_per_s": round(num_iterations * episodes_per_batch / max(elapsed, 1e-9), 2)}
     if eval_prompts is not None:
         torch.manual_seed(args.seed)
         eval_args = dataclasses.replace(args, temperature=args.eval_temperature or args.temperature)
@@ -736,5 +1067,18 @@ def main(args: Args) -> dict:
     return results
 
 
+def cli(argv: Optional[list] = None) -> None:
+    """The command line. Ctrl-C stops the run with one line saying what was kept; exit code 130."""
+    args = tyro.cli(Args, args=argv)
+    try:
+        main(args)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {describe_run(args.output_dir)}", file=sys.stderr)
+        raise SystemExit(130)
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli()

@@ -1,3 +1,12 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#     "torch==2.13.0",
+#     "transformers==5.23.0",
+#     "datasets==5.2.0",
+#     "tyro==1.0.17",
+# ]
+# ///
 """Bradley-Terry reward model: a scalar score r_psi(x, y) learned from pairwise preferences.
 
 Tulu 2.5 (Ivison et al., 2024), Eq. 1: with chosen y_c and rejected y_r for a prompt x,
@@ -29,6 +38,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +52,13 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
+    """Bradley-Terry reward model: train a scalar score head on preference pairs (prompt, chosen,
+    rejected) so that chosen responses score higher; report held-out accuracy. The defaults train the
+    toy's reward model from its pi_sft in about a minute on a CPU.
+
+    Example: python reward_model.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset
+    trl-lib/ultrafeedback_binarized --learning_rate 1e-5 --batch_size 8 --max_length 1024"""
+
     # data
     dataset: str = "toy/data/prefs"
     """hub name, local directory of {split}.jsonl files, or one .jsonl file; rows hold `chosen` and
@@ -50,6 +67,9 @@ class Args:
     """split to train on"""
     eval_split: Optional[str] = "test"
     """split for accuracy and margins (None: no evaluation)"""
+    eval_fraction: float = 0.05
+    """for a --dataset that is one .jsonl file (no splits): the fraction of its rows held out for
+    evaluation, never trained on"""
     max_length: int = 1024
     """pairs with a side longer than this (prompt + response tokens) are skipped, not truncated:
     a truncated response would be scored on what it does not say"""
@@ -97,6 +117,16 @@ class Args:
     """optimiser steps between log lines"""
     eval_every: int = 250
     """optimiser steps between evaluations (0: only at the end)"""
+    save_every: int = 200
+    """optimiser steps between checkpoints (output_dir/checkpoint-<step>, the last one kept) that
+    --resume continues from (0: none)"""
+    resume: bool = False
+    """continue the unfinished run in --output_dir from its last checkpoint (same arguments)"""
+    dry_run: bool = False
+    """print one tokenised example (the tokens that carry the loss in [[ ]]) and the counts, then stop
+    before loading the model: the first thing to run on new data"""
+    verbose: bool = False
+    """show transformers' loading reports and progress bars"""
 
     # setup
     seed: int = 0
@@ -105,6 +135,16 @@ class Args:
     """cuda, cpu, ... (auto: cuda when available)"""
     dtype: Optional[Literal["float32", "bfloat16"]] = None
     """compute dtype: bfloat16 autocasts the forward pass (weights stay fp32); default bf16 on CUDA"""
+
+
+def check_args(args: Args) -> None:
+    """Every argument checked before anything is loaded or written: one line each, exit code 2."""
+    problems = [
+        *training_problems(args),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UsageError(message)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -150,9 +190,65 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 
 # ---------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------
+class UsageError(SystemExit):
+    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
+    for a malformed command line (str() gives the message, for code that calls main directly)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = f"error: {message}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def training_problems(args) -> list:
+    """The checks every trainer shares, as (is_bad, message) pairs for check_args."""
+    return [
+        (args.num_epochs < 1, f"--num_epochs must be at least 1 (got {args.num_epochs})"),
+        (args.max_steps is not None and args.max_steps < 1,
+         f"--max_steps must be at least 1 (got {args.max_steps}); leave it unset to train --num_epochs"),
+        (args.batch_size < 1, f"--batch_size must be at least 1 (got {args.batch_size})"),
+        (args.gradient_accumulation_steps < 1,
+         f"--gradient_accumulation_steps must be at least 1 (got {args.gradient_accumulation_steps})"),
+        (args.learning_rate <= 0, f"--learning_rate must be positive (got {args.learning_rate})"),
+        (not 0 <= args.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1) (got {args.warmup_ratio})"),
+        (args.max_grad_norm <= 0, f"--max_grad_norm must be positive (got {args.max_grad_norm})"),
+        (args.max_length < 2, f"--max_length must leave room for a prompt and a response (got {args.max_length})"),
+        (args.log_every < 1, f"--log_every must be at least 1 (got {args.log_every})"),
+        (args.save_every < 0, f"--save_every must be 0 (no checkpoints) or more (got {args.save_every})"),
+        (args.resume and args.overwrite, "--resume continues a run and --overwrite replaces it: pass one"),
+        (args.resume and not args.output_dir, "--resume needs the --output_dir of the run to continue"),
+    ]
+
+
+def count_steps(n_rows: int, args) -> int:
+    """Optimiser steps of the run: --max_steps, else the epochs' micro-batches over the accumulation."""
+    if args.max_steps:
+        return args.max_steps
+    micro = args.num_epochs * math.ceil(n_rows / args.batch_size)
+    if micro < args.gradient_accumulation_steps:
+        raise UsageError(f"{n_rows} training rows make {micro} micro-batches of --batch_size {args.batch_size} "
+                          f"in {args.num_epochs} epoch(s), fewer than one optimiser step of "
+                          f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: lower it, or "
+                          "set --max_steps")
+    return micro // args.gradient_accumulation_steps
+def set_verbosity(verbose: bool) -> None:
+    """Unless --verbose, transformers' per-load reports and progress bars are hidden: load_model says
+    what it loaded in one line instead (and refuses what would have been a warning in the report)."""
+    import datasets
+    import transformers
+
+    if not verbose:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
 def resolve(path: str) -> str:
     """A relative path that is not under the working directory but is next to this script (the toy
-    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder."""
+    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder; `~` is expanded."""
+    path = os.path.expanduser(path)
     here = Path(__file__).resolve().parent / path
     return str(here) if not Path(path).exists() and here.exists() else path
 
@@ -161,42 +257,100 @@ def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
 
 
+def locate(name: str, what: str) -> str:
+    """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
+    a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
+    fails at once, instead of after a minute of trying the hub."""
+    path = resolve(name)
+    if Path(path).exists():
+        return path
+    if looks_local(name) or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()):
+        raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
+    return path
+
+
+def load_failure(name: str, what: str, error: Exception) -> SystemExit:
+    """One line for a name that could not be loaded, naming HF_HUB_OFFLINE when that is the reason."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline and not Path(resolve(name)).exists():
+        return SystemExit(f"error: {what} '{name}' is not a local path and not in the Hugging Face cache, "
+                          "and HF_HUB_OFFLINE=1 forbids downloading it: pass a local directory, or run "
+                          "once online")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return SystemExit(f"error: could not load {what} '{name}': {reason}")
+
+
+def field_problem(value) -> Optional[str]:
+    """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
+    if value is None:
+        return "is missing"
+    if isinstance(value, str):
+        return None
+    if isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        return None
+    return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
+            "{role, content} messages")
+
+
 def load_split(name: str, split: str, needs: list):
-    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file.
-    `needs` lists alternatives: each a tuple of columns that together suffice."""
+    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (all its
+    rows; load_splits holds some out). `needs` lists alternatives: each a tuple of columns that together
+    suffice. Every row's fields are checked here, so a bad row fails with its number, not deep inside."""
     from datasets import load_dataset
 
-    path = resolve(name)
-    if looks_local(path) and not Path(path).exists():
-        raise SystemExit(f"error: dataset '{name}' not found: no such file or directory")
+    path = locate(name, "dataset")
+    one_file = path.endswith((".json", ".jsonl"))
+    where = f"dataset '{name}'" if one_file else f"split '{split}' of dataset '{name}'"
+    file = Path(path) if one_file else Path(path) / f"{split.split('[')[0]}.jsonl"
+    if file.is_file() and not any(line.strip() for line in open(file)):
+        raise SystemExit(f"error: {where} is empty: {file} has no rows")
     try:
-        if path.endswith((".json", ".jsonl")):
-            data = load_dataset("json", data_files=path, split="train")
-        else:
-            data = load_dataset(path, split=split)
+        data = load_dataset("json", data_files=path, split="train") if one_file else load_dataset(path, split=split)
     except Exception as e:  # datasets raises many types; all mean the same to a user
-        raise SystemExit(f"error: could not load split '{split}' of dataset '{name}': {e}")
-    if not any(set(cols) <= set(data.column_names) for cols in needs):
+        raise load_failure(name, f"split '{split}' of dataset", e)
+    columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
+    if columns is None:
         wanted = " or ".join("+".join(cols) for cols in needs)
-        raise SystemExit(f"error: dataset '{name}' ({split}) has columns {data.column_names}; "
-                         f"it needs {wanted}")
+        raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
+    if len(data) == 0:
+        raise SystemExit(f"error: {where} has no rows")
+    columns = list(dict.fromkeys([c for c in ("prompt",) if c in data.column_names] + list(columns)))
+    for i, row in enumerate(data.select_columns(columns)):
+        for column in columns:
+            problem = field_problem(row[column])
+            if problem and not (column == "prompt" and row[column] == ""):
+                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' {problem}")
     return data
 
 
-# Used only for a tokenizer without a chat template; documented in the README.
-PLAIN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
-)
+def load_splits(name: str, train_split: str, eval_split: Optional[str], needs: list, eval_fraction: float,
+                seed: int) -> tuple:
+    """(train rows, eval rows or None). One .jsonl file has no splits: a shuffled `eval_fraction` of its
+    rows is held out for evaluation and never trained on, and the counts are printed; a run never
+    evaluates on its own training rows."""
+    train = load_split(name, train_split, needs)
+    if not eval_split:
+        return train, None
+    if not resolve(name).endswith((".json", ".jsonl")):
+        return train, load_split(name, eval_split, needs)
+    if not 0 < eval_fraction < 1 or len(train) < 2:
+        raise SystemExit(f"error: '{name}' is one file ({len(train)} rows), with no separate eval split: "
+                         "hold out rows with 0 < --eval_fraction < 1, or pass --eval_split None")
+    parts = train.train_test_split(test_size=eval_fraction, seed=seed)
+    print(f"note: '{name}' is one file: {len(parts['train'])} rows to train on, {len(parts['test'])} held "
+          f"out for evaluation (--eval_fraction {eval_fraction})")
+    return parts["train"], parts["test"]
 
 
 def load_tokenizer(name: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise SystemExit(f"error: could not load the tokenizer of '{name}' (offline, or a wrong name?): {e}")
+        tokenizer = AutoTokenizer.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "the tokenizer of", e)
     if tokenizer.pad_token is None:
         print(f"note: the tokenizer of '{name}' has no pad token; using its EOS token for padding "
               "(padding is masked everywhere, so this changes no result)")
@@ -276,7 +430,7 @@ def split_pair(row: dict) -> tuple:
     return row["chosen"][:-1], row["chosen"][-1:], row["rejected"][-1:]
 
 
-def build_pairs(data, tokenizer, max_length: int, stop_ids: list) -> list:
+def build_pairs(data, tokenizer, max_length: int, stop_ids: list, where: str = "the data") -> list:
     """Token ids of prompt + chosen and prompt + rejected for every row; too-long pairs are skipped.
     Differs from dpo.py's build_pairs on purpose: no response labels (the score needs none), and no
     truncation (a reward model must not learn to score text cut short)."""
@@ -293,7 +447,9 @@ def build_pairs(data, tokenizer, max_length: int, stop_ids: list) -> list:
             continue
         pairs.append({"chosen": seqs[0], "rejected": seqs[1]})
     if skipped:
-        print(f"note: skipped {skipped} pairs longer than max_length={max_length}")
+        print(f"note: {where}: skipped {skipped} of {len(data)} pairs longer than --max_length {max_length}")
+    if not pairs:
+        raise SystemExit(f"error: {where}: every pair is longer than --max_length {max_length}; raise it")
     return pairs
 
 
@@ -313,6 +469,13 @@ def collate_pairs(pairs: list, pad_id: int) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # Model, evaluation, saving
 # ---------------------------------------------------------------------------------------------------
+def show_example(tokenizer, input_ids: list, labels: list) -> str:
+    """A tokenised sequence as text, the tokens that carry the loss between [[ and ]] (for --dry_run)."""
+    n = next((t for t, label in enumerate(labels) if label != -100), len(labels))
+    prompt, response = tokenizer.decode(input_ids[:n]), tokenizer.decode(input_ids[n:])
+    return f"{prompt}[[{response}]]  ({len(input_ids)} tokens, {len(input_ids) - n} in [[ ]])"
+
+
 def load_reward_model(name: str, pad_token_id: int, trust_remote_code: bool):
     """AutoModelForSequenceClassification with one output; a new score head starts at std
     1/sqrt(hidden_size + 1), small enough that initial rewards are near 0 whatever the backbone."""
@@ -320,10 +483,11 @@ def load_reward_model(name: str, pad_token_id: int, trust_remote_code: bool):
 
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            resolve(name), num_labels=1, dtype=torch.float32, output_loading_info=True,
+            locate(name, "model"), num_labels=1, dtype=torch.float32, output_loading_info=True,
             trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    describe_model(name, model)
     model.config.pad_token_id = pad_token_id
     hidden = model.config.get_text_config().hidden_size
     for param_name, param in model.named_parameters():
@@ -331,6 +495,27 @@ def load_reward_model(name: str, pad_token_id: int, trust_remote_code: bool):
             with torch.no_grad():
                 param.normal_(0.0, 1.0 / math.sqrt(hidden + 1)) if param.dim() > 1 else param.zero_()
     return model
+
+
+def describe_model(name: str, model) -> None:
+    n = sum(p.numel() for p in model.parameters())
+    print(f"loaded '{name}': {type(model).__name__}, {n / 1e6:.1f}M parameters")
+
+
+def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
+    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
+    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
+    reward model, whose score head would be random."""
+    from transformers import AutoConfig
+
+    try:
+        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    found = found.architectures or []
+    if found and not any(a.endswith(wanted) for a in found):
+        kind = "a causal LM (...ForCausalLM)" if wanted == "ForCausalLM" else "a reward model (...ForSequenceClassification)"
+        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
 
 
 @torch.no_grad()
@@ -354,92 +539,216 @@ def evaluate(model, pairs: list, batch_size: int, pad_id: int, device, autocast)
             "eval/reward_mean": both.mean().item(), "eval/reward_std": both.std().item()}
 
 
-def check_output_dir(output_dir: Optional[str], script: str, overwrite: bool, models: list) -> Path:
-    """Fails before any work if the run would overwrite a previous one; writes nothing."""
-    out = Path(output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
+    """Fails before any work if the run would overwrite a previous one; writes nothing. With --resume,
+    the directory must hold an unfinished run with the same arguments. `resume` None: the script
+    cannot resume. Sets args.output_dir (the default is runs/<script>-<time>)."""
+    out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.output_dir = str(out)
     if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
-        raise SystemExit(f"error: output_dir '{out}' holds a model this run reads; choose another")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SystemExit(f"error: output_dir '{out}' already holds a run ({len(list(out.iterdir()))} "
-                         "entries); pass --overwrite to replace it, or choose another --output_dir")
+        raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
+    if resume:
+        if not (out / "args.json").exists():
+            raise UsageError(f"--resume: '{out}' holds no run to continue (no args.json); drop --resume")
+        if (out / "eval.json").exists():
+            raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
+        recorded = json.load(open(out / "args.json"))
+        changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in json.loads(json.dumps(asdict(args))).items()
+                   if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
+                   and recorded.get(k) != v]
+        if changed:
+            raise UsageError(f"--resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
+                              "resume with the same ones")
+        return out
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        hint = "--resume to continue it, " if resume is not None else ""
+        raise UsageError(f"output_dir '{out}' already holds a run; pass {hint}--overwrite to start over, or "
+                          "choose another --output_dir")
     return out
 
 
-def create_output_dir(out: Path, args) -> None:
-    """Called once the inputs have loaded: empties an --overwrite'n dir, records the arguments."""
+def run_info(device, dtype: str) -> dict:
+    """What a reader needs to reproduce a run besides its arguments."""
+    import subprocess
+
+    import datasets
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
+            "python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "datasets": datasets.__version__,
+            "device": str(device), "dtype": dtype, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional[int] = None) -> None:
+    """Called once the inputs have loaded. A new run: empties an --overwrite'n dir, writes args.json (the
+    arguments, then under "run" the versions, device, dtype and git commit). A resumed run keeps the
+    metrics logged up to its checkpoint and drops the later ones, which the run will log again."""
+    if resume_step is not None:
+        log = out / "metrics.jsonl"
+        records = [json.loads(line) for line in open(log)] if log.exists() else []
+        with open(log, "w") as f:
+            for r in records:
+                if r.get("step", 0) <= resume_step:
+                    f.write(json.dumps(r) + "\n")
+        return
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     with open(out / "args.json", "w") as f:
-        json.dump(asdict(args), f, indent=2)
+        json.dump({**asdict(args), "run": run_info(device, dtype)}, f, indent=2)
+
+
+def check_finite(model, when: str) -> None:
+    """Refuses to save weights that hold a NaN or an infinity."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise SystemExit(f"error: {len(bad)} weight tensors are non-finite {when} (first: {bad[0]}); "
+                         "nothing saved. Try a lower --learning_rate or float32")
 
 
 def save_model(model, tokenizer, out: Path) -> None:
-    """Atomic save: written to a temporary folder, then moved into place, so a crash mid-save never
-    leaves a half-written model in `out`."""
+    """The final model, in `out` itself (loadable as --model out). Written to a temporary folder, then
+    moved in with config.json last: until config.json is there, no loader takes the folder for a model,
+    so a crash mid-save never leaves a loadable half-model. Non-finite weights are never saved."""
+    check_finite(model, "at the end of training")
     tmp = out / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    for f in tmp.iterdir():
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
         os.replace(f, out / f.name)
     tmp.rmdir()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------
+def random_states() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_random_states(states: dict) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(model, tokenizer, out: Path, step: int, state: dict) -> None:
+    """A periodic checkpoint, out/checkpoint-<step>: the model (loadable as it is) and trainer_state.pt
+    (optimiser, scheduler, progress, random states). It is written complete to a temporary folder and
+    renamed into place in one step, and older checkpoints are removed only then: a kill at any moment
+    leaves at least one complete checkpoint."""
+    check_finite(model, f"at step {step}")
+    final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"step": step, **state, "random": random_states()}, tmp / "trainer_state.pt")
+    os.replace(tmp, final)
+    for old in out.glob("checkpoint-*"):
+        if old != final:
+            shutil.rmtree(old)
+
+
+def last_checkpoint(out: Path) -> Optional[Path]:
+    found = sorted(out.glob("checkpoint-*"))
+    return found[-1] if found else None
+
+
+def describe_run(output_dir: Optional[str]) -> str:
+    """What a stopped run left behind, in one line (printed on Ctrl-C)."""
+    out = Path(output_dir) if output_dir else None
+    if out is None or not (out / "args.json").exists():
+        return "nothing was written"
+    log = out / "metrics.jsonl"
+    records = [json.loads(line) for line in open(log)] if log.exists() else []
+    steps = [r.get("step", r.get("iteration")) for r in records]
+    kept = f"args.json, metrics.jsonl ({len(records)} records" + (f", last at step {steps[-1]})" if steps else ")")
+    checkpoint = last_checkpoint(out)
+    kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
+    resumable = "resume" in json.load(open(out / "args.json"))
+    hint = f"--resume --output_dir {out} continues it" if resumable else f"--overwrite --output_dir {out} starts over"
+    return f"kept in {out}: {kept}; {hint}"
+
+
 def main(args: Args) -> dict:
-    # setup
+    # setup: every argument and the output dir checked before anything loads
+    check_args(args)
+    set_verbosity(args.verbose)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
-    out = check_output_dir(args.output_dir, "reward_model", args.overwrite, [args.model])
+    if not args.dry_run:
+        out = check_output_dir(args, "reward_model", [args.model], resume=args.resume)
 
     # data
     needs = [("chosen", "rejected")]
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    train_data = load_split(args.dataset, args.train_split, needs)
+    train_data, eval_data = load_splits(args.dataset, args.train_split, args.eval_split, needs,
+                                        args.eval_fraction, args.seed)
     if args.max_train_samples:
         train_data = train_data.select(range(min(args.max_train_samples, len(train_data))))
     stop_ids = stop_token_ids(tokenizer, args.model)
-    train = build_pairs(train_data, tokenizer, args.max_length, stop_ids)
+    train = build_pairs(train_data, tokenizer, args.max_length, stop_ids, f"'{args.dataset}' {args.train_split}")
     evals = []
-    if args.eval_split:
-        eval_data = load_split(args.dataset, args.eval_split, needs)
+    if eval_data is not None:
         if args.max_eval_samples:
             eval_data = eval_data.select(range(min(args.max_eval_samples, len(eval_data))))
-        evals = build_pairs(eval_data, tokenizer, args.max_length, stop_ids)
+        evals = build_pairs(eval_data, tokenizer, args.max_length, stop_ids, f"'{args.dataset}' eval")
+    total_steps = count_steps(len(train), args)
+    if args.dry_run:  # the score is read at the last token of each sequence, which is what [[ ]] marks
+        for side in ("chosen", "rejected"):
+            ids = train[0][side]
+            print(f"{side + ':':10}" + show_example(tokenizer, ids, [-100] * (len(ids) - 1) + ids[-1:]))
+        print(f"dry run: {len(train)} train / {len(evals)} eval pairs, {total_steps} optimiser steps of "
+              f"{args.batch_size * args.gradient_accumulation_steps} pairs; no model loaded, nothing written")
+        return {"train/pairs": len(train), "eval/pairs": len(evals), "train/steps": total_steps}
+    checkpoint = last_checkpoint(out) if args.resume else None
 
     # model and optimiser
-    model = load_reward_model(args.model, tokenizer.pad_token_id, args.trust_remote_code).to(device)
+    model = load_reward_model(str(checkpoint or args.model), tokenizer.pad_token_id,
+                              args.trust_remote_code).to(device)
     model.train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    micro_per_epoch = math.ceil(len(train) / args.batch_size)
-    total_steps = args.max_steps or args.num_epochs * micro_per_epoch // args.gradient_accumulation_steps
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=args.adam_betas,
                                   weight_decay=args.weight_decay)
     warmup = int(args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, "linear", args.final_lr_ratio))
-    create_output_dir(out, args)
+    start_step, train_time, tokens_seen, pairs_seen, eval_metrics = 0, 0.0, 0, 0, {}
+    window = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "n": 0}
+    if checkpoint:  # --resume: the optimiser, schedule, data position and random state where they were
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_random_states(state["random"])
+        start_step, (train_time, tokens_seen, pairs_seen, eval_metrics, window) = state["step"], state["progress"]
+        print(f"resuming from {checkpoint} (step {start_step} of {total_steps})")
+    create_output_dir(out, args, device, dtype, resume_step=start_step if checkpoint else None)
     print(f"reward_model: {len(train)} train / {len(evals)} eval pairs, {total_steps} steps, "
           f"device {device}, {dtype}")
 
-    def batches():  # endless stream of shuffled micro-batches of pairs, epoch after epoch
-        g = torch.Generator().manual_seed(args.seed)
+    def batches(skip: int):  # endless stream of shuffled micro-batches of pairs, epoch after epoch
+        g, n = torch.Generator().manual_seed(args.seed), 0
         while True:
             order = torch.randperm(len(train), generator=g).tolist()
             for i in range(0, len(order), args.batch_size):
-                yield collate_pairs([train[j] for j in order[i : i + args.batch_size]],
-                                    tokenizer.pad_token_id)
+                n += 1
+                if n > skip:  # a resumed run skips the micro-batches already trained on
+                    yield collate_pairs([train[j] for j in order[i : i + args.batch_size]],
+                                        tokenizer.pad_token_id)
 
-    metrics_file = open(out / "metrics.jsonl", "w")
+    metrics_file = open(out / "metrics.jsonl", "a")
 
     def log(record: dict) -> None:
         metrics_file.write(json.dumps(record) + "\n")
@@ -447,9 +756,9 @@ def main(args: Args) -> dict:
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in record.items()))
 
-    stream, train_time, tokens_seen, pairs_seen, eval_metrics = batches(), 0.0, 0, 0, {}
-    window = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "n": 0}
-    for step in tqdm(range(1, total_steps + 1), desc="reward_model", dynamic_ncols=True, disable=None):
+    stream = batches(skip=start_step * args.gradient_accumulation_steps)
+    for step in tqdm(range(start_step + 1, total_steps + 1), desc="reward_model", dynamic_ncols=True,
+                     disable=None):
         step_start = time.time()
         micro = [next(stream) for _ in range(args.gradient_accumulation_steps)]
         n_pairs = sum(mb["input_ids"].shape[0] // 2 for mb in micro)
@@ -466,9 +775,12 @@ def main(args: Args) -> dict:
             window["margin"] += (chosen_rewards - rejected_rewards).sum().item()
             window["n"] += losses.shape[0]
         if not math.isfinite(window["loss"]):
-            raise SystemExit(f"error: the loss became {window['loss']} at step {step}; stopping, nothing "
-                             f"saved in {out}. Try a lower --learning_rate.")
+            raise SystemExit(f"error: the loss became {window['loss']} at step {step}; stopping before the "
+                             f"update (the last checkpoint, if any, is in {out}). Try a lower --learning_rate.")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        if not math.isfinite(grad_norm):  # a finite loss, a non-finite gradient: an overflow
+            raise SystemExit(f"error: the gradient norm became {grad_norm} at step {step} (the loss was "
+                             "finite); stopping before the update. Try a lower --learning_rate or float32.")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -485,17 +797,34 @@ def main(args: Args) -> dict:
             eval_metrics = evaluate(model, evals, 2 * args.batch_size, tokenizer.pad_token_id, device,
                                     autocast)
             log({"step": step, **eval_metrics})
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            save_checkpoint(model, tokenizer, out, step, {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "progress": (train_time, tokens_seen, pairs_seen, eval_metrics, window)})
     metrics_file.close()
 
     save_model(model, tokenizer, out)
     results = {**eval_metrics, "train/steps": total_steps, "train/runtime_s": round(train_time, 1),
-               "perf/pairs_per_s": round(pairs_seen / train_time, 1),
-               "perf/tokens_per_s": round(tokens_seen / train_time, 1)}
+               "perf/pairs_per_s": round(pairs_seen / max(train_time, 1e-9), 1),
+               "perf/tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1)}
     with open(out / "eval.json", "w") as f:
         json.dump(results, f, indent=2)
     print(f"\nsaved to {out}: " + json.dumps(results))
     return results
 
 
+def cli(argv: Optional[list] = None) -> None:
+    """The command line. Ctrl-C stops the run with one line saying what was kept; exit code 130."""
+    args = tyro.cli(Args, args=argv)
+    try:
+        main(args)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {describe_run(args.output_dir)}", file=sys.stderr)
+        raise SystemExit(130)
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli()

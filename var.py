@@ -1,3 +1,12 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#     "torch==2.13.0",
+#     "transformers==5.23.0",
+#     "datasets==5.2.0",
+#     "tyro==1.0.17",
+# ]
+# ///
 """VAR: variational alignment with re-weighting, RLHF as a reward-weighted SFT (Du et al., 2025).
 
 From the paper: RLHF's optimum is pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x) (Eq. 3). VAR fits
@@ -52,6 +61,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,6 +74,14 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
+    """VAR: RLHF as reward-weighted SFT. Each response of a batch is weighted by its reward, softmax-
+    normalised over the batch at temperature beta (an in-batch estimate of Z(x)), and the policy is
+    trained by weighted maximum likelihood; then held-out prompts are sampled and scored. The
+    defaults align the toy's pi_sft in under two minutes on a CPU.
+
+    Example: python var.py --model Qwen/Qwen2.5-0.5B-Instruct --reward_model my-rm --dataset
+    trl-lib/ultrafeedback_binarized --learning_rate 1e-6 --batch_size 8"""
+
     # data
     dataset: str = "toy/data/prefs"
     """hub name, local directory of {split}.jsonl files, or one .jsonl file: a preference dataset
@@ -143,6 +161,16 @@ class Args:
     """replace the contents of an existing, non-empty output_dir"""
     log_every: int = 20
     """optimiser steps between log lines"""
+    save_every: int = 200
+    """optimiser steps between checkpoints (output_dir/checkpoint-<step>, the last one kept) that
+    --resume continues from (0: none)"""
+    resume: bool = False
+    """continue the unfinished run in --output_dir from its last checkpoint (same arguments)"""
+    dry_run: bool = False
+    """print one tokenised example (the tokens that carry the loss in [[ ]]) and the counts, then stop
+    before loading the model: the first thing to run on new data"""
+    verbose: bool = False
+    """show transformers' loading reports and progress bars"""
 
     # setup
     seed: int = 0
@@ -151,6 +179,24 @@ class Args:
     """cuda, cpu, ... (auto: cuda when available)"""
     dtype: Optional[Literal["float32", "bfloat16"]] = None
     """compute dtype: bfloat16 autocasts the forward pass (weights stay fp32); default bf16 on CUDA"""
+
+
+def check_args(args: Args) -> None:
+    """Every argument checked before anything is loaded or written: one line each, exit code 2."""
+    problems = [
+        (args.beta <= 0, f"--beta must be positive (got {args.beta}): it is the temperature of the reward "
+                          "softmax; at 0 or below the weights are undefined or favour low rewards"),
+        (args.score_batch_size < 1, f"--score_batch_size must be at least 1 (got {args.score_batch_size})"),
+        (args.temperature <= 0, f"--temperature must be positive (got {args.temperature}); this script "
+                                "samples, and its KL estimate needs the sampled distribution"),
+        (args.max_new_tokens < 1, f"--max_new_tokens must be at least 1 (got {args.max_new_tokens})"),
+        (args.sample_every is not None and (args.sample_every < 1 or args.eval_prompts.lower() == "none"),
+         "--sample_every needs a positive number of steps and --eval_prompts to sample"),
+        *training_problems(args),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UsageError(message)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,9 +259,65 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 
 # ---------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------
+class UsageError(SystemExit):
+    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
+    for a malformed command line (str() gives the message, for code that calls main directly)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = f"error: {message}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def training_problems(args) -> list:
+    """The checks every trainer shares, as (is_bad, message) pairs for check_args."""
+    return [
+        (args.num_epochs < 1, f"--num_epochs must be at least 1 (got {args.num_epochs})"),
+        (args.max_steps is not None and args.max_steps < 1,
+         f"--max_steps must be at least 1 (got {args.max_steps}); leave it unset to train --num_epochs"),
+        (args.batch_size < 1, f"--batch_size must be at least 1 (got {args.batch_size})"),
+        (args.gradient_accumulation_steps < 1,
+         f"--gradient_accumulation_steps must be at least 1 (got {args.gradient_accumulation_steps})"),
+        (args.learning_rate <= 0, f"--learning_rate must be positive (got {args.learning_rate})"),
+        (not 0 <= args.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1) (got {args.warmup_ratio})"),
+        (args.max_grad_norm <= 0, f"--max_grad_norm must be positive (got {args.max_grad_norm})"),
+        (args.max_length < 2, f"--max_length must leave room for a prompt and a response (got {args.max_length})"),
+        (args.log_every < 1, f"--log_every must be at least 1 (got {args.log_every})"),
+        (args.save_every < 0, f"--save_every must be 0 (no checkpoints) or more (got {args.save_every})"),
+        (args.resume and args.overwrite, "--resume continues a run and --overwrite replaces it: pass one"),
+        (args.resume and not args.output_dir, "--resume needs the --output_dir of the run to continue"),
+    ]
+
+
+def count_steps(n_rows: int, args) -> int:
+    """Optimiser steps of the run: --max_steps, else the epochs' micro-batches over the accumulation."""
+    if args.max_steps:
+        return args.max_steps
+    micro = args.num_epochs * math.ceil(n_rows / args.batch_size)
+    if micro < args.gradient_accumulation_steps:
+        raise UsageError(f"{n_rows} training rows make {micro} micro-batches of --batch_size {args.batch_size} "
+                          f"in {args.num_epochs} epoch(s), fewer than one optimiser step of "
+                          f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: lower it, or "
+                          "set --max_steps")
+    return micro // args.gradient_accumulation_steps
+def set_verbosity(verbose: bool) -> None:
+    """Unless --verbose, transformers' per-load reports and progress bars are hidden: load_model says
+    what it loaded in one line instead (and refuses what would have been a warning in the report)."""
+    import datasets
+    import transformers
+
+    if not verbose:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
 def resolve(path: str) -> str:
     """A relative path that is not under the working directory but is next to this script (the toy
-    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder."""
+    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder; `~` is expanded."""
+    path = os.path.expanduser(path)
     here = Path(__file__).resolve().parent / path
     return str(here) if not Path(path).exists() and here.exists() else path
 
@@ -224,29 +326,83 @@ def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
 
 
+def locate(name: str, what: str) -> str:
+    """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
+    a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
+    fails at once, instead of after a minute of trying the hub."""
+    path = resolve(name)
+    if Path(path).exists():
+        return path
+    if looks_local(name) or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()):
+        raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
+    return path
+
+
+def load_failure(name: str, what: str, error: Exception) -> SystemExit:
+    """One line for a name that could not be loaded, naming HF_HUB_OFFLINE when that is the reason."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline and not Path(resolve(name)).exists():
+        return SystemExit(f"error: {what} '{name}' is not a local path and not in the Hugging Face cache, "
+                          "and HF_HUB_OFFLINE=1 forbids downloading it: pass a local directory, or run "
+                          "once online")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return SystemExit(f"error: could not load {what} '{name}': {reason}")
+
+
+def field_problem(value) -> Optional[str]:
+    """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
+    if value is None:
+        return "is missing"
+    if isinstance(value, str):
+        return None
+    if isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        return None
+    return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
+            "{role, content} messages")
+
+
 def load_split(name: str, split: str, needs: list):
-    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file.
-    `needs` lists alternatives: each a tuple of columns that together suffice."""
+    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (all its
+    rows; load_splits holds some out). `needs` lists alternatives: each a tuple of columns that together
+    suffice. Every row's fields are checked here, so a bad row fails with its number, not deep inside."""
     from datasets import load_dataset
 
-    path = resolve(name)
-    if looks_local(path) and not Path(path).exists():
-        raise SystemExit(f"error: dataset '{name}' not found: no such file or directory")
+    path = locate(name, "dataset")
+    one_file = path.endswith((".json", ".jsonl"))
+    where = f"dataset '{name}'" if one_file else f"split '{split}' of dataset '{name}'"
+    file = Path(path) if one_file else Path(path) / f"{split.split('[')[0]}.jsonl"
+    if file.is_file() and not any(line.strip() for line in open(file)):
+        raise SystemExit(f"error: {where} is empty: {file} has no rows")
     try:
-        if path.endswith((".json", ".jsonl")):
-            data = load_dataset("json", data_files=path, split="train")
-        else:
-            data = load_dataset(path, split=split)
+        data = load_dataset("json", data_files=path, split="train") if one_file else load_dataset(path, split=split)
     except Exception as e:  # datasets raises many types; all mean the same to a user
-        raise SystemExit(f"error: could not load split '{split}' of dataset '{name}': {e}")
-    if not any(set(cols) <= set(data.column_names) for cols in needs):
+        raise load_failure(name, f"split '{split}' of dataset", e)
+    columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
+    if columns is None:
         wanted = " or ".join("+".join(cols) for cols in needs)
-        raise SystemExit(f"error: dataset '{name}' ({split}) has columns {data.column_names}; "
-                         f"it needs {wanted}")
+        raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
+    if len(data) == 0:
+        raise SystemExit(f"error: {where} has no rows")
+    columns = list(dict.fromkeys([c for c in ("prompt",) if c in data.column_names] + list(columns)))
+    for i, row in enumerate(data.select_columns(columns)):
+        for column in columns:
+            problem = field_problem(row[column])
+            if problem and not (column == "prompt" and row[column] == ""):
+                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' {problem}")
     return data
 
 
-# Used only for a tokenizer without a chat template; documented in the README.
+def report_dropped(kept: int, dropped: int, max_length: int, where: str) -> None:
+    """Rows whose prompt leaves no room for a response token carry no loss: they are dropped, and said."""
+    if dropped:
+        print(f"note: {where}: dropped {dropped} of {kept + dropped} rows whose prompt fills --max_length "
+              f"{max_length} (no response token left)")
+    if not kept:
+        raise SystemExit(f"error: {where}: every prompt fills --max_length {max_length}; raise it")
+
+
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
@@ -257,9 +413,9 @@ def load_tokenizer(name: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise SystemExit(f"error: could not load the tokenizer of '{name}' (offline, or a wrong name?): {e}")
+        tokenizer = AutoTokenizer.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "the tokenizer of", e)
     if tokenizer.pad_token is None:
         print(f"note: the tokenizer of '{name}' has no pad token; using its EOS token for padding "
               "(padding is masked everywhere, so this changes no result)")
@@ -349,9 +505,10 @@ def split_pair(row: dict) -> tuple:
     return row["chosen"][:-1], row["chosen"][-1:], row["rejected"][-1:]
 
 
-def build_units(data, tokenizer, responses: str, max_length: int, stop_ids: list) -> list:
+def build_units(data, tokenizer, responses: str, max_length: int, stop_ids: list, where: str = "the data") -> list:
     """Per row, the (prompt_ids, response_ids) examples it contributes: one for an SFT row, one or
-    two for a preference row. A row's examples stay together when groups are formed."""
+    two for a preference row. A row's examples stay together when groups are formed. A row whose
+    prompt leaves no room for a response within max_length is dropped, and counted."""
     units = []
     for i, row in enumerate(data):
         if "chosen" in row:
@@ -361,8 +518,10 @@ def build_units(data, tokenizer, responses: str, max_length: int, stop_ids: list
             prompt, completions = row["messages"][:-1], [row["messages"][-1:]]
         else:
             prompt, completions = row["prompt"], [row["completion"]]
-        units.append([tokenize_example(tokenizer, prompt, c, max_length, stop_ids, check=(i == 0))
-                      for c in completions])
+        unit = [tokenize_example(tokenizer, prompt, c, max_length, stop_ids, check=(i == 0)) for c in completions]
+        if all(response for _, response in unit):
+            units.append(unit)
+    report_dropped(len(units), len(data) - len(units), max_length, where)
     return units
 
 
@@ -395,27 +554,49 @@ def collate_sequences(samples: list, pad_id: int) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # Models: the frozen B x B work, log-probs, sampling
 # ---------------------------------------------------------------------------------------------------
+def show_example(tokenizer, input_ids: list, labels: list) -> str:
+    """A tokenised sequence as text, the tokens that carry the loss between [[ and ]] (for --dry_run)."""
+    n = next((t for t, label in enumerate(labels) if label != -100), len(labels))
+    prompt, response = tokenizer.decode(input_ids[:n]), tokenizer.decode(input_ids[n:])
+    return f"{prompt}[[{response}]]  ({len(input_ids)} tokens, {len(input_ids) - n} in [[ ]])"
+
+
 def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
+    check_architecture(name, trust_remote_code, "ForCausalLM")
     try:
-        return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype,
-                                                    trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
+        model, info = AutoModelForCausalLM.from_pretrained(
+            locate(name, "model"), dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    if info["missing_keys"]:
+        raise SystemExit(f"error: '{name}' lacks weights a causal LM needs ({sorted(info['missing_keys'])[:3]}); "
+                         "is it the right checkpoint?")
+    describe_model(name, model)
+    return model
 
 
-def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32):
-    """A reward (or value) model: AutoModelForSequenceClassification with one output. A config without
-    pad_token_id gets the tokenizer's (transformers refuses padded batches without one); `score`
-    reads the reward at the index the attention mask gives, whatever the pad id."""
+def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32,
+                      new_head: bool = False):
+    """A reward (or value) model: AutoModelForSequenceClassification with one output. A checkpoint with
+    no trained score head (a causal LM) is refused unless `new_head` (a value model may start from one).
+    A config without pad_token_id gets the tokenizer's (transformers refuses padded batches without
+    one); `score` reads the reward at the index the attention mask gives, whatever the pad id."""
     from transformers import AutoModelForSequenceClassification
 
+    if not new_head:
+        check_architecture(name, trust_remote_code, "ForSequenceClassification")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolve(name), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise SystemExit(f"error: could not load reward model '{name}' (offline, or a wrong name?): {e}")
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            locate(name, "model"), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
+            output_loading_info=True)
+    except Exception as e:
+        raise load_failure(name, "reward model", e)
+    if info["missing_keys"] and not new_head:
+        raise SystemExit(f"error: '{name}' has no trained score head ({sorted(info['missing_keys'])[:3]} "
+                         "missing): train a reward model on it first (reward_model.py)")
+    describe_model(name, model)
     if model.config.pad_token_id is None:
         print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
         model.config.pad_token_id = pad_token_id
@@ -433,6 +614,27 @@ def disable_dropout(model) -> None:
         for name, value in list(vars(module).items()):
             if "dropout" in name and isinstance(value, float):
                 setattr(module, name, 0.0)
+
+
+def describe_model(name: str, model) -> None:
+    n = sum(p.numel() for p in model.parameters())
+    print(f"loaded '{name}': {type(model).__name__}, {n / 1e6:.1f}M parameters")
+
+
+def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
+    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
+    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
+    reward model, whose score head would be random."""
+    from transformers import AutoConfig
+
+    try:
+        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    found = found.architectures or []
+    if found and not any(a.endswith(wanted) for a in found):
+        kind = "a causal LM (...ForCausalLM)" if wanted == "ForCausalLM" else "a reward model (...ForSequenceClassification)"
+        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
 
 
 def batch_logps(model, batch: dict, autocast, temperature: float = 1.0) -> torch.Tensor:
@@ -578,43 +780,147 @@ def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, 
     return metrics, [{"prompt": p, **r} for p, r in zip(prompts, rows)]
 
 
-def check_output_dir(output_dir: Optional[str], script: str, overwrite: bool, models: list) -> Path:
-    """Fails before any work if the run would overwrite a previous one; writes nothing."""
-    out = Path(output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
+    """Fails before any work if the run would overwrite a previous one; writes nothing. With --resume,
+    the directory must hold an unfinished run with the same arguments. `resume` None: the script
+    cannot resume. Sets args.output_dir (the default is runs/<script>-<time>)."""
+    out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.output_dir = str(out)
     if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
-        raise SystemExit(f"error: output_dir '{out}' holds a model this run reads; choose another")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SystemExit(f"error: output_dir '{out}' already holds a run ({len(list(out.iterdir()))} "
-                         "entries); pass --overwrite to replace it, or choose another --output_dir")
+        raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
+    if resume:
+        if not (out / "args.json").exists():
+            raise UsageError(f"--resume: '{out}' holds no run to continue (no args.json); drop --resume")
+        if (out / "eval.json").exists():
+            raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
+        recorded = json.load(open(out / "args.json"))
+        changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in json.loads(json.dumps(asdict(args))).items()
+                   if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
+                   and recorded.get(k) != v]
+        if changed:
+            raise UsageError(f"--resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
+                              "resume with the same ones")
+        return out
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        hint = "--resume to continue it, " if resume is not None else ""
+        raise UsageError(f"output_dir '{out}' already holds a run; pass {hint}--overwrite to start over, or "
+                          "choose another --output_dir")
     return out
 
 
-def create_output_dir(out: Path, args) -> None:
-    """Called once the inputs have loaded: empties an --overwrite'n dir, records the arguments."""
+def run_info(device, dtype: str) -> dict:
+    """What a reader needs to reproduce a run besides its arguments."""
+    import subprocess
+
+    import datasets
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
+            "python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "datasets": datasets.__version__,
+            "device": str(device), "dtype": dtype, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional[int] = None) -> None:
+    """Called once the inputs have loaded. A new run: empties an --overwrite'n dir, writes args.json (the
+    arguments, then under "run" the versions, device, dtype and git commit). A resumed run keeps the
+    metrics logged up to its checkpoint and drops the later ones, which the run will log again."""
+    if resume_step is not None:
+        log = out / "metrics.jsonl"
+        records = [json.loads(line) for line in open(log)] if log.exists() else []
+        with open(log, "w") as f:
+            for r in records:
+                if r.get("step", 0) <= resume_step:
+                    f.write(json.dumps(r) + "\n")
+        return
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     with open(out / "args.json", "w") as f:
-        json.dump(asdict(args), f, indent=2)
+        json.dump({**asdict(args), "run": run_info(device, dtype)}, f, indent=2)
+
+
+def check_finite(model, when: str) -> None:
+    """Refuses to save weights that hold a NaN or an infinity."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise SystemExit(f"error: {len(bad)} weight tensors are non-finite {when} (first: {bad[0]}); "
+                         "nothing saved. Try a lower --learning_rate or float32")
 
 
 def save_model(model, tokenizer, out: Path) -> None:
-    """Atomic save: written to a temporary folder, then moved into place, so a crash mid-save never
-    leaves a half-written model in `out`."""
+    """The final model, in `out` itself (loadable as --model out). Written to a temporary folder, then
+    moved in with config.json last: until config.json is there, no loader takes the folder for a model,
+    so a crash mid-save never leaves a loadable half-model. Non-finite weights are never saved."""
+    check_finite(model, "at the end of training")
     tmp = out / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    for f in tmp.iterdir():
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
         os.replace(f, out / f.name)
     tmp.rmdir()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------
+def random_states() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_random_states(states: dict) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(model, tokenizer, out: Path, step: int, state: dict) -> None:
+    """A periodic checkpoint, out/checkpoint-<step>: the model (loadable as it is) and trainer_state.pt
+    (optimiser, scheduler, progress, random states). It is written complete to a temporary folder and
+    renamed into place in one step, and older checkpoints are removed only then: a kill at any moment
+    leaves at least one complete checkpoint."""
+    check_finite(model, f"at step {step}")
+    final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"step": step, **state, "random": random_states()}, tmp / "trainer_state.pt")
+    os.replace(tmp, final)
+    for old in out.glob("checkpoint-*"):
+        if old != final:
+            shutil.rmtree(old)
+
+
+def last_checkpoint(out: Path) -> Optional[Path]:
+    found = sorted(out.glob("checkpoint-*"))
+    return found[-1] if found else None
+
+
+def describe_run(output_dir: Optional[str]) -> str:
+    """What a stopped run left behind, in one line (printed on Ctrl-C)."""
+    out = Path(output_dir) if output_dir else None
+    if out is None or not (out / "args.json").exists():
+        return "nothing was written"
+    log = out / "metrics.jsonl"
+    records = [json.loads(line) for line in open(log)] if log.exists() else []
+    steps = [r.get("step", r.get("iteration")) for r in records]
+    kept = f"args.json, metrics.jsonl ({len(records)} records" + (f", last at step {steps[-1]})" if steps else ")")
+    checkpoint = last_checkpoint(out)
+    kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
+    resumable = "resume" in json.load(open(out / "args.json"))
+    hint = f"--resume --output_dir {out} continues it" if resumable else f"--overwrite --output_dir {out} starts over"
+    return f"kept in {out}: {kept}; {hint}"
+
+
 def main(args: Args) -> dict:
-    # setup
+    # setup: every argument and the output dir checked before anything loads
+    check_args(args)
+    set_verbosity(args.verbose)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -622,10 +928,8 @@ def main(args: Args) -> dict:
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
     ref_name = args.ref or args.model
-    if args.sample_every is not None and (args.sample_every < 1 or args.eval_prompts.lower() == "none"):
-        raise SystemExit("error: --sample_every needs a positive number of steps and --eval_prompts "
-                         "to sample")
-    out = check_output_dir(args.output_dir, "var", args.overwrite, [args.model, ref_name, args.reward_model])
+    if not args.dry_run:
+        out = check_output_dir(args, "var", [args.model, ref_name, args.reward_model], resume=args.resume)
 
     # data, and every tokenizer checked against the policy's before any compute
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
@@ -634,28 +938,44 @@ def main(args: Args) -> dict:
         check_same_tokenizer(tokenizer, load_tokenizer(name, args.trust_remote_code), name)
     needs = [("chosen", "rejected"), ("messages",), ("prompt", "completion")]
     train_data = load_split(args.dataset, args.train_split, needs)
-    groups = make_groups(build_units(train_data, tokenizer, args.responses, args.max_length, stop_ids),
-                         args.batch_size, args.seed)
+    units = build_units(train_data, tokenizer, args.responses, args.max_length, stop_ids,
+                        f"'{args.dataset}' {args.train_split}")
+    groups = make_groups(units, args.batch_size, args.seed)
     if not groups:
-        raise SystemExit(f"error: fewer examples than one batch of {args.batch_size}")
+        raise UsageError(f"{sum(map(len, units))} training examples are fewer than one group of --batch_size "
+                          f"{args.batch_size}; lower it")
+    total_steps = count_steps(len(groups) * args.batch_size, args)  # one group per micro-batch
     prompts = None
     if args.eval_prompts.lower() != "none":
         prompts = load_split(args.eval_prompts, args.eval_prompts_split, [("prompt",)])["prompt"]
         prompts = prompts[: args.num_eval_prompts] if args.num_eval_prompts else prompts
+    if args.dry_run:
+        prompt_ids, response_ids = groups[0][0]
+        print("example: " + show_example(tokenizer, prompt_ids + response_ids,
+                                         [-100] * len(prompt_ids) + response_ids))
+        print(f"dry run: {len(groups)} groups of {args.batch_size} examples, {total_steps} optimiser steps of "
+              f"{args.gradient_accumulation_steps} group(s); no model loaded, nothing written")
+        return {"train/groups": len(groups), "train/steps": total_steps}
+    checkpoint = last_checkpoint(out) if args.resume else None
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False) if checkpoint else None
 
     # models: the policy trains; the reference and the reward model are frozen
-    policy = load_model(args.model, args.trust_remote_code).to(device)
+    policy = load_model(str(checkpoint or args.model), args.trust_remote_code).to(device)
     if not args.dropout:
         disable_dropout(policy)
     ref_model = load_model(ref_name, args.trust_remote_code).to(device).eval().requires_grad_(False)
     pad_id = tokenizer.pad_token_id
     reward_model = load_scalar_model(args.reward_model, pad_id, args.trust_remote_code).to(device).eval()
-    create_output_dir(out, args)
+    create_output_dir(out, args, device, dtype, resume_step=state["step"] if state else None)
 
-    # the frozen work, once per fixed group (B^2 reward-model passes each, but for the batch normaliser)
+    # the frozen work, once per fixed group (B^2 reward-model passes each, but for the batch normaliser);
+    # a resumed run reads it from its checkpoint
     start = time.time()
-    weights, rewards = zip(*[group_weights(g, ref_model, reward_model, args, pad_id, device, autocast)
-                             for g in tqdm(groups, desc="weights", leave=False, disable=None)])
+    if state:
+        weights, rewards = state["frozen"]
+    else:
+        weights, rewards = zip(*[group_weights(g, ref_model, reward_model, args, pad_id, device, autocast)
+                                 for g in tqdm(groups, desc="weights", leave=False, disable=None)])
     frozen_time = time.time() - start
     all_weights = torch.cat(weights)
     print(f"var: {len(groups)} groups of {args.batch_size}, {args.normalizer} normaliser, beta {args.beta}: "
@@ -666,19 +986,29 @@ def main(args: Args) -> dict:
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         policy.config.use_cache = False
-    total_steps = args.max_steps or args.num_epochs * len(groups) // args.gradient_accumulation_steps
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=args.adam_betas,
                                   weight_decay=args.weight_decay)
     warmup = int(args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, "cosine"))
+    start_step, train_time, tokens_seen = 0, 0.0, 0
+    window = {"loss": 0.0, "mean": 0.0, "max": 0.0, "ess": 0.0, "reward": 0.0, "n": 0}
+    if state:  # --resume: the optimiser, schedule, data position and random state where they were
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_random_states(state["random"])
+        start_step, (train_time, tokens_seen, window) = state["step"], state["progress"]
+        print(f"resuming from {checkpoint} (step {start_step} of {total_steps})")
 
-    def batches():  # endless stream of group indices, reshuffled every epoch
-        g = torch.Generator().manual_seed(args.seed + 1)
+    def batches(skip: int):  # endless stream of group indices, reshuffled every epoch
+        g, n = torch.Generator().manual_seed(args.seed + 1), 0
         while True:
-            yield from torch.randperm(len(groups), generator=g).tolist()
+            for k in torch.randperm(len(groups), generator=g).tolist():
+                n += 1
+                if n > skip:  # a resumed run skips the groups already trained on
+                    yield k
 
-    metrics_file = open(out / "metrics.jsonl", "w")
+    metrics_file = open(out / "metrics.jsonl", "a")
 
     def log(record: dict) -> None:
         metrics_file.write(json.dumps(record) + "\n")
@@ -698,11 +1028,10 @@ def main(args: Args) -> dict:
                 f.write(json.dumps(row) + "\n")
         return metrics
 
-    if prompts is not None and args.sample_every:
+    if prompts is not None and args.sample_every and start_step == 0:
         log({"step": 0, **sample_and_score(out / "samples" / "step_000000.jsonl")})
-    stream, train_time, tokens_seen = batches(), 0.0, 0
-    window = {"loss": 0.0, "mean": 0.0, "max": 0.0, "ess": 0.0, "reward": 0.0, "n": 0}
-    for step in tqdm(range(1, total_steps + 1), desc="var", dynamic_ncols=True, disable=None):
+    stream = batches(skip=start_step * args.gradient_accumulation_steps)
+    for step in tqdm(range(start_step + 1, total_steps + 1), desc="var", dynamic_ncols=True, disable=None):
         step_start = time.time()
         for _ in range(args.gradient_accumulation_steps):
             k = next(stream)
@@ -718,9 +1047,13 @@ def main(args: Args) -> dict:
                 window[key] += v
             window["n"] += 1
         if not math.isfinite(window["loss"]):
-            raise SystemExit(f"error: the loss became {window['loss']} at step {step}; stopping, nothing "
-                             f"saved in {out}. Try a lower --learning_rate or a larger --beta.")
+            raise SystemExit(f"error: the loss became {window['loss']} at step {step}; stopping before the "
+                             f"update (the last checkpoint, if any, is in {out}). Try a lower --learning_rate "
+                             "or a larger --beta.")
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
+        if not math.isfinite(grad_norm):  # a finite loss, a non-finite gradient: an overflow
+            raise SystemExit(f"error: the gradient norm became {grad_norm} at step {step} (the loss was "
+                             "finite); stopping before the update. Try a lower --learning_rate or float32.")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -735,12 +1068,16 @@ def main(args: Args) -> dict:
             window = {"loss": 0.0, "mean": 0.0, "max": 0.0, "ess": 0.0, "reward": 0.0, "n": 0}
         if prompts is not None and args.sample_every and step % args.sample_every == 0 and step < total_steps:
             log({"step": step, **sample_and_score(out / "samples" / f"step_{step:06d}.jsonl")})
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            save_checkpoint(policy, tokenizer, out, step, {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "progress": (train_time, tokens_seen, window), "frozen": (weights, rewards)})
     metrics_file.close()
     save_model(policy, tokenizer, out)
 
     results = {"train/steps": total_steps, "train/runtime_s": round(train_time, 1),
                "perf/frozen_s": round(frozen_time, 1),
-               "perf/tokens_per_s": round(tokens_seen / train_time, 1),
+               "perf/tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
                "perf/tokens_per_s_with_frozen": round(tokens_seen / (train_time + frozen_time), 1),
                "weights/mean": all_weights.mean().item(), "weights/max": all_weights.max().item()}
     if prompts is not None:
@@ -751,5 +1088,18 @@ def main(args: Args) -> dict:
     return results
 
 
+def cli(argv: Optional[list] = None) -> None:
+    """The command line. Ctrl-C stops the run with one line saying what was kept; exit code 130."""
+    args = tyro.cli(Args, args=argv)
+    try:
+        main(args)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {describe_run(args.output_dir)}", file=sys.stderr)
+        raise SystemExit(130)
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli()

@@ -73,7 +73,10 @@ def test_formats_string_conversational_and_implicit_prompt(toy_rm):
     assert tok.decode(a["chosen"]) == ("<|bos|><|user|>How was the cake?<|end|>"
                                        "<|assistant|>It was good.<|end|>")
     assert tok.decode(c["rejected"]) == "How was the cake? It was bad.<|end|>"
-    assert rm.build_pairs([conv], tok, 10, [tok.eos_token_id]) == []  # too long: skipped, never truncated
+    long = conv | {"chosen": [{"role": "assistant", "content": "good " * 50}]}
+    assert len(rm.build_pairs([conv, long], tok, 20, [tok.eos_token_id])) == 1
+    with pytest.raises(SystemExit, match="every pair is longer"):  # too long: skipped, never truncated
+        rm.build_pairs([conv], tok, 10, [tok.eos_token_id])
 
 
 def test_missing_columns_fail_clearly(tmp_path):

@@ -1,0 +1,348 @@
+"""Bad input, interruptions and first contact: every case fails before any work with one clear line
+(exit code 2 for a bad argument), leaves the output dir and the models it was given unchanged, and a
+stopped run resumes where it was. Each case calls a script in-process, with tiny settings."""
+
+import hashlib
+import json
+import math
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+import dera
+import dpo
+import expo
+import ppo
+import reward_model
+import sft
+import var
+from conftest import TOY
+
+MODELS = ["sft", "rm", "dpo"]
+
+
+def digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def toy_models_unchanged():
+    """No case may touch a model it was given: the toy's checkpoints hash the same before and after."""
+    before = {m: digest(TOY / m) for m in MODELS}
+    yield
+    assert {m: digest(TOY / m) for m in MODELS} == before
+
+
+def fails(call, match: str, code=None) -> str:
+    """Runs `call`, which must exit with a one-line message matching `match` (and `code`)."""
+    with pytest.raises(SystemExit) as e:
+        call()
+    message = str(e.value)
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
+    assert match.lower() in message.lower(), message
+    if code is not None:
+        assert e.value.code == code, (e.value.code, message)
+    return message
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fails a case that would hang instead of erroring."""
+    def timeout(*_):
+        raise TimeoutError(f"still running after {seconds}s: a hang")
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+TINY_DPO = dict(reward_model="none", eval_split=None, max_train_samples=32, batch_size=4, log_every=1)
+
+
+# --- arguments: refused before anything loads, exit code 2 ------------------------------------------------
+ARGUMENT_CASES = [
+    (dpo, dict(beta=0.0), "--beta must be positive"),
+    (dpo, dict(beta=-0.1), "--beta must be positive"),
+    (dpo, dict(beta=0.0, loss_type="ipo"), "--beta must be positive"),
+    (var, dict(beta=0.0), "--beta must be positive"),
+    (var, dict(beta=-1.0), "--beta must be positive"),
+    (ppo, dict(beta=-0.05), "--beta"),
+    (dpo, dict(label_smoothing=2.0), "[0, 0.5)"),
+    (dpo, dict(label_smoothing=0.1, loss_type="ipo"), "sigmoid loss only"),
+    (sft, dict(temperature=0.0), "--temperature must be positive"),
+    (dpo, dict(temperature=0.0), "--temperature must be positive"),
+    (var, dict(temperature=0.0), "--temperature must be positive"),
+    (ppo, dict(temperature=0.0), "--temperature must be positive"),
+    (dera, dict(temperature=0.0), "--temperature must be positive"),
+    (expo, dict(temperature=0.0), "--temperature must be positive"),
+    (sft, dict(num_epochs=0), "--num_epochs must be at least 1"),
+    (reward_model, dict(max_steps=-3), "--max_steps must be at least 1"),
+    (dpo, dict(max_steps=-3), "--max_steps must be at least 1"),
+    (var, dict(num_epochs=0), "--num_epochs must be at least 1"),
+    (dpo, dict(resume=True, overwrite=True, output_dir="x"), "pass one"),
+]
+
+
+@pytest.mark.parametrize("script,changes,match", ARGUMENT_CASES,
+                         ids=[f"{s.__name__}-{'-'.join(f'{k}={v}' for k, v in c.items())}"
+                              for s, c, _ in ARGUMENT_CASES])
+def test_bad_argument_is_refused_before_anything_loads(script, changes, match, tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the arguments were checked")
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", no_loading)
+    out = tmp_path / "run"
+    changes = {"output_dir": str(out), **changes}
+    fails(lambda: script.main(script.Args(**changes)), match, code=2)
+    assert not out.exists()
+
+
+def test_ppo_beta_zero_is_valid():
+    ppo.check_args(ppo.Args(beta=0.0))  # no KL penalty: a choice, not a mistake
+
+
+def test_command_line_prints_one_error_line_and_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        dpo.cli(["--beta", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --beta must be positive"), err
+
+
+def test_gradient_accumulation_larger_than_the_data(tmp_path):
+    out = tmp_path / "run"
+    fails(lambda: sft.main(sft.Args(max_train_samples=4, batch_size=4, gradient_accumulation_steps=8,
+                                    eval_split=None, output_dir=str(out))),
+          "fewer than one optimiser step", code=2)
+    assert not out.exists()
+
+
+def test_ppo_with_fewer_prompts_than_a_batch_errors_instead_of_hanging(tmp_path):
+    prompts = write_jsonl(tmp_path / "three.jsonl", [{"prompt": f"p{i}"} for i in range(3)])
+    out = tmp_path / "run"
+    with deadline(60):
+        fails(lambda: ppo.main(ppo.Args(prompts=prompts, eval_split=None, batch_size=8, minibatch_size=8,
+                                        total_episodes=8, output_dir=str(out))), "3")
+    assert not out.exists()
+
+
+# --- data ------------------------------------------------------------------------------------------------
+def pref_rows(n: int) -> list:
+    return [{"prompt": [{"role": "user", "content": f"How was the jacket {i}?"}],
+             "chosen": [{"role": "assistant", "content": "It was great."}],
+             "rejected": [{"role": "assistant", "content": "It was bad."}]} for i in range(n)]
+
+
+def test_one_file_holds_out_eval_rows_and_says_so(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "one.jsonl", pref_rows(40))
+    train, evals = dpo.load_splits(data, "train", "test", [("chosen", "rejected")], 0.1, seed=0)
+    assert (len(train), len(evals)) == (36, 4)
+    assert not {r["prompt"][0]["content"] for r in train} & {r["prompt"][0]["content"] for r in evals}
+    assert "36 rows to train on, 4 held out" in capsys.readouterr().out
+    result = dpo.main(dpo.Args(dataset=data, eval_fraction=0.1, dry_run=True, reward_model="none"))
+    assert (result["train/pairs"], result["eval/pairs"]) == (36, 4)
+    fails(lambda: dpo.load_splits(data, "train", "test", [("chosen", "rejected")], 0.0, seed=0),
+          "--eval_fraction")
+
+
+def test_prompts_that_fill_max_length_are_dropped_and_counted(tmp_path, capsys):
+    rows = pref_rows(6)
+    for r in rows[:2]:
+        r["prompt"][0]["content"] = "How was the jacket? " * 30
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    result = dpo.main(dpo.Args(dataset=data, eval_split=None, max_length=40, dry_run=True, reward_model="none",
+                               batch_size=2))
+    assert result["train/pairs"] == 4
+    assert "dropped 2 of 6 rows" in capsys.readouterr().out
+    fails(lambda: dpo.main(dpo.Args(dataset=data, eval_split=None, max_length=5, dry_run=True,
+                                    reward_model="none")), "every prompt fills --max_length")
+    fails(lambda: sft.main(sft.Args(dataset=write_jsonl(tmp_path / "s.jsonl", [
+        {"prompt": "x " * 50, "completion": "y"}]), eval_split=None, max_length=8, dry_run=True)),
+          "every prompt fills --max_length")
+
+
+@pytest.mark.parametrize("row,match", [
+    ({"prompt": "a", "rejected": "c"}, "row 2: field 'chosen' is missing"),
+    ({"prompt": "a", "chosen": 3, "rejected": "c"}, "row 2: field 'chosen' is int"),
+    ({"prompt": 7, "chosen": "b", "rejected": "c"}, "row 2: field 'prompt' is int"),
+    ({"prompt": "a", "chosen": [{"role": "assistant"}], "rejected": "c"}, "row 2: field 'chosen' is list"),
+], ids=["missing", "wrong-type", "prompt-type", "message-without-content"])
+def test_bad_row_names_file_row_and_field(tmp_path, row, match):
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}, row])
+    message = fails(lambda: dpo.main(dpo.Args(dataset=data, dry_run=True, reward_model="none")), match)
+    assert "rows.jsonl" in message
+
+
+def test_empty_file_and_empty_split(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    fails(lambda: dpo.main(dpo.Args(dataset=str(empty), dry_run=True, reward_model="none")), "is empty")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", pref_rows(4))
+    (folder / "test.jsonl").write_text("")
+    message = fails(lambda: dpo.main(dpo.Args(dataset=str(folder), dry_run=True, reward_model="none")),
+                    "split 'test'")
+    assert "empty" in message
+
+
+def test_a_path_that_does_not_exist_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    start = time.time()
+    for name in ["runs/sft-typo", "./nowhere", str(tmp_path / "gone")]:
+        fails(lambda: dpo.main(dpo.Args(model=name, dry_run=True, reward_model="none")),
+              "no such file or directory")
+    assert time.time() - start < 10
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fails(lambda: dpo.main(dpo.Args(model="some-org/some-model", dry_run=True, reward_model="none")),
+          "HF_HUB_OFFLINE")
+
+
+# --- models of the wrong kind ----------------------------------------------------------------------------
+def test_a_causal_lm_as_reward_model_is_refused(tmp_path):
+    out = tmp_path / "run"
+    fails(lambda: dpo.main(dpo.Args(**TINY_DPO | {"reward_model": str(TOY / "sft")}, output_dir=str(out))),
+          "LlamaForCausalLM")
+    fails(lambda: dpo.load_scalar_model(str(TOY / "sft"), 0, False), "needs a reward model")
+    assert not (out / "model.safetensors").exists()
+
+
+def test_a_reward_model_as_policy_or_aligned_model_is_refused(tmp_path):
+    fails(lambda: dpo.load_model(str(TOY / "rm"), False), "LlamaForSequenceClassification")
+    out = tmp_path / "run"
+    fails(lambda: dera.main(dera.Args(aligned=[str(TOY / "rm")], num_prompts=2, max_new_tokens=4,
+                                      output_dir=str(out))), "LlamaForSequenceClassification")
+    assert not out.exists()
+
+
+# --- training that goes wrong, and runs that stop --------------------------------------------------------
+def test_non_finite_gradient_with_finite_loss_stops_before_the_update(tmp_path, monkeypatch):
+    real = torch.nn.utils.clip_grad_norm_
+
+    def overflow(params, *args, **kwargs):  # what an overflow in the backward pass leaves behind
+        params = list(params)
+        params[0].grad.view(-1)[0] = float("inf")
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", overflow)
+    out = tmp_path / "run"
+    fails(lambda: dpo.main(dpo.Args(**TINY_DPO, max_steps=3, output_dir=str(out))), "at step 1")
+    assert not (out / "model.safetensors").exists()
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    model = dpo.load_model(str(TOY / "sft"), False)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    tokenizer = dpo.load_tokenizer(str(TOY / "sft"), False)
+    fails(lambda: dpo.save_model(model, tokenizer, tmp_path), "non-finite")
+    fails(lambda: dpo.save_checkpoint(model, tokenizer, tmp_path, 1, {}), "non-finite")
+    assert not list(tmp_path.iterdir())
+
+
+def interrupt_at(monkeypatch, call: int):
+    """Ctrl-C during the given optimiser step (counted by the calls to clip_grad_norm_)."""
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def maybe_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", maybe_interrupt)
+
+
+@pytest.mark.parametrize("script", [dpo, sft, reward_model, var])
+def test_interrupted_run_resumes_on_the_same_loss_curve(script, tmp_path, monkeypatch, capsys):
+    tiny = {dpo: ["--reward_model", "none", "--eval_split", "None", "--max_train_samples", "32",
+                  "--batch_size", "4"],
+            sft: ["--eval_split", "None", "--max_train_samples", "32", "--batch_size", "4", "--num_samples", "0"],
+            reward_model: ["--eval_split", "None", "--max_train_samples", "32", "--batch_size", "4"],
+            var: ["--eval_prompts", "none", "--train_split", "train[:16]", "--batch_size", "4",
+                  "--score_batch_size", "16"]}[script]
+    argv = tiny + ["--max_steps", "6", "--log_every", "1", "--save_every", "3"]
+    script.cli(argv + ["--output_dir", str(tmp_path / "whole")])
+    interrupted = str(tmp_path / "stopped")
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        interrupt_at(m, 5)
+        with pytest.raises(SystemExit) as e:
+            script.cli(argv + ["--output_dir", interrupted])
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint-000003" in err[0] and "--resume" in err[0], err
+    with pytest.raises(SystemExit) as e:  # a plain rerun refuses, and says how to go on
+        script.cli(argv + ["--output_dir", interrupted])
+    assert e.value.code == 2 and "--resume" in capsys.readouterr().err
+    script.cli(argv + ["--output_dir", interrupted, "--resume"])
+    whole = [json.loads(line) for line in open(tmp_path / "whole" / "metrics.jsonl")]
+    resumed = [json.loads(line) for line in open(Path(interrupted) / "metrics.jsonl")]
+    assert [r["step"] for r in resumed] == [r["step"] for r in whole] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(whole, resumed):
+        assert math.isclose(a["train/loss"], b["train/loss"], rel_tol=1e-5, abs_tol=1e-6), (a, b)
+        assert a["train/lr"] == b["train/lr"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # a finished run is not resumed again
+        script.cli(argv + ["--output_dir", interrupted, "--resume"])
+    assert e.value.code == 2 and "finished" in capsys.readouterr().err
+
+
+def test_a_checkpoint_save_that_dies_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    dpo.main(dpo.Args(**TINY_DPO, max_steps=4, save_every=2, output_dir=str(out)))
+    (out / "eval.json").unlink()  # pretend it stopped after the last checkpoint
+    model = dpo.load_model(str(out / "checkpoint-000002"), False)
+    tokenizer = dpo.load_tokenizer(str(out), False)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        dpo.save_checkpoint(model, tokenizer, out, 4, {})
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-000002"]
+    assert (out / "checkpoint-000002" / "trainer_state.pt").exists()
+
+
+def test_args_json_records_how_to_reproduce_the_run(tmp_path):
+    out = tmp_path / "run"
+    dpo.main(dpo.Args(**TINY_DPO, max_steps=1, output_dir=str(out)))
+    recorded = json.load(open(out / "args.json"))
+    assert recorded["beta"] == 0.1 and recorded["output_dir"] == str(out)
+    run = recorded["run"]
+    assert run["torch"] == torch.__version__ and run["device"] == "cpu" and run["dtype"] == "float32"
+    assert {"transformers", "datasets", "git_commit", "python"} <= set(run)
+
+
+def test_help_opens_with_a_description_and_an_example(capsys):
+    for script in [sft, reward_model, dpo, ppo, var, dera, expo]:
+        with pytest.raises(SystemExit):
+            script.cli(["--help"])
+        text = capsys.readouterr().out
+        head = text[: text.index("╭")] if "╭" in text else text[:1500]
+        assert "Example: python" in head and f"{script.__name__}.py" in head, (script.__name__, head)
+
+
+# --- the decoding scripts --------------------------------------------------------------------------------
+def test_dera_accepts_a_single_lambda_and_aligned_model(tmp_path):
+    out = tmp_path / "run"
+    results = dera.main(dera.Args(lambdas=0.5, aligned=str(TOY / "dpo"), num_prompts=4, max_new_tokens=8,
+                                  output_dir=str(out), reward_model="none"))
+    assert [row["lambda"] for row in results["table"]] == ["0.5"]
+    assert json.load(open(out / "args.json"))["lambdas"] == [0.5]
