@@ -135,9 +135,25 @@ def check_args(args: Args) -> None:
             raise UsageError(message)
 
 
+class UsageError(SystemExit):
+    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
+    for a malformed command line (str() gives the message, for code that calls main directly)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = f"error: {message}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
 # ---------------------------------------------------------------------------------------------------
 # The method's maths
+
+
 # ---------------------------------------------------------------------------------------------------
+
+
 def realigned_logits(h_ref: torch.Tensor, h_aligned: Union[torch.Tensor, Sequence[torch.Tensor]],
                      lam: Union[float, Sequence[float]]) -> torch.Tensor:
     """Logits of the realigned model, in fp32.
@@ -240,7 +256,11 @@ def combine_weights(ref, aligned: list, lam: list):
 
 # ---------------------------------------------------------------------------------------------------
 # Data and models
+
+
 # ---------------------------------------------------------------------------------------------------
+
+
 def resolve(path: str) -> str:
     """A relative path that is not under the working directory but is next to this script (the toy
     defaults) resolves there, so `python ~/minialign/sft.py` works from any folder; `~` is expanded."""
@@ -251,30 +271,6 @@ def resolve(path: str) -> str:
 
 def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
-
-
-class UsageError(SystemExit):
-    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
-    for a malformed command line (str() gives the message, for code that calls main directly)."""
-
-    def __init__(self, message: str):
-        super().__init__(2)
-        self.message = f"error: {message}"
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def set_verbosity(verbose: bool) -> None:
-    """Unless --verbose, transformers' per-load reports and progress bars are hidden: load_model says
-    what it loaded in one line instead (and refuses what would have been a warning in the report)."""
-    import datasets
-    import transformers
-
-    if not verbose:
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
 
 
 def locate(name: str, what: str) -> str:
@@ -327,7 +323,8 @@ def load_split(name: str, split: str, needs: list):
     if file.is_file() and not any(line.strip() for line in open(file)):
         raise SystemExit(f"error: {where} is empty: {file} has no rows")
     try:
-        data = load_dataset("json", data_files=path, split="train") if one_file else load_dataset(path, split=split)
+        data = (load_dataset("json", data_files=path, split="train") if one_file
+                else load_dataset(path, split=split))
     except Exception as e:  # datasets raises many types; all mean the same to a user
         raise load_failure(name, f"split '{split}' of dataset", e)
     columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
@@ -413,6 +410,40 @@ def collate_sequences(samples: list, pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def set_verbosity(verbose: bool) -> None:
+    """Unless --verbose, transformers' per-load reports and progress bars are hidden: load_model says
+    what it loaded in one line instead (and refuses what would have been a warning in the report)."""
+    import datasets
+    import transformers
+
+    if not verbose:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
+def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
+    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
+    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
+    reward model, whose score head would be random."""
+    from transformers import AutoConfig
+
+    try:
+        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    found = found.architectures or []
+    if found and not any(a.endswith(wanted) for a in found):
+        kind = ("a causal LM (...ForCausalLM)" if wanted == "ForCausalLM"
+                else "a reward model (...ForSequenceClassification)")
+        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
+
+
+def describe_model(name: str, model) -> None:
+    n = sum(p.numel() for p in model.parameters())
+    print(f"loaded '{name}': {type(model).__name__}, {n / 1e6:.1f}M parameters")
+
+
 def load_causal_lm(name: str, dtype, trust_remote_code: bool):
     """A causal LM (the reference or an aligned model); a reward model is refused before its weights load."""
     from transformers import AutoModelForCausalLM
@@ -451,27 +482,6 @@ def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dty
     return model
 
 
-def describe_model(name: str, model) -> None:
-    n = sum(p.numel() for p in model.parameters())
-    print(f"loaded '{name}': {type(model).__name__}, {n / 1e6:.1f}M parameters")
-
-
-def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
-    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
-    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
-    reward model, whose score head would be random."""
-    from transformers import AutoConfig
-
-    try:
-        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "model", e)
-    found = found.architectures or []
-    if found and not any(a.endswith(wanted) for a in found):
-        kind = "a causal LM (...ForCausalLM)" if wanted == "ForCausalLM" else "a reward model (...ForSequenceClassification)"
-        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
-
-
 def check_compatible(ref, aligned: list, names: list, mode: str) -> None:
     """Logits can only be mixed over the same vocabulary; weights only between identical shapes."""
     for model, name in zip(aligned, names):
@@ -489,7 +499,11 @@ def check_compatible(ref, aligned: list, names: list, mode: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Evaluation
+
+
 # ---------------------------------------------------------------------------------------------------
+
+
 @torch.no_grad()
 def decode_all(ref, aligned: list, lam: list, prompts: list, tokenizer, args, device,
                stop_ids: list) -> tuple:
@@ -565,32 +579,11 @@ def print_table(rows: list) -> None:
         print(" ".join(f"{row[k]:>10}" if isinstance(row[k], str) else f"{row[k]:>10.3f}" for k, _ in cols))
 
 
-def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
-    """Fails before any work if the run would overwrite a previous one; writes nothing. With --resume,
-    the directory must hold an unfinished run with the same arguments. `resume` None: the script
-    cannot resume. Sets args.output_dir (the default is runs/<script>-<time>)."""
-    out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
-    args.output_dir = str(out)
-    if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
-        raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
-    if resume:
-        if not (out / "args.json").exists():
-            raise UsageError(f"--resume: '{out}' holds no run to continue (no args.json); drop --resume")
-        if (out / "eval.json").exists():
-            raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
-        recorded = json.load(open(out / "args.json"))
-        changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in json.loads(json.dumps(asdict(args))).items()
-                   if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
-                   and recorded.get(k) != v]
-        if changed:
-            raise UsageError(f"--resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
-                              "resume with the same ones")
-        return out
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        hint = "--resume to continue it, " if resume is not None else ""
-        raise UsageError(f"output_dir '{out}' already holds a run; pass {hint}--overwrite to start over, or "
-                          "choose another --output_dir")
-    return out
+# ---------------------------------------------------------------------------------------------------
+# Runs: the output dir, checkpoints, resuming
+
+
+# ---------------------------------------------------------------------------------------------------
 
 
 def run_info(device, dtype: str) -> dict:
@@ -609,6 +602,35 @@ def run_info(device, dtype: str) -> dict:
             "python": sys.version.split()[0], "torch": torch.__version__,
             "transformers": transformers.__version__, "datasets": datasets.__version__,
             "device": str(device), "dtype": dtype, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
+    """Fails before any work if the run would overwrite a previous one; writes nothing. With --resume,
+    the directory must hold an unfinished run with the same arguments. `resume` None: the script
+    cannot resume. Sets args.output_dir (the default is runs/<script>-<time>)."""
+    out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.output_dir = str(out)
+    if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
+        raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
+    if resume:
+        if not (out / "args.json").exists():
+            raise UsageError(f"--resume: '{out}' holds no run to continue (no args.json); drop --resume")
+        if (out / "eval.json").exists():
+            raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
+        recorded = json.load(open(out / "args.json"))
+        current = json.loads(json.dumps(asdict(args)))  # tuples as lists, as args.json has them
+        changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items()
+                   if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
+                   and recorded.get(k) != v]
+        if changed:
+            raise UsageError(f"--resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
+                              "resume with the same ones")
+        return out
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        hint = "--resume to continue it, " if resume is not None else ""
+        raise UsageError(f"output_dir '{out}' already holds a run; pass {hint}--overwrite to start over, or "
+                          "choose another --output_dir")
+    return out
 
 
 def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional[int] = None) -> None:
@@ -643,11 +665,15 @@ def describe_run(output_dir: Optional[str]) -> str:
     log = out / "metrics.jsonl"
     records = [json.loads(line) for line in open(log)] if log.exists() else []
     steps = [r.get("step", r.get("iteration")) for r in records]
-    kept = f"args.json, metrics.jsonl ({len(records)} records" + (f", last at step {steps[-1]})" if steps else ")")
+    kept = f"args.json, metrics.jsonl ({len(records)} records"
+    kept += f", last at step {steps[-1]})" if steps else ")"
     checkpoint = last_checkpoint(out)
     kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
     resumable = "resume" in json.load(open(out / "args.json"))
-    hint = f"--resume --output_dir {out} continues it" if resumable else f"--overwrite --output_dir {out} starts over"
+    if not resumable:
+        hint = f"--overwrite --output_dir {out} starts over"
+    else:
+        hint = f"--resume --output_dir {out} " + ("continues it" if checkpoint else "starts it again")
     return f"kept in {out}: {kept}; {hint}"
 
 

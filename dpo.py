@@ -177,9 +177,9 @@ def check_args(args: Args) -> None:
     problems = [
         (args.beta <= 0, f"--beta must be positive (got {args.beta}): at 0 DPO learns nothing, below 0 it "
                          "learns to prefer the rejected responses"),
-        (not 0 <= args.label_smoothing < 0.5, "--label_smoothing is the probability that a label is flipped, "
-                                              f"in [0, 0.5) (got {args.label_smoothing}); at 0.5 and above DPO "
-                                              "learns nothing or the reverse"),
+        (not 0 <= args.label_smoothing < 0.5,
+         f"--label_smoothing is the probability that a label is flipped, in [0, 0.5) (got "
+         f"{args.label_smoothing}); at 0.5 and above DPO learns nothing or the reverse"),
         (args.loss_type == "ipo" and args.label_smoothing > 0,
          "--label_smoothing applies to the sigmoid loss only; IPO has no label smoothing"),
         (args.temperature <= 0, f"--temperature must be positive (got {args.temperature}); this script "
@@ -194,9 +194,59 @@ def check_args(args: Args) -> None:
             raise UsageError(message)
 
 
+class UsageError(SystemExit):
+    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
+    for a malformed command line (str() gives the message, for code that calls main directly)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = f"error: {message}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def training_problems(args) -> list:
+    """The checks every trainer shares, as (is_bad, message) pairs for check_args."""
+    return [
+        (args.num_epochs < 1, f"--num_epochs must be at least 1 (got {args.num_epochs})"),
+        (args.max_steps is not None and args.max_steps < 1,
+         f"--max_steps must be at least 1 (got {args.max_steps}); leave it unset to train --num_epochs"),
+        (args.batch_size < 1, f"--batch_size must be at least 1 (got {args.batch_size})"),
+        (args.gradient_accumulation_steps < 1,
+         f"--gradient_accumulation_steps must be at least 1 (got {args.gradient_accumulation_steps})"),
+        (args.learning_rate <= 0, f"--learning_rate must be positive (got {args.learning_rate})"),
+        (not 0 <= args.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1) (got {args.warmup_ratio})"),
+        (args.max_grad_norm <= 0, f"--max_grad_norm must be positive (got {args.max_grad_norm})"),
+        (args.max_length < 2,
+         f"--max_length must leave room for a prompt and a response (got {args.max_length})"),
+        (args.log_every < 1, f"--log_every must be at least 1 (got {args.log_every})"),
+        (args.save_every < 0, f"--save_every must be 0 (no checkpoints) or more (got {args.save_every})"),
+        (args.resume and args.overwrite, "--resume continues a run and --overwrite replaces it: pass one"),
+        (args.resume and not args.output_dir, "--resume needs the --output_dir of the run to continue"),
+    ]
+
+
+def count_steps(n_rows: int, args) -> int:
+    """Optimiser steps of the run: --max_steps, else the epochs' micro-batches over the accumulation."""
+    if args.max_steps:
+        return args.max_steps
+    micro = args.num_epochs * math.ceil(n_rows / args.batch_size)
+    if micro < args.gradient_accumulation_steps:
+        raise UsageError(f"{n_rows} training rows make {micro} micro-batches of --batch_size "
+                         f"{args.batch_size} in {args.num_epochs} epoch(s), fewer than one optimiser step "
+                         f"of --gradient_accumulation_steps {args.gradient_accumulation_steps}: lower it, or "
+                         "set --max_steps")
+    return micro // args.gradient_accumulation_steps
+
+
 # ---------------------------------------------------------------------------------------------------
 # The method's maths
+
+
 # ---------------------------------------------------------------------------------------------------
+
+
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float,
              label_smoothing: float = 0.0, loss_type: str = "sigmoid") -> tuple:
@@ -239,60 +289,9 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 
 
 # ---------------------------------------------------------------------------------------------------
 # Data
+
+
 # ---------------------------------------------------------------------------------------------------
-class UsageError(SystemExit):
-    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
-    for a malformed command line (str() gives the message, for code that calls main directly)."""
-
-    def __init__(self, message: str):
-        super().__init__(2)
-        self.message = f"error: {message}"
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def training_problems(args) -> list:
-    """The checks every trainer shares, as (is_bad, message) pairs for check_args."""
-    return [
-        (args.num_epochs < 1, f"--num_epochs must be at least 1 (got {args.num_epochs})"),
-        (args.max_steps is not None and args.max_steps < 1,
-         f"--max_steps must be at least 1 (got {args.max_steps}); leave it unset to train --num_epochs"),
-        (args.batch_size < 1, f"--batch_size must be at least 1 (got {args.batch_size})"),
-        (args.gradient_accumulation_steps < 1,
-         f"--gradient_accumulation_steps must be at least 1 (got {args.gradient_accumulation_steps})"),
-        (args.learning_rate <= 0, f"--learning_rate must be positive (got {args.learning_rate})"),
-        (not 0 <= args.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1) (got {args.warmup_ratio})"),
-        (args.max_grad_norm <= 0, f"--max_grad_norm must be positive (got {args.max_grad_norm})"),
-        (args.max_length < 2, f"--max_length must leave room for a prompt and a response (got {args.max_length})"),
-        (args.log_every < 1, f"--log_every must be at least 1 (got {args.log_every})"),
-        (args.save_every < 0, f"--save_every must be 0 (no checkpoints) or more (got {args.save_every})"),
-        (args.resume and args.overwrite, "--resume continues a run and --overwrite replaces it: pass one"),
-        (args.resume and not args.output_dir, "--resume needs the --output_dir of the run to continue"),
-    ]
-
-
-def count_steps(n_rows: int, args) -> int:
-    """Optimiser steps of the run: --max_steps, else the epochs' micro-batches over the accumulation."""
-    if args.max_steps:
-        return args.max_steps
-    micro = args.num_epochs * math.ceil(n_rows / args.batch_size)
-    if micro < args.gradient_accumulation_steps:
-        raise UsageError(f"{n_rows} training rows make {micro} micro-batches of --batch_size {args.batch_size} "
-                          f"in {args.num_epochs} epoch(s), fewer than one optimiser step of "
-                          f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: lower it, or "
-                          "set --max_steps")
-    return micro // args.gradient_accumulation_steps
-def set_verbosity(verbose: bool) -> None:
-    """Unless --verbose, transformers' per-load reports and progress bars are hidden: load_model says
-    what it loaded in one line instead (and refuses what would have been a warning in the report)."""
-    import datasets
-    import transformers
-
-    if not verbose:
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
 
 
 def resolve(path: str) -> str:
@@ -357,7 +356,8 @@ def load_split(name: str, split: str, needs: list):
     if file.is_file() and not any(line.strip() for line in open(file)):
         raise SystemExit(f"error: {where} is empty: {file} has no rows")
     try:
-        data = load_dataset("json", data_files=path, split="train") if one_file else load_dataset(path, split=split)
+        data = (load_dataset("json", data_files=path, split="train") if one_file
+                else load_dataset(path, split=split))
     except Exception as e:  # datasets raises many types; all mean the same to a user
         raise load_failure(name, f"split '{split}' of dataset", e)
     columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
@@ -537,9 +537,54 @@ def collate_pairs(pairs: list, pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def show_example(tokenizer, input_ids: list, labels: list) -> str:
+    """A tokenised sequence as text, the tokens that carry the loss between [[ and ]] (for --dry_run)."""
+    n = next((t for t, label in enumerate(labels) if label != -100), len(labels))
+    prompt, response = tokenizer.decode(input_ids[:n]), tokenizer.decode(input_ids[n:])
+    return f"{prompt}[[{response}]]  ({len(input_ids)} tokens, {len(input_ids) - n} in [[ ]])"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Models: log-probs, sampling, scoring
+
+
 # ---------------------------------------------------------------------------------------------------
+
+
+def set_verbosity(verbose: bool) -> None:
+    """Unless --verbose, transformers' per-load reports and progress bars are hidden: load_model says
+    what it loaded in one line instead (and refuses what would have been a warning in the report)."""
+    import datasets
+    import transformers
+
+    if not verbose:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
+def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
+    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
+    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
+    reward model, whose score head would be random."""
+    from transformers import AutoConfig
+
+    try:
+        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    found = found.architectures or []
+    if found and not any(a.endswith(wanted) for a in found):
+        kind = ("a causal LM (...ForCausalLM)" if wanted == "ForCausalLM"
+                else "a reward model (...ForSequenceClassification)")
+        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
+
+
+def describe_model(name: str, model) -> None:
+    n = sum(p.numel() for p in model.parameters())
+    print(f"loaded '{name}': {type(model).__name__}, {n / 1e6:.1f}M parameters")
+
+
 def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
@@ -550,8 +595,8 @@ def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
     except Exception as e:
         raise load_failure(name, "model", e)
     if info["missing_keys"]:
-        raise SystemExit(f"error: '{name}' lacks weights a causal LM needs ({sorted(info['missing_keys'])[:3]}); "
-                         "is it the right checkpoint?")
+        raise SystemExit(f"error: '{name}' lacks weights a causal LM needs "
+                         f"({sorted(info['missing_keys'])[:3]}); is it the right checkpoint?")
     describe_model(name, model)
     return model
 
@@ -593,27 +638,6 @@ def disable_dropout(model) -> None:
         for name, value in list(vars(module).items()):
             if "dropout" in name and isinstance(value, float):
                 setattr(module, name, 0.0)
-
-
-def describe_model(name: str, model) -> None:
-    n = sum(p.numel() for p in model.parameters())
-    print(f"loaded '{name}': {type(model).__name__}, {n / 1e6:.1f}M parameters")
-
-
-def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
-    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
-    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
-    reward model, whose score head would be random."""
-    from transformers import AutoConfig
-
-    try:
-        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "model", e)
-    found = found.architectures or []
-    if found and not any(a.endswith(wanted) for a in found):
-        kind = "a causal LM (...ForCausalLM)" if wanted == "ForCausalLM" else "a reward model (...ForSequenceClassification)"
-        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
 
 
 def batch_logps(model, batch: dict, autocast, temperature: float = 1.0) -> torch.Tensor:
@@ -699,13 +723,6 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask).argmax(1)
 
 
-def show_example(tokenizer, input_ids: list, labels: list) -> str:
-    """A tokenised sequence as text, the tokens that carry the loss between [[ and ]] (for --dry_run)."""
-    n = next((t for t, label in enumerate(labels) if label != -100), len(labels))
-    prompt, response = tokenizer.decode(input_ids[:n]), tokenizer.decode(input_ids[n:])
-    return f"{prompt}[[{response}]]  ({len(input_ids)} tokens, {len(input_ids) - n} in [[ ]])"
-
-
 def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The reward of each sequence: the score head at its last attended token, the EOS that ends
     prompt + response. The index comes from the attention mask, never from pad_token_id:
@@ -775,6 +792,13 @@ def pair_metrics(chunk: list, chosen: torch.Tensor, rejected: torch.Tensor, args
             "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach()}
 
 
+# ---------------------------------------------------------------------------------------------------
+# Runs: the output dir, checkpoints, resuming
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
 def run_info(device, dtype: str) -> dict:
     """What a reader needs to reproduce a run besides its arguments."""
     import subprocess
@@ -807,7 +831,8 @@ def check_output_dir(args, script: str, models: list, resume: Optional[bool]) ->
         if (out / "eval.json").exists():
             raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
         recorded = json.load(open(out / "args.json"))
-        changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in json.loads(json.dumps(asdict(args))).items()
+        current = json.loads(json.dumps(asdict(args)))  # tuples as lists, as args.json has them
+        changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items()
                    if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
                    and recorded.get(k) != v]
         if changed:
@@ -904,11 +929,15 @@ def describe_run(output_dir: Optional[str]) -> str:
     log = out / "metrics.jsonl"
     records = [json.loads(line) for line in open(log)] if log.exists() else []
     steps = [r.get("step", r.get("iteration")) for r in records]
-    kept = f"args.json, metrics.jsonl ({len(records)} records" + (f", last at step {steps[-1]})" if steps else ")")
+    kept = f"args.json, metrics.jsonl ({len(records)} records"
+    kept += f", last at step {steps[-1]})" if steps else ")"
     checkpoint = last_checkpoint(out)
     kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
     resumable = "resume" in json.load(open(out / "args.json"))
-    hint = f"--resume --output_dir {out} continues it" if resumable else f"--overwrite --output_dir {out} starts over"
+    if not resumable:
+        hint = f"--overwrite --output_dir {out} starts over"
+    else:
+        hint = f"--resume --output_dir {out} " + ("continues it" if checkpoint else "starts it again")
     return f"kept in {out}: {kept}; {hint}"
 
 
@@ -943,7 +972,8 @@ def main(args: Args) -> dict:
                                         args.eval_fraction, args.seed)
     if args.max_train_samples:
         train_data = train_data.select(range(min(args.max_train_samples, len(train_data))))
-    train = build_pairs(train_data, tokenizer, args.max_length, stop_ids, f"'{args.dataset}' {args.train_split}")
+    train = build_pairs(train_data, tokenizer, args.max_length, stop_ids,
+                        f"'{args.dataset}' {args.train_split}")
     evals = []
     if eval_data is not None:
         if args.max_eval_samples:
@@ -951,9 +981,9 @@ def main(args: Args) -> dict:
         evals = build_pairs(eval_data, tokenizer, args.max_length, stop_ids, f"'{args.dataset}' eval")
     total_steps = count_steps(len(train), args)
     if args.dry_run:
-        print("chosen:   " + show_example(tokenizer, train[0]["chosen"]["input_ids"], train[0]["chosen"]["labels"]))
-        print("rejected: " + show_example(tokenizer, train[0]["rejected"]["input_ids"],
-                                          train[0]["rejected"]["labels"]))
+        for side in ("chosen", "rejected"):
+            print(f"{side + ':':10}" + show_example(tokenizer, train[0][side]["input_ids"],
+                                                    train[0][side]["labels"]))
         print(f"dry run: {len(train)} train / {len(evals)} eval pairs, {total_steps} optimiser steps of "
               f"{args.batch_size * args.gradient_accumulation_steps} pairs; no model loaded, nothing written")
         return {"train/pairs": len(train), "eval/pairs": len(evals), "train/steps": total_steps}
@@ -989,7 +1019,8 @@ def main(args: Args) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_random_states(state["random"])
-        start_step, (train_time, tokens_seen, window, n_window) = state["step"], state["progress"]
+        start_step = state["step"]
+        train_time, tokens_seen, window, n_window = state["progress"]
         print(f"resuming from {checkpoint} (step {start_step} of {total_steps})")
     create_output_dir(out, args, device, dtype, resume_step=start_step if checkpoint else None)
     print(f"dpo: {len(train)} train / {len(evals)} eval pairs, {total_steps} steps, beta {args.beta}, "
@@ -1055,7 +1086,8 @@ def main(args: Args) -> dict:
             tokens_seen += batch["attention_mask"].sum().item()
         if not math.isfinite(window["train/loss"]):
             raise SystemExit(f"error: the loss became {window['train/loss']} at step {step}; stopping before "
-                             f"the update (the last checkpoint, if any, is in {out}). Try a lower --learning_rate.")
+                             f"the update (the last checkpoint, if any, is in {out}). Try a lower "
+                             "--learning_rate.")
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
         if not math.isfinite(grad_norm):  # a finite loss, a non-finite gradient: an overflow
             raise SystemExit(f"error: the gradient norm became {grad_norm} at step {step} (the loss was "

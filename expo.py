@@ -134,9 +134,25 @@ def check_args(args: Args) -> None:
             raise UsageError(message)
 
 
+class UsageError(SystemExit):
+    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
+    for a malformed command line (str() gives the message, for code that calls main directly)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = f"error: {message}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
 # ---------------------------------------------------------------------------------------------------
 # The method's maths
+
+
 # ---------------------------------------------------------------------------------------------------
+
+
 def extrapolate(sft_tensor: torch.Tensor, aligned_tensor: torch.Tensor, alpha: float) -> torch.Tensor:
     """theta_2 = theta_1 + alpha * (theta_1 - theta_0) for one tensor, computed in fp32 and returned in
     the aligned tensor's dtype: rounded once, where bf16 arithmetic would round alpha * (theta_1 -
@@ -188,7 +204,11 @@ def dtype_note(sft_specs: dict, aligned_specs: dict) -> Optional[str]:
 
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints: streamed through their safetensors shards
+
+
 # ---------------------------------------------------------------------------------------------------
+
+
 def resolve(path: str) -> str:
     """A relative path that is not under the working directory but is next to this script (the toy
     defaults) resolves there, so `python ~/minialign/sft.py` works from any folder; `~` is expanded."""
@@ -199,30 +219,6 @@ def resolve(path: str) -> str:
 
 def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
-
-
-class UsageError(SystemExit):
-    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
-    for a malformed command line (str() gives the message, for code that calls main directly)."""
-
-    def __init__(self, message: str):
-        super().__init__(2)
-        self.message = f"error: {message}"
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def set_verbosity(verbose: bool) -> None:
-    """Unless --verbose, transformers' per-load reports and progress bars are hidden: load_model says
-    what it loaded in one line instead (and refuses what would have been a warning in the report)."""
-    import datasets
-    import transformers
-
-    if not verbose:
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
 
 
 def locate(name: str, what: str) -> str:
@@ -373,7 +369,11 @@ def extrapolate_checkpoint(sft_dir, aligned_dir, out_dir, alpha: float,
 
 # ---------------------------------------------------------------------------------------------------
 # Data
+
+
 # ---------------------------------------------------------------------------------------------------
+
+
 def load_split(name: str, split: str, needs: list):
     """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (all its
     rows; load_splits holds some out). `needs` lists alternatives: each a tuple of columns that together
@@ -387,7 +387,8 @@ def load_split(name: str, split: str, needs: list):
     if file.is_file() and not any(line.strip() for line in open(file)):
         raise SystemExit(f"error: {where} is empty: {file} has no rows")
     try:
-        data = load_dataset("json", data_files=path, split="train") if one_file else load_dataset(path, split=split)
+        data = (load_dataset("json", data_files=path, split="train") if one_file
+                else load_dataset(path, split=split))
     except Exception as e:  # datasets raises many types; all mean the same to a user
         raise load_failure(name, f"split '{split}' of dataset", e)
     columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
@@ -462,7 +463,45 @@ def format_prompt(tokenizer, prompt) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # Models: log-probs, sampling, scoring
+
+
 # ---------------------------------------------------------------------------------------------------
+
+
+def set_verbosity(verbose: bool) -> None:
+    """Unless --verbose, transformers' per-load reports and progress bars are hidden: load_model says
+    what it loaded in one line instead (and refuses what would have been a warning in the report)."""
+    import datasets
+    import transformers
+
+    if not verbose:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
+def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
+    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
+    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
+    reward model, whose score head would be random."""
+    from transformers import AutoConfig
+
+    try:
+        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    found = found.architectures or []
+    if found and not any(a.endswith(wanted) for a in found):
+        kind = ("a causal LM (...ForCausalLM)" if wanted == "ForCausalLM"
+                else "a reward model (...ForSequenceClassification)")
+        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
+
+
+def describe_model(name: str, model) -> None:
+    n = sum(p.numel() for p in model.parameters())
+    print(f"loaded '{name}': {type(model).__name__}, {n / 1e6:.1f}M parameters")
+
+
 def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
@@ -473,8 +512,8 @@ def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
     except Exception as e:
         raise load_failure(name, "model", e)
     if info["missing_keys"]:
-        raise SystemExit(f"error: '{name}' lacks weights a causal LM needs ({sorted(info['missing_keys'])[:3]}); "
-                         "is it the right checkpoint?")
+        raise SystemExit(f"error: '{name}' lacks weights a causal LM needs "
+                         f"({sorted(info['missing_keys'])[:3]}); is it the right checkpoint?")
     describe_model(name, model)
     return model
 
@@ -503,27 +542,6 @@ def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dty
         print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
         model.config.pad_token_id = pad_token_id
     return model
-
-
-def describe_model(name: str, model) -> None:
-    n = sum(p.numel() for p in model.parameters())
-    print(f"loaded '{name}': {type(model).__name__}, {n / 1e6:.1f}M parameters")
-
-
-def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
-    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
-    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
-    reward model, whose score head would be random."""
-    from transformers import AutoConfig
-
-    try:
-        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "model", e)
-    found = found.architectures or []
-    if found and not any(a.endswith(wanted) for a in found):
-        kind = "a causal LM (...ForCausalLM)" if wanted == "ForCausalLM" else "a reward model (...ForSequenceClassification)"
-        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -604,6 +622,8 @@ def collate_sequences(samples: list, pad_id: int) -> dict:
 
 # As in dpo.py, except that args.batch_size is the sampling batch itself (dpo.py samples 4 * its
 # training batch of pairs).
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of each row's last attended token, with left or right padding. (B, T) -> (B,)."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
@@ -665,33 +685,9 @@ def format_table(rows: list, best_alpha: float) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # Output
+
+
 # ---------------------------------------------------------------------------------------------------
-def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
-    """Fails before any work if the run would overwrite a previous one; writes nothing. With --resume,
-    the directory must hold an unfinished run with the same arguments. `resume` None: the script
-    cannot resume. Sets args.output_dir (the default is runs/<script>-<time>)."""
-    out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
-    args.output_dir = str(out)
-    if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
-        raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
-    if resume:
-        if not (out / "args.json").exists():
-            raise UsageError(f"--resume: '{out}' holds no run to continue (no args.json); drop --resume")
-        if (out / "eval.json").exists():
-            raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
-        recorded = json.load(open(out / "args.json"))
-        changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in json.loads(json.dumps(asdict(args))).items()
-                   if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
-                   and recorded.get(k) != v]
-        if changed:
-            raise UsageError(f"--resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
-                              "resume with the same ones")
-        return out
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        hint = "--resume to continue it, " if resume is not None else ""
-        raise UsageError(f"output_dir '{out}' already holds a run; pass {hint}--overwrite to start over, or "
-                          "choose another --output_dir")
-    return out
 
 
 def run_info(device, dtype: str) -> dict:
@@ -710,6 +706,35 @@ def run_info(device, dtype: str) -> dict:
             "python": sys.version.split()[0], "torch": torch.__version__,
             "transformers": transformers.__version__, "datasets": datasets.__version__,
             "device": str(device), "dtype": dtype, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
+    """Fails before any work if the run would overwrite a previous one; writes nothing. With --resume,
+    the directory must hold an unfinished run with the same arguments. `resume` None: the script
+    cannot resume. Sets args.output_dir (the default is runs/<script>-<time>)."""
+    out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.output_dir = str(out)
+    if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
+        raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
+    if resume:
+        if not (out / "args.json").exists():
+            raise UsageError(f"--resume: '{out}' holds no run to continue (no args.json); drop --resume")
+        if (out / "eval.json").exists():
+            raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
+        recorded = json.load(open(out / "args.json"))
+        current = json.loads(json.dumps(asdict(args)))  # tuples as lists, as args.json has them
+        changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items()
+                   if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
+                   and recorded.get(k) != v]
+        if changed:
+            raise UsageError(f"--resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
+                              "resume with the same ones")
+        return out
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        hint = "--resume to continue it, " if resume is not None else ""
+        raise UsageError(f"output_dir '{out}' already holds a run; pass {hint}--overwrite to start over, or "
+                          "choose another --output_dir")
+    return out
 
 
 def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional[int] = None) -> None:
@@ -744,11 +769,15 @@ def describe_run(output_dir: Optional[str]) -> str:
     log = out / "metrics.jsonl"
     records = [json.loads(line) for line in open(log)] if log.exists() else []
     steps = [r.get("step", r.get("iteration")) for r in records]
-    kept = f"args.json, metrics.jsonl ({len(records)} records" + (f", last at step {steps[-1]})" if steps else ")")
+    kept = f"args.json, metrics.jsonl ({len(records)} records"
+    kept += f", last at step {steps[-1]})" if steps else ")"
     checkpoint = last_checkpoint(out)
     kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
     resumable = "resume" in json.load(open(out / "args.json"))
-    hint = f"--resume --output_dir {out} continues it" if resumable else f"--overwrite --output_dir {out} starts over"
+    if not resumable:
+        hint = f"--overwrite --output_dir {out} starts over"
+    else:
+        hint = f"--resume --output_dir {out} " + ("continues it" if checkpoint else "starts it again")
     return f"kept in {out}: {kept}; {hint}"
 
 

@@ -151,30 +151,6 @@ def check_args(args: Args) -> None:
             raise UsageError(message)
 
 
-# ---------------------------------------------------------------------------------------------------
-# The method's maths
-# ---------------------------------------------------------------------------------------------------
-def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed negative log-likelihood of the labelled tokens, in fp32.
-
-    logits: (B, T, V) for input positions; labels: (B, T) with -100 on prompt and padding tokens.
-    Position t predicts token t+1, hence the shift. Returns a scalar: divide by the token count."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
-                           ignore_index=-100, reduction="sum")
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
-    """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`."""
-    if step < warmup:
-        return step / max(1, warmup)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return floor + (1.0 - floor) * decay
-
-
-# ---------------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------------
 class UsageError(SystemExit):
     """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
     for a malformed command line (str() gives the message, for code that calls main directly)."""
@@ -199,7 +175,8 @@ def training_problems(args) -> list:
         (args.learning_rate <= 0, f"--learning_rate must be positive (got {args.learning_rate})"),
         (not 0 <= args.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1) (got {args.warmup_ratio})"),
         (args.max_grad_norm <= 0, f"--max_grad_norm must be positive (got {args.max_grad_norm})"),
-        (args.max_length < 2, f"--max_length must leave room for a prompt and a response (got {args.max_length})"),
+        (args.max_length < 2,
+         f"--max_length must leave room for a prompt and a response (got {args.max_length})"),
         (args.log_every < 1, f"--log_every must be at least 1 (got {args.log_every})"),
         (args.save_every < 0, f"--save_every must be 0 (no checkpoints) or more (got {args.save_every})"),
         (args.resume and args.overwrite, "--resume continues a run and --overwrite replaces it: pass one"),
@@ -213,21 +190,43 @@ def count_steps(n_rows: int, args) -> int:
         return args.max_steps
     micro = args.num_epochs * math.ceil(n_rows / args.batch_size)
     if micro < args.gradient_accumulation_steps:
-        raise UsageError(f"{n_rows} training rows make {micro} micro-batches of --batch_size {args.batch_size} "
-                          f"in {args.num_epochs} epoch(s), fewer than one optimiser step of "
-                          f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: lower it, or "
-                          "set --max_steps")
+        raise UsageError(f"{n_rows} training rows make {micro} micro-batches of --batch_size "
+                         f"{args.batch_size} in {args.num_epochs} epoch(s), fewer than one optimiser step "
+                         f"of --gradient_accumulation_steps {args.gradient_accumulation_steps}: lower it, or "
+                         "set --max_steps")
     return micro // args.gradient_accumulation_steps
-def set_verbosity(verbose: bool) -> None:
-    """Unless --verbose, transformers' per-load reports and progress bars are hidden: load_model says
-    what it loaded in one line instead (and refuses what would have been a warning in the report)."""
-    import datasets
-    import transformers
 
-    if not verbose:
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
+
+# ---------------------------------------------------------------------------------------------------
+# The method's maths
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed negative log-likelihood of the labelled tokens, in fp32.
+
+    logits: (B, T, V) for input positions; labels: (B, T) with -100 on prompt and padding tokens.
+    Position t predicts token t+1, hence the shift. Returns a scalar: divide by the token count."""
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                           ignore_index=-100, reduction="sum")
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1.0 - floor) * decay
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+
+# ---------------------------------------------------------------------------------------------------
 
 
 def resolve(path: str) -> str:
@@ -292,7 +291,8 @@ def load_split(name: str, split: str, needs: list):
     if file.is_file() and not any(line.strip() for line in open(file)):
         raise SystemExit(f"error: {where} is empty: {file} has no rows")
     try:
-        data = load_dataset("json", data_files=path, split="train") if one_file else load_dataset(path, split=split)
+        data = (load_dataset("json", data_files=path, split="train") if one_file
+                else load_dataset(path, split=split))
     except Exception as e:  # datasets raises many types; all mean the same to a user
         raise load_failure(name, f"split '{split}' of dataset", e)
     columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
@@ -453,14 +453,52 @@ def collate(examples: list, pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Models, evaluation, sampling, saving
-# ---------------------------------------------------------------------------------------------------
 def show_example(tokenizer, input_ids: list, labels: list) -> str:
     """A tokenised sequence as text, the tokens that carry the loss between [[ and ]] (for --dry_run)."""
     n = next((t for t, label in enumerate(labels) if label != -100), len(labels))
     prompt, response = tokenizer.decode(input_ids[:n]), tokenizer.decode(input_ids[n:])
     return f"{prompt}[[{response}]]  ({len(input_ids)} tokens, {len(input_ids) - n} in [[ ]])"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models, evaluation, sampling
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def set_verbosity(verbose: bool) -> None:
+    """Unless --verbose, transformers' per-load reports and progress bars are hidden: load_model says
+    what it loaded in one line instead (and refuses what would have been a warning in the report)."""
+    import datasets
+    import transformers
+
+    if not verbose:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
+def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
+    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
+    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
+    reward model, whose score head would be random."""
+    from transformers import AutoConfig
+
+    try:
+        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    found = found.architectures or []
+    if found and not any(a.endswith(wanted) for a in found):
+        kind = ("a causal LM (...ForCausalLM)" if wanted == "ForCausalLM"
+                else "a reward model (...ForSequenceClassification)")
+        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
+
+
+def describe_model(name: str, model) -> None:
+    n = sum(p.numel() for p in model.parameters())
+    print(f"loaded '{name}': {type(model).__name__}, {n / 1e6:.1f}M parameters")
 
 
 def load_model(name: str, trust_remote_code: bool):
@@ -483,27 +521,6 @@ def load_model(name: str, trust_remote_code: bool):
         raise load_failure(name, "model", e)
     describe_model(name, model)
     return model
-
-
-def describe_model(name: str, model) -> None:
-    n = sum(p.numel() for p in model.parameters())
-    print(f"loaded '{name}': {type(model).__name__}, {n / 1e6:.1f}M parameters")
-
-
-def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
-    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
-    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
-    reward model, whose score head would be random."""
-    from transformers import AutoConfig
-
-    try:
-        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "model", e)
-    found = found.architectures or []
-    if found and not any(a.endswith(wanted) for a in found):
-        kind = "a causal LM (...ForCausalLM)" if wanted == "ForCausalLM" else "a reward model (...ForSequenceClassification)"
-        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
 
 
 @torch.no_grad()
@@ -556,32 +573,11 @@ def sample(model, tokenizer, prompts: list, max_new_tokens: int, temperature: fl
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
-    """Fails before any work if the run would overwrite a previous one; writes nothing. With --resume,
-    the directory must hold an unfinished run with the same arguments. `resume` None: the script
-    cannot resume. Sets args.output_dir (the default is runs/<script>-<time>)."""
-    out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
-    args.output_dir = str(out)
-    if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
-        raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
-    if resume:
-        if not (out / "args.json").exists():
-            raise UsageError(f"--resume: '{out}' holds no run to continue (no args.json); drop --resume")
-        if (out / "eval.json").exists():
-            raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
-        recorded = json.load(open(out / "args.json"))
-        changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in json.loads(json.dumps(asdict(args))).items()
-                   if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
-                   and recorded.get(k) != v]
-        if changed:
-            raise UsageError(f"--resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
-                              "resume with the same ones")
-        return out
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        hint = "--resume to continue it, " if resume is not None else ""
-        raise UsageError(f"output_dir '{out}' already holds a run; pass {hint}--overwrite to start over, or "
-                          "choose another --output_dir")
-    return out
+# ---------------------------------------------------------------------------------------------------
+# Runs: the output dir, checkpoints, resuming
+
+
+# ---------------------------------------------------------------------------------------------------
 
 
 def run_info(device, dtype: str) -> dict:
@@ -600,6 +596,35 @@ def run_info(device, dtype: str) -> dict:
             "python": sys.version.split()[0], "torch": torch.__version__,
             "transformers": transformers.__version__, "datasets": datasets.__version__,
             "device": str(device), "dtype": dtype, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
+    """Fails before any work if the run would overwrite a previous one; writes nothing. With --resume,
+    the directory must hold an unfinished run with the same arguments. `resume` None: the script
+    cannot resume. Sets args.output_dir (the default is runs/<script>-<time>)."""
+    out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.output_dir = str(out)
+    if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
+        raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
+    if resume:
+        if not (out / "args.json").exists():
+            raise UsageError(f"--resume: '{out}' holds no run to continue (no args.json); drop --resume")
+        if (out / "eval.json").exists():
+            raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
+        recorded = json.load(open(out / "args.json"))
+        current = json.loads(json.dumps(asdict(args)))  # tuples as lists, as args.json has them
+        changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items()
+                   if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
+                   and recorded.get(k) != v]
+        if changed:
+            raise UsageError(f"--resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
+                              "resume with the same ones")
+        return out
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        hint = "--resume to continue it, " if resume is not None else ""
+        raise UsageError(f"output_dir '{out}' already holds a run; pass {hint}--overwrite to start over, or "
+                          "choose another --output_dir")
+    return out
 
 
 def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional[int] = None) -> None:
@@ -685,11 +710,15 @@ def describe_run(output_dir: Optional[str]) -> str:
     log = out / "metrics.jsonl"
     records = [json.loads(line) for line in open(log)] if log.exists() else []
     steps = [r.get("step", r.get("iteration")) for r in records]
-    kept = f"args.json, metrics.jsonl ({len(records)} records" + (f", last at step {steps[-1]})" if steps else ")")
+    kept = f"args.json, metrics.jsonl ({len(records)} records"
+    kept += f", last at step {steps[-1]})" if steps else ")"
     checkpoint = last_checkpoint(out)
     kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
     resumable = "resume" in json.load(open(out / "args.json"))
-    hint = f"--resume --output_dir {out} continues it" if resumable else f"--overwrite --output_dir {out} starts over"
+    if not resumable:
+        hint = f"--overwrite --output_dir {out} starts over"
+    else:
+        hint = f"--resume --output_dir {out} " + ("continues it" if checkpoint else "starts it again")
     return f"kept in {out}: {kept}; {hint}"
 
 
@@ -714,7 +743,8 @@ def main(args: Args) -> dict:
     if args.max_train_samples:
         train_data = train_data.select(range(min(args.max_train_samples, len(train_data))))
     stop_ids = stop_token_ids(tokenizer, args.model)
-    train = build_examples(train_data, tokenizer, args.max_length, stop_ids, f"'{args.dataset}' {args.train_split}")
+    train = build_examples(train_data, tokenizer, args.max_length, stop_ids,
+                           f"'{args.dataset}' {args.train_split}")
     eval_rows, evals = [], []
     if eval_data is not None:
         if args.max_eval_samples:
@@ -725,7 +755,8 @@ def main(args: Args) -> dict:
     if args.dry_run:
         print("example: " + show_example(tokenizer, train[0]["input_ids"], train[0]["labels"]))
         print(f"dry run: {len(train)} train / {len(evals)} eval examples, {total_steps} optimiser steps of "
-              f"{args.batch_size * args.gradient_accumulation_steps} examples; no model loaded, nothing written")
+              f"{args.batch_size * args.gradient_accumulation_steps} examples; no model loaded, nothing "
+              "written")
         return {"train/examples": len(train), "eval/examples": len(evals), "train/steps": total_steps}
     checkpoint = last_checkpoint(out) if args.resume else None
 
@@ -746,7 +777,8 @@ def main(args: Args) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_random_states(state["random"])
-        start_step, (train_time, tokens_seen, eval_loss, window_loss, window_tokens) = state["step"], state["progress"]
+        start_step = state["step"]
+        train_time, tokens_seen, eval_loss, window_loss, window_tokens = state["progress"]
         print(f"resuming from {checkpoint} (step {start_step} of {total_steps})")
     create_output_dir(out, args, device, dtype, resume_step=start_step if checkpoint else None)
     n_params = sum(p.numel() for p in model.parameters())

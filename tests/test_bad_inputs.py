@@ -346,3 +346,24 @@ def test_dera_accepts_a_single_lambda_and_aligned_model(tmp_path):
                                   output_dir=str(out), reward_model="none"))
     assert [row["lambda"] for row in results["table"]] == ["0.5"]
     assert json.load(open(out / "args.json"))["lambdas"] == [0.5]
+
+
+# --- a copied file runs on its own -----------------------------------------------------------------------
+def inline_metadata(path: Path) -> dict:
+    """The PEP 723 `script` block at the top of a file, parsed as TOML."""
+    import tomllib
+
+    lines = path.read_text().splitlines()
+    start, end = lines.index("# /// script"), lines.index("# ///")
+    return tomllib.loads("\n".join(line.removeprefix("#").removeprefix(" ") for line in lines[start + 1 : end]))
+
+
+def test_every_script_declares_the_runtime_requirements():
+    requirements = [line.strip() for line in open(Path(__file__).parent.parent / "requirements.txt")
+                    if line.strip() and not line.startswith("#")]
+    runtime = [r for r in requirements if not r.startswith("pytest")]
+    assert len(runtime) == len(requirements) - 1
+    for script in [sft, reward_model, dpo, ppo, var, dera, expo]:
+        metadata = inline_metadata(Path(script.__file__))
+        assert metadata["dependencies"] == runtime, script.__name__
+        assert metadata["requires-python"] == ">=3.10"
