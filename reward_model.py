@@ -841,6 +841,8 @@ def main(args: Args) -> dict:
                "perf/tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1)}
     with open(out / "eval.json", "w") as f:
         json.dump(results, f, indent=2)
+    for checkpoint in out.glob("checkpoint-*"):  # the run is complete: nothing is left to resume
+        shutil.rmtree(checkpoint)
     print(f"\nsaved to {out}: " + json.dumps(results))
     return results
 

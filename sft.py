@@ -855,6 +855,8 @@ def main(args: Args) -> dict:
                 print(f"\n> {shown}\n{response}")
     with open(out / "eval.json", "w") as f:
         json.dump(results, f, indent=2)
+    for checkpoint in out.glob("checkpoint-*"):  # the run is complete: nothing is left to resume
+        shutil.rmtree(checkpoint)
     print(f"\nsaved to {out}: " + json.dumps(results))
     return results
 

@@ -1116,6 +1116,8 @@ def main(args: Args) -> dict:
         results.update(sample_and_score(out / "samples.jsonl"))
     with open(out / "eval.json", "w") as f:
         json.dump(results, f, indent=2)
+    for checkpoint in out.glob("checkpoint-*"):  # the run is complete: nothing is left to resume
+        shutil.rmtree(checkpoint)
     print(f"\nsaved to {out}: " + json.dumps(results, indent=1))
     return results
 

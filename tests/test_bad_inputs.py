@@ -306,10 +306,14 @@ def test_interrupted_run_resumes_on_the_same_loss_curve(script, tmp_path, monkey
 
 def test_a_checkpoint_save_that_dies_leaves_the_previous_one_whole(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    dpo.main(dpo.Args(**TINY_DPO, max_steps=4, save_every=2, output_dir=str(out)))
-    (out / "eval.json").unlink()  # pretend it stopped after the last checkpoint
+    argv = ["--reward_model", "none", "--eval_split", "None", "--max_train_samples", "32", "--batch_size", "4",
+            "--log_every", "1", "--max_steps", "4", "--save_every", "2", "--output_dir", str(out)]
+    with monkeypatch.context() as m:
+        interrupt_at(m, 4)
+        with pytest.raises(SystemExit):
+            dpo.cli(argv)
     model = dpo.load_model(str(out / "checkpoint-000002"), False)
-    tokenizer = dpo.load_tokenizer(str(out), False)
+    tokenizer = dpo.load_tokenizer(str(out / "checkpoint-000002"), False)
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -318,6 +322,10 @@ def test_a_checkpoint_save_that_dies_leaves_the_previous_one_whole(tmp_path, mon
         dpo.save_checkpoint(model, tokenizer, out, 4, {})
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-000002"]
     assert (out / "checkpoint-000002" / "trainer_state.pt").exists()
+    monkeypatch.undo()
+    dpo.cli(argv + ["--resume"])
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert not list(out.glob("checkpoint-*")) and (out / "model.safetensors").exists()  # finished: removed
 
 
 def test_args_json_records_how_to_reproduce_the_run(tmp_path):
