@@ -344,9 +344,10 @@ def field_problem(value) -> Optional[str]:
 
 
 def load_split(name: str, split: str, needs: list):
-    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (all its
-    rows; load_splits holds some out). `needs` lists alternatives: each a tuple of columns that together
-    suffice. Every row's fields are checked here, so a bad row fails with its number, not deep inside."""
+    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (its rows
+    are the split "train", so train[:100] slices it; load_splits holds some out for evaluation).
+    `needs` lists alternatives: each a tuple of columns that together suffice. Every row's fields are
+    checked here, so a bad row fails with its number, not deep inside."""
     from datasets import load_dataset
 
     path = locate(name, "dataset")
@@ -356,8 +357,8 @@ def load_split(name: str, split: str, needs: list):
     if file.is_file() and not any(line.strip() for line in open(file)):
         raise SystemExit(f"error: {where} is empty: {file} has no rows")
     try:
-        data = (load_dataset("json", data_files=path, split="train") if one_file
-                else load_dataset(path, split=split))
+        data = (load_dataset("json", data_files=path, split=split if split.startswith("train") else "train")
+                if one_file else load_dataset(path, split=split))  # a file's rows are its split "train"
     except Exception as e:  # datasets raises many types; all mean the same to a user
         raise load_failure(name, f"split '{split}' of dataset", e)
     columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)

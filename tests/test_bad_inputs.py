@@ -158,6 +158,7 @@ def test_one_file_holds_out_eval_rows_and_says_so(tmp_path, capsys):
     assert (result["train/pairs"], result["eval/pairs"]) == (36, 4)
     fails(lambda: dpo.load_splits(data, "train", "test", [("chosen", "rejected")], 0.0, seed=0),
           "--eval_fraction")
+    assert len(dpo.load_split(data, "train[:10]", [("chosen", "rejected")])) == 10  # a file's split is "train"
 
 
 def test_prompts_that_fill_max_length_are_dropped_and_counted(tmp_path, capsys):
