@@ -399,16 +399,25 @@ def format_prompt(tokenizer, prompt) -> str:
 
 
 def collate_sequences(samples: list, pad_id: int) -> dict:
-    """Prompt + response ids, right-padded, labels on the response only. Shape: (B, T)."""
-    T = max(len(p) + len(r) for p, r, _ in samples)
-    ids = torch.full((len(samples), T), pad_id)
-    labels = torch.full((len(samples), T), -100)
-    mask = torch.zeros((len(samples), T), dtype=torch.long)
-    for i, (p, r, _) in enumerate(samples):
-        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
-        mask[i, : len(p) + len(r)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    """(prompt_ids, response_ids, ...) samples as one batch in which every response starts at the same
+    column: prompts left-padded to the longest prompt P, responses right-padded to the longest
+    response R. Log-probs then need the logits of the last R + 1 positions only (`logits_to_keep`;
+    position P - 1 predicts the first response token), not those of the prompts and their padding.
+    Positions count from each row's first token, so the padding changes no number.
+    input_ids, attention_mask, position_ids: (B, P + R); labels: (B, R + 1), aligned with the kept
+    logits: the response tokens in the last R columns, -100 elsewhere."""
+    # a response with no prompt before it: its first token has no position to be predicted from
+    samples = [(p, r) if p else (r[:1], r[1:]) for p, r, *_ in samples]
+    P, R = max(len(p) for p, _ in samples), max(len(r) for _, r in samples)
+    ids = torch.full((len(samples), P + R), pad_id)
+    mask = torch.zeros((len(samples), P + R), dtype=torch.long)
+    labels = torch.full((len(samples), R + 1), -100)
+    for i, (p, r) in enumerate(samples):
+        ids[i, P - len(p) : P + len(r)] = torch.tensor(p + r)
+        mask[i, P - len(p) : P + len(r)] = 1
+        labels[i, 1 : 1 + len(r)] = torch.tensor(r, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
+            "labels": labels}
 
 
 def set_verbosity(verbose: bool) -> None:

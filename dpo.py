@@ -267,15 +267,22 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of the log-probs of the labelled tokens of each sequence, from fp32 logits.
-
-    logits: (B, T, V); labels: (B, T) with -100 on prompt and padding. Returns (B,)."""
-    labels = labels[:, 1:]  # position t predicts token t + 1
-    mask = labels != -100
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    token_logprobs = torch.gather(logprobs, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return (token_logprobs * mask).sum(-1)
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                   chunk: int = 128) -> torch.Tensor:
+    """Sum of the log-probs of the labelled tokens of each sequence under softmax(logits / T): gather
+    minus logsumexp, in fp32, `chunk` positions at a time, so that the only vocabulary-sized tensor is
+    the logits themselves in the model's dtype (an fp32 log-softmax of the whole block, at V = 152k,
+    would outweigh the model). logits: (B, K, V); labels: (B, K), -100 where there is no label;
+    position t predicts token t + 1. Returns (B,)."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    total = torch.zeros(labels.shape[0], device=logits.device)
+    for t in range(0, labels.shape[1], chunk):
+        part, target = logits[:, t : t + chunk].float(), labels[:, t : t + chunk]
+        if temperature != 1.0:
+            part = part / temperature
+        token_logps = part.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1) - part.logsumexp(-1)
+        total = total + (token_logps * (target != -100)).sum(1)
+    return total
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
@@ -525,19 +532,14 @@ def build_pairs(data, tokenizer, max_length: int, stop_ids: list, where: str = "
 
 
 def collate_pairs(pairs: list, pad_id: int) -> dict:
-    """The chosen sequences, then the rejected ones, right-padded to the longest of all: one forward
-    pass for both. Shape: (2B, T); rows [:B] are chosen, rows [B:] rejected."""
-    seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    T = max(len(s["input_ids"]) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id)
-    labels = torch.full((len(seqs), T), -100)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        n = len(s["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"]), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
+    """The chosen sequences, then the rejected ones, as one collate_sequences batch: one forward pass
+    for both. Rows [:B] are chosen, rows [B:] rejected."""
+    samples = []
+    for side in ("chosen", "rejected"):
+        for pair in pairs:
+            n = pair[side]["labels"].count(-100)  # the prompt's length: the labels are -100 there only
+            samples.append((pair[side]["input_ids"][:n], pair[side]["input_ids"][n:]))
+    return collate_sequences(samples, pad_id)
 def show_example(tokenizer, input_ids: list, labels: list) -> str:
     """A tokenised sequence as text, the tokens that carry the loss between [[ and ]] (for --dry_run)."""
     n = next((t for t, label in enumerate(labels) if label != -100), len(labels))
@@ -642,12 +644,14 @@ def disable_dropout(model) -> None:
 
 
 def batch_logps(model, batch: dict, autocast, temperature: float = 1.0) -> torch.Tensor:
-    """Summed response log-probs of each sequence of a collated batch (B rows: for pairs, chosen then
-    rejected), under logits / temperature, the distribution that sampling at that temperature draws
-    from. Returns (B,) in fp32."""
+    """Summed response log-probs of each sequence of a collate_sequences batch (for pairs: chosen rows,
+    then rejected), under logits / temperature, the distribution that sampling at that temperature
+    draws from. The LM head runs only at the positions that predict a response token. Returns (B,),
+    fp32."""
     with autocast:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sequence_logps(logits.float() / temperature, batch["labels"])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], logits_to_keep=batch["labels"].shape[1]).logits
+    return sequence_logps(logits, batch["labels"], temperature)
 
 
 @torch.no_grad()
@@ -706,16 +710,25 @@ def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, tempe
 
 
 def collate_sequences(samples: list, pad_id: int) -> dict:
-    """Prompt + response ids, right-padded, labels on the response only. Shape: (B, T)."""
-    T = max(len(p) + len(r) for p, r, _ in samples)
-    ids = torch.full((len(samples), T), pad_id)
-    labels = torch.full((len(samples), T), -100)
-    mask = torch.zeros((len(samples), T), dtype=torch.long)
-    for i, (p, r, _) in enumerate(samples):
-        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
-        mask[i, : len(p) + len(r)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    """(prompt_ids, response_ids, ...) samples as one batch in which every response starts at the same
+    column: prompts left-padded to the longest prompt P, responses right-padded to the longest
+    response R. Log-probs then need the logits of the last R + 1 positions only (`logits_to_keep`;
+    position P - 1 predicts the first response token), not those of the prompts and their padding.
+    Positions count from each row's first token, so the padding changes no number.
+    input_ids, attention_mask, position_ids: (B, P + R); labels: (B, R + 1), aligned with the kept
+    logits: the response tokens in the last R columns, -100 elsewhere."""
+    # a response with no prompt before it: its first token has no position to be predicted from
+    samples = [(p, r) if p else (r[:1], r[1:]) for p, r, *_ in samples]
+    P, R = max(len(p) for p, _ in samples), max(len(r) for _, r in samples)
+    ids = torch.full((len(samples), P + R), pad_id)
+    mask = torch.zeros((len(samples), P + R), dtype=torch.long)
+    labels = torch.full((len(samples), R + 1), -100)
+    for i, (p, r) in enumerate(samples):
+        ids[i, P - len(p) : P + len(r)] = torch.tensor(p + r)
+        mask[i, P - len(p) : P + len(r)] = 1
+        labels[i, 1 : 1 + len(r)] = torch.tensor(r, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
+            "labels": labels}
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -1010,7 +1023,8 @@ def main(args: Args) -> dict:
         policy.gradient_checkpointing_enable()
         policy.config.use_cache = False
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=args.adam_betas,
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
     warmup = int(args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, "linear"))

@@ -619,16 +619,23 @@ def full_inputs(mb: dict) -> dict:
             "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
 
 
-def policy_logprobs(model, mb: dict, temperature: float, autocast) -> tuple:
-    """log pi(y_t | x, y_<t) of every response token from logits / temperature, fp32, and the
-    per-token entropy of that distribution. Returns two (B, R) tensors."""
-    Q = mb["query"].shape[1]
-    with autocast:
-        logits = model(**full_inputs(mb)).logits[:, Q - 1 : -1]  # position Q-1+t predicts token t
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, R, V)
-    token_logprobs = logprobs.gather(-1, mb["response"][..., None]).squeeze(-1)
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return token_logprobs, entropy
+def policy_logprobs(model, mb: dict, temperature: float, autocast, entropy: bool = False) -> tuple:
+    """log pi(y_t | x, y_<t) of every response token from logits / temperature, in fp32, and (only
+    when asked: the update logs it) the per-token entropy of that distribution. The LM head runs at
+    the response positions only, and log-probs are gather minus logsumexp over chunks of positions,
+    so no fp32 (B, R, V) log-softmax is held. Returns (B, R) log-probs and (B, R) entropies or None."""
+    R = mb["response"].shape[1]
+    with autocast:  # position Q-1+t predicts token t: the last R + 1 positions, minus the very last
+        logits = model(**full_inputs(mb), logits_to_keep=R + 1).logits[:, :-1]
+    token_logprobs, entropies = [], []
+    for t in range(0, R, 128):
+        part = logits[:, t : t + 128].float() / temperature
+        logsumexp = part.logsumexp(-1)
+        token_logprobs.append(part.gather(-1, mb["response"][:, t : t + 128, None]).squeeze(-1) - logsumexp)
+        if entropy:
+            with torch.no_grad():  # for the logs only
+                entropies.append(logsumexp - (part.softmax(-1) * part).sum(-1))
+    return torch.cat(token_logprobs, 1), torch.cat(entropies, 1) if entropy else None
 
 
 def scalar_head(model, mb: dict, autocast) -> torch.Tensor:
@@ -660,37 +667,55 @@ def take(batch: dict, index) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of the log-probs of the labelled tokens of each sequence, from fp32 logits.
-
-    logits: (B, T, V); labels: (B, T) with -100 on prompt and padding. Returns (B,)."""
-    labels = labels[:, 1:]  # position t predicts token t + 1
-    mask = labels != -100
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    token_logprobs = torch.gather(logprobs, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return (token_logprobs * mask).sum(-1)
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                   chunk: int = 128) -> torch.Tensor:
+    """Sum of the log-probs of the labelled tokens of each sequence under softmax(logits / T): gather
+    minus logsumexp, in fp32, `chunk` positions at a time, so that the only vocabulary-sized tensor is
+    the logits themselves in the model's dtype (an fp32 log-softmax of the whole block, at V = 152k,
+    would outweigh the model). logits: (B, K, V); labels: (B, K), -100 where there is no label;
+    position t predicts token t + 1. Returns (B,)."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    total = torch.zeros(labels.shape[0], device=logits.device)
+    for t in range(0, labels.shape[1], chunk):
+        part, target = logits[:, t : t + chunk].float(), labels[:, t : t + chunk]
+        if temperature != 1.0:
+            part = part / temperature
+        token_logps = part.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1) - part.logsumexp(-1)
+        total = total + (token_logps * (target != -100)).sum(1)
+    return total
 
 
 def batch_logps(model, batch: dict, autocast, temperature: float = 1.0) -> torch.Tensor:
-    """Summed response log-probs of each sequence of a collated batch (B rows: for pairs, chosen then
-    rejected), under logits / temperature, the distribution that sampling at that temperature draws
-    from. Returns (B,) in fp32."""
+    """Summed response log-probs of each sequence of a collate_sequences batch (for pairs: chosen rows,
+    then rejected), under logits / temperature, the distribution that sampling at that temperature
+    draws from. The LM head runs only at the positions that predict a response token. Returns (B,),
+    fp32."""
     with autocast:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sequence_logps(logits.float() / temperature, batch["labels"])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], logits_to_keep=batch["labels"].shape[1]).logits
+    return sequence_logps(logits, batch["labels"], temperature)
 
 
 def collate_sequences(samples: list, pad_id: int) -> dict:
-    """Prompt + response ids, right-padded, labels on the response only. Shape: (B, T)."""
-    T = max(len(p) + len(r) for p, r, _ in samples)
-    ids = torch.full((len(samples), T), pad_id)
-    labels = torch.full((len(samples), T), -100)
-    mask = torch.zeros((len(samples), T), dtype=torch.long)
-    for i, (p, r, _) in enumerate(samples):
-        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
-        mask[i, : len(p) + len(r)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    """(prompt_ids, response_ids, ...) samples as one batch in which every response starts at the same
+    column: prompts left-padded to the longest prompt P, responses right-padded to the longest
+    response R. Log-probs then need the logits of the last R + 1 positions only (`logits_to_keep`;
+    position P - 1 predicts the first response token), not those of the prompts and their padding.
+    Positions count from each row's first token, so the padding changes no number.
+    input_ids, attention_mask, position_ids: (B, P + R); labels: (B, R + 1), aligned with the kept
+    logits: the response tokens in the last R columns, -100 elsewhere."""
+    # a response with no prompt before it: its first token has no position to be predicted from
+    samples = [(p, r) if p else (r[:1], r[1:]) for p, r, *_ in samples]
+    P, R = max(len(p) for p, _ in samples), max(len(r) for _, r in samples)
+    ids = torch.full((len(samples), P + R), pad_id)
+    mask = torch.zeros((len(samples), P + R), dtype=torch.long)
+    labels = torch.full((len(samples), R + 1), -100)
+    for i, (p, r) in enumerate(samples):
+        ids[i, P - len(p) : P + len(r)] = torch.tensor(p + r)
+        mask[i, P - len(p) : P + len(r)] = 1
+        labels[i, 1 : 1 + len(r)] = torch.tensor(r, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
+            "labels": labels}
 
 
 @torch.no_grad()
@@ -972,7 +997,8 @@ def main(args: Args) -> dict:
             m.config.use_cache = False
     params = list(policy.parameters()) + list(value_model.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps,
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
     warmup = int(args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, "linear", floor=1.0))  # warmup, then constant
@@ -1035,7 +1061,7 @@ def main(args: Args) -> dict:
                 for a in range(0, args.minibatch_size, micro):
                     sl = slice(a, a + micro)
                     part = take(mb, sl)
-                    logprobs, entropy = policy_logprobs(policy, part, args.temperature, autocast)
+                    logprobs, entropy = policy_logprobs(policy, part, args.temperature, autocast, entropy=True)
                     values, _ = values_and_scores(value_model, part, autocast)
                     pg_loss, clipfrac = ppo_policy_loss(logprobs, old_logprobs[sl], advantages[sl], mask[sl],
                                                         args.clip)

@@ -204,13 +204,20 @@ def count_steps(n_rows: int, args) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
-def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed negative log-likelihood of the labelled tokens, in fp32.
+def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """Summed negative log-likelihood of the labelled tokens: logsumexp minus the label's logit, in
+    fp32, `chunk` positions at a time, so that the only vocabulary-sized tensor is the logits in the
+    model's dtype (no fp32 log-softmax of the whole block).
 
-    logits: (B, T, V) for input positions; labels: (B, T) with -100 on prompt and padding tokens.
-    Position t predicts token t+1, hence the shift. Returns a scalar: divide by the token count."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
-                           ignore_index=-100, reduction="sum")
+    logits: (B, K, V); labels: (B, K) with -100 on prompt and padding tokens. Position t predicts
+    token t + 1, hence the shift. Returns a scalar: divide by the token count."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    total = torch.zeros((), device=logits.device)
+    for t in range(0, labels.shape[1], chunk):
+        part, target = logits[:, t : t + chunk].float(), labels[:, t : t + chunk]
+        nll = part.logsumexp(-1) - part.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
+        total = total + (nll * (target != -100)).sum()
+    return total
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
@@ -443,15 +450,33 @@ def build_examples(data, tokenizer, max_length: int, stop_ids: list, where: str 
 
 
 def collate(examples: list, pad_id: int) -> dict:
-    """Right-pads to the batch's longest sequence. Shape: (B, T) for every tensor."""
-    T = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), T), pad_id)
-    labels = torch.full((len(examples), T), -100)
-    mask = torch.zeros((len(examples), T), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    """A batch in which every response starts at the same column: prompts left-padded to the longest
+    prompt P, responses right-padded to the longest response R. The loss then needs the logits of the
+    last R + 1 positions only (`logits_to_keep`; position P - 1 predicts the first response token),
+    not those of the prompts and their padding. Positions count from each row's first token, so the
+    padding changes no number. input_ids, attention_mask, position_ids: (B, P + R); labels: (B, R + 1),
+    aligned with the kept logits: the response tokens in the last R columns, -100 elsewhere."""
+    # a response with no prompt before it: its first token has no position to be predicted from
+    split = [e["labels"].count(-100) or 1 for e in examples]  # the prompt's length
+    P = max(split)
+    R = max(len(e["input_ids"]) - n for e, n in zip(examples, split))
+    ids = torch.full((len(examples), P + R), pad_id)
+    mask = torch.zeros((len(examples), P + R), dtype=torch.long)
+    labels = torch.full((len(examples), R + 1), -100)
+    for i, (e, n) in enumerate(zip(examples, split)):
+        prompt, response = e["input_ids"][:n], e["input_ids"][n:]
+        ids[i, P - n : P + len(response)] = torch.tensor(prompt + response)
+        mask[i, P - n : P + len(response)] = 1
+        labels[i, 1 : 1 + len(response)] = torch.tensor(response, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
+            "labels": labels}
+
+
+def forward_logits(model, batch: dict, autocast) -> torch.Tensor:
+    """The logits at the positions that predict a response token (and one more), (B, R + 1, V)."""
+    with autocast:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     position_ids=batch["position_ids"], logits_to_keep=batch["labels"].shape[1]).logits
 
 
 def show_example(tokenizer, input_ids: list, labels: list) -> str:
@@ -531,9 +556,7 @@ def evaluate_loss(model, examples: list, batch_size: int, pad_id: int, device, a
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
-        with autocast:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        total += sft_loss_sum(logits, batch["labels"]).item()
+        total += sft_loss_sum(forward_logits(model, batch, autocast), batch["labels"]).item()
         count += (batch["labels"][:, 1:] != -100).sum().item()
     model.train()
     return total / max(1, count)
@@ -768,7 +791,8 @@ def main(args: Args) -> dict:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=args.adam_betas,
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
     warmup = int(args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, args.lr_schedule))
@@ -811,9 +835,7 @@ def main(args: Args) -> dict:
         loss_sum = 0.0
         for mb in micro:
             mb = {k: v.to(device) for k, v in mb.items()}
-            with autocast:
-                logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-            loss = sft_loss_sum(logits, mb["labels"]) / n_tokens  # token mean over the whole step
+            loss = sft_loss_sum(forward_logits(model, mb, autocast), mb["labels"]) / n_tokens  # token mean
             loss.backward()
             loss_sum += loss.item()
             tokens_seen += mb["attention_mask"].sum().item()
