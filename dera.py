@@ -377,6 +377,14 @@ def check_same_tokenizer(tokenizer, other, name: str) -> None:
                          "it would read prompts and responses formatted differently from its training")
 
 
+def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: bool) -> None:
+    """Each other model's tokenizer checked against `tokenizer` (loaded from own_name), each distinct
+    name loaded once: a name that resolves to own_name is the same tokenizer."""
+    for name in dict.fromkeys(names):
+        if Path(resolve(name)).resolve() != Path(resolve(own_name)).resolve():
+            check_same_tokenizer(tokenizer, load_tokenizer(name, trust_remote_code), name)
+
+
 def stop_token_ids(tokenizer, name: str) -> list:
     """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
     generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
@@ -711,8 +719,8 @@ def main(args: Args) -> dict:
     # every tokenizer checked against the reference's before any compute
     tokenizer = load_tokenizer(args.ref, args.trust_remote_code)
     stop_ids = stop_token_ids(tokenizer, args.ref)
-    for name in args.aligned + ([args.reward_model] if use_rm else []):
-        check_same_tokenizer(tokenizer, load_tokenizer(name, args.trust_remote_code), name)
+    check_tokenizers(tokenizer, args.ref, args.aligned + ([args.reward_model] if use_rm else []),
+                     args.trust_remote_code)
     for name in [args.ref, *args.aligned]:  # each a causal LM, before any weights load
         check_architecture(name, args.trust_remote_code, "ForCausalLM")
     if use_rm:

@@ -445,6 +445,14 @@ def check_same_tokenizer(tokenizer, other, name: str) -> None:
                          "it would read prompts and responses formatted differently from its training")
 
 
+def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: bool) -> None:
+    """Each other model's tokenizer checked against `tokenizer` (loaded from own_name), each distinct
+    name loaded once: a name that resolves to own_name is the same tokenizer."""
+    for name in dict.fromkeys(names):
+        if Path(resolve(name)).resolve() != Path(resolve(own_name)).resolve():
+            check_same_tokenizer(tokenizer, load_tokenizer(name, trust_remote_code), name)
+
+
 def stop_token_ids(tokenizer, name: str) -> list:
     """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
     generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
@@ -975,10 +983,9 @@ def main(args: Args) -> dict:
     needs = [("chosen", "rejected")]
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     stop_ids = stop_token_ids(tokenizer, args.model)
-    check_same_tokenizer(tokenizer, load_tokenizer(ref_name, args.trust_remote_code), ref_name)
+    check_tokenizers(tokenizer, args.model, [ref_name] + ([args.reward_model] if use_rm else []),
+                     args.trust_remote_code)
     if use_rm:  # the reward model is loaded only to score samples, but checked now
-        check_same_tokenizer(tokenizer, load_tokenizer(args.reward_model, args.trust_remote_code),
-                             args.reward_model)
         check_architecture(args.reward_model, args.trust_remote_code, "ForSequenceClassification")
         prompts = load_split(args.eval_prompts, args.eval_prompts_split, [("prompt",)])["prompt"]
         prompts = prompts[: args.num_eval_prompts] if args.num_eval_prompts else prompts

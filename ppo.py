@@ -445,6 +445,14 @@ def check_same_tokenizer(tokenizer, other, name: str) -> None:
                          "it would read prompts and responses formatted differently from its training")
 
 
+def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: bool) -> None:
+    """Each other model's tokenizer checked against `tokenizer` (loaded from own_name), each distinct
+    name loaded once: a name that resolves to own_name is the same tokenizer."""
+    for name in dict.fromkeys(names):
+        if Path(resolve(name)).resolve() != Path(resolve(own_name)).resolve():
+            check_same_tokenizer(tokenizer, load_tokenizer(name, trust_remote_code), name)
+
+
 def stop_token_ids(tokenizer, name: str) -> list:
     """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
     generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
@@ -949,8 +957,7 @@ def main(args: Args) -> dict:
     # data, and every tokenizer checked against the policy's before any compute
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     stop_ids = stop_token_ids(tokenizer, args.model)
-    for name in {ref_name, args.reward_model, value_name}:
-        check_same_tokenizer(tokenizer, load_tokenizer(name, args.trust_remote_code), name)
+    check_tokenizers(tokenizer, args.model, [ref_name, args.reward_model, value_name], args.trust_remote_code)
     train_data, eval_data = load_splits(args.prompts, args.train_split, args.eval_split, [("prompt",)],
                                         args.eval_fraction, args.seed)
     train_prompts = train_data["prompt"]
@@ -1061,7 +1068,8 @@ def main(args: Args) -> dict:
                 for a in range(0, args.minibatch_size, micro):
                     sl = slice(a, a + micro)
                     part = take(mb, sl)
-                    logprobs, entropy = policy_logprobs(policy, part, args.temperature, autocast, entropy=True)
+                    logprobs, entropy = policy_logprobs(policy, part, args.temperature, autocast,
+                                                        entropy=True)
                     values, _ = values_and_scores(value_model, part, autocast)
                     pg_loss, clipfrac = ppo_policy_loss(logprobs, old_logprobs[sl], advantages[sl], mask[sl],
                                                         args.clip)

@@ -445,6 +445,14 @@ def check_same_tokenizer(tokenizer, other, name: str) -> None:
                          "it would read prompts and responses formatted differently from its training")
 
 
+def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: bool) -> None:
+    """Each other model's tokenizer checked against `tokenizer` (loaded from own_name), each distinct
+    name loaded once: a name that resolves to own_name is the same tokenizer."""
+    for name in dict.fromkeys(names):
+        if Path(resolve(name)).resolve() != Path(resolve(own_name)).resolve():
+            check_same_tokenizer(tokenizer, load_tokenizer(name, trust_remote_code), name)
+
+
 def stop_token_ids(tokenizer, name: str) -> list:
     """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
     generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
@@ -962,8 +970,7 @@ def main(args: Args) -> dict:
     # data, and every tokenizer checked against the policy's before any compute
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     stop_ids = stop_token_ids(tokenizer, args.model)
-    for name in [ref_name, args.reward_model]:
-        check_same_tokenizer(tokenizer, load_tokenizer(name, args.trust_remote_code), name)
+    check_tokenizers(tokenizer, args.model, [ref_name, args.reward_model], args.trust_remote_code)
     needs = [("chosen", "rejected"), ("messages",), ("prompt", "completion")]
     train_data = load_split(args.dataset, args.train_split, needs)
     units = build_units(train_data, tokenizer, args.responses, args.max_length, stop_ids,
