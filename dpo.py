@@ -157,6 +157,9 @@ class Args:
     --resume continues from (0: none)"""
     resume: bool = False
     """continue the unfinished run in --output_dir from its last checkpoint (same arguments)"""
+    group_by_length: bool = False
+    """put rows of similar length in the same micro-batch (less padding, faster; the same rows each
+    epoch, in another grouping: see epoch_order)"""
     dry_run: bool = False
     """print one tokenised pair (the tokens that carry the loss in [[ ]]) and the counts, then stop
     before loading any model: the first thing to run on new data"""
@@ -537,6 +540,22 @@ def build_pairs(data, tokenizer, max_length: int, stop_ids: list, where: str = "
             pairs.append(pair)
     report_dropped(len(pairs), len(data) - len(pairs), max_length, where)
     return pairs
+
+
+def epoch_order(lengths: list, batch_size: int, group_by_length: bool, generator) -> list:
+    """One epoch's order of the rows: a shuffle. With group_by_length, the shuffle regrouped so that
+    each micro-batch holds rows of similar length (less padding): rows sorted by length within
+    windows of 64 micro-batches, then all the micro-batches shuffled. Every row is still seen once
+    per epoch and every loss here is a mean over the micro-batch's rows, so an epoch optimises the
+    same objective; only which rows share a step changes (and with it the step's noise)."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if not group_by_length:
+        return order
+    window, steps = 64 * batch_size, []
+    for w in range(0, len(order), window):
+        part = sorted(order[w : w + window], key=lambda i: lengths[i])
+        steps += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    return [i for s in torch.randperm(len(steps), generator=generator).tolist() for i in steps[s]]
 
 
 def collate_pairs(pairs: list, pad_id: int) -> dict:
@@ -1048,10 +1067,12 @@ def main(args: Args) -> dict:
     print(f"dpo: {len(train)} train / {len(evals)} eval pairs, {total_steps} steps, beta {args.beta}, "
           f"{args.loss_type} loss, device {device}, {dtype}")
 
+    lengths = [max(len(p["chosen"]["input_ids"]), len(p["rejected"]["input_ids"])) for p in train]
+
     def batches(skip: int):  # endless stream of shuffled micro-batches of pairs, epoch after epoch
         g, n = torch.Generator().manual_seed(args.seed), 0
         while True:
-            order = torch.randperm(len(train), generator=g).tolist()
+            order = epoch_order(lengths, args.batch_size, args.group_by_length, g)
             for i in range(0, len(order), args.batch_size):
                 n += 1
                 if n > skip:  # a resumed run skips the micro-batches already trained on

@@ -2,7 +2,7 @@
 against the floor of the passes they cannot avoid; and how DPO and VAR scale.
 
     pip install -r benchmark/requirements.txt   # trl==1.16.0: needed here only, never by the scripts
-    python benchmark/speed.py                   # the toy (toy/sft, toy/rm, toy/data): a few minutes
+    python benchmark/speed.py                   # the toy (toy/sft, toy/rm, toy/data): ~6 minutes
     python benchmark/speed.py --code ../old     # the same numbers for another checkout: before / after
     python benchmark/speed.py --make-smollm-shape /tmp/smol   # a random model of SmolLM2-135M's shapes
     python benchmark/speed.py --model /tmp/smol --reward_model /tmp/smol-rm
@@ -20,9 +20,10 @@ What is measured, and how:
 2. ppo: ppo.main with its rollout and its two forward helpers wrapped by timers. Each iteration splits
    into the rollout (generate), the no-grad forwards (reward, old policy, reference, value: what the
    helpers take under no_grad) and the update (from the first forward with gradient to the step's
-   stamp). Each is divided by its floor: the same generate call, the same four forwards, and the same
-   policy + value forward + backward + AdamW step, made by plain transformers calls on the shapes that
-   iteration had (the first iteration is a warm-up for both).
+   stamp). Each is divided by its floor: the same generate call, the same four forwards (the LM head
+   only at the positions that predict a response token), and the same policy + value forward + backward
+   + AdamW step, made by plain transformers calls on the shapes that iteration had (the first iteration
+   is a warm-up for both).
 3. scaling: DPO step time at each --lengths (rows made long enough from toy responses that every
    sequence is exactly max_length tokens), and VAR's frozen scoring (B x B reward-model passes per
    group) at each --var_batch_sizes over the same --var_rows rows, per example and per scored sequence.
@@ -40,11 +41,15 @@ Fairness:
   log-probs are kept. Padding-free batching and packing need FlashAttention (CUDA) and packing also
   changes the rows a step sees; Liger kernels need Triton: none applies here;
 - peak memory is the process's peak RSS (resource.getrusage) on a CPU, which includes each side's
-  imports and, in DPO, the reference model while the reference log-probs are computed; on CUDA it is
-  torch.cuda.max_memory_allocated. CUDA steps are synchronised before each stamp.
+  imports and, for minialign's DPO, the separate reference model it loads for the precompute (TRL's
+  uses the policy itself); on CUDA it is torch.cuda.max_memory_allocated. CUDA steps are synchronised
+  before each stamp;
+- A/B interleaving spreads slow drifts of the machine over both sides, and the min / max show what is
+  left: run on an otherwise idle machine (a busy one makes single steps 20-50% noisier).
 """
 
 import dataclasses
+import gc
 import importlib.util
 import json
 import os
@@ -73,7 +78,7 @@ SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9
 @dataclass
 class Args:
     """Speed of minialign against TRL 1.16 on one core, and of PPO's phases against their floors. The
-    defaults run everything on the toy in a few minutes; the table goes to stdout and --results_dir."""
+    defaults run everything on the toy in about 6 minutes; the table goes to stdout and --results_dir."""
 
     # what to run
     parts: list[str] = field(default_factory=lambda: list(PARTS))
@@ -82,11 +87,12 @@ class Args:
     code: str = str(ROOT)
     """checkout whose scripts (sft.py, dpo.py, ...) are measured: another one gives before / after numbers"""
     make_smollm_shape: Optional[str] = None
-    """write a randomly initialised Llama with SmolLM2-135M's shapes (hidden 576, 30 layers, 9 heads, 3 KV
-    heads, intermediate 1536, vocab 49152, tied embeddings) to this directory, and a reward model of the
-    same shapes to <dir>-rm, then stop. They reuse the toy tokenizer (592 tokens): the data's ids stay
-    below its vocab size, and the embedding keeps SmolLM2's 49152 rows, so every matrix has the real
-    shape. PPO's rollouts may sample ids above 592; only the shapes matter for speed"""
+    """write a randomly initialised Llama with SmolLM2-135M's shapes (hidden 576, 30 layers, 9
+    heads, 3 KV heads, intermediate 1536, vocab 49152, tied embeddings) to this directory, and a
+    reward model of the same shapes to <dir>-rm, then stop. Both reuse the toy tokenizer (592
+    tokens): the data's ids stay below its vocab size, while the embedding keeps SmolLM2's 49152
+    rows, so every matrix has the real shape (PPO's rollouts may sample ids above 592; only the
+    shapes matter for speed)"""
 
     # models and data
     model: str = str(TOY / "sft")
@@ -126,9 +132,11 @@ class Args:
     # scaling
     lengths: list[int] = field(default_factory=lambda: [64, 128, 256])
     """max_length values of the DPO sweep (the toy's positions end at 256)"""
+    length_batch_size: int = 4
+    """pairs per step in the DPO sweep (small, so that the longest rows stay quick on one core)"""
     var_batch_sizes: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
     """VAR batch sizes B of the frozen-scoring sweep (even: a pair's two responses share a group)"""
-    var_rows: int = 128
+    var_rows: int = 64
     """preference rows (2 examples each) scored at every B"""
 
     # setup
@@ -187,7 +195,7 @@ def ms(seconds: float) -> str:
     return f"{1000 * seconds:.1f}"
 
 
-def x(ratio: float) -> str:
+def times(ratio: float) -> str:
     return f"{ratio:.2f}x"
 
 
@@ -209,7 +217,7 @@ def format_tables(results: dict) -> str:
         for method, r in results["trainers"].items():
             lo, mid, hi = r["ratio"]
             lines.append(f"| {method} | {r['tokens_per_step']:.0f} | {ms(r['minialign_step_s'])} | "
-                         f"{ms(r['trl_step_s'])} | {x(lo)} / **{x(mid)}** / {x(hi)} | "
+                         f"{ms(r['trl_step_s'])} | {times(lo)} / **{times(mid)}** / {times(hi)} | "
                          f"{r['minialign_tokens_per_s']:.0f} | {r['trl_tokens_per_s']:.0f} | "
                          f"{r['minialign_peak_mib']:.0f} | {r['trl_peak_mib']:.0f} |")
         lines.append("")
@@ -220,20 +228,21 @@ def format_tables(results: dict) -> str:
                  "update": "update: policy + value forward, backward, step"}
         lines += [f"## PPO: each phase against its floor ({p['iterations']} timed iterations)", "",
                   "Floor: the same passes by plain transformers calls on the same shapes (generate; four "
-                  "forwards; forward + backward of both models and one AdamW step). Ratio: min / median / "
-                  "max over the iterations.", "",
+                  "forwards, the LM head only where a response token is predicted; forward + backward of "
+                  "both models and one AdamW step). Ratio: min / median / max over the iterations.", "",
                   "| phase | minialign ms | floor ms | phase / floor |", "|---|---|---|---|"]
         for phase, r in p["phases"].items():
             lo, mid, hi = r["ratio"]
             lines.append(f"| {names[phase]} | {ms(r['s'])} | {ms(r['floor_s'])} | "
-                         f"{x(lo)} / **{x(mid)}** / {x(hi)} |")
+                         f"{times(lo)} / **{times(mid)}** / {times(hi)} |")
         lines.append("")
     if results.get("dpo_length"):
         rows = results["dpo_length"]
         base = rows[0]
         lines += ["## DPO step time against max_length", "",
-                  f"Every sequence is exactly max_length tokens; batch {s['batch_size']} pairs. Time per "
-                  f"token relative to max_length {base['max_length']}: 1.00x is linear.", "",
+                  f"Every sequence is exactly max_length tokens; batch {s['length_batch_size']} pairs, "
+                  f"{s['steps']} timed steps, one A/B pair per length. Per token: minialign's step time per "
+                  f"token relative to max_length {base['max_length']} (1.00x: linear in length).", "",
                   "| max_length | tokens/step | minialign ms/step | minialign tokens/s | per token vs "
                   f"{base['max_length']} | TRL ms/step | TRL tokens/s | TRL / minialign |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -241,8 +250,8 @@ def format_tables(results: dict) -> str:
         for r in rows:
             rel = r["minialign_step_s"] / r["tokens_per_step"] / per_token
             lines.append(f"| {r['max_length']} | {r['tokens_per_step']:.0f} | {ms(r['minialign_step_s'])} | "
-                         f"{r['minialign_tokens_per_s']:.0f} | {x(rel)} | {ms(r['trl_step_s'])} | "
-                         f"{r['trl_tokens_per_s']:.0f} | {x(r['ratio'][1])} |")
+                         f"{r['minialign_tokens_per_s']:.0f} | {times(rel)} | {ms(r['trl_step_s'])} | "
+                         f"{r['trl_tokens_per_s']:.0f} | {times(r['ratio'][1])} |")
         lines.append("")
     if results.get("var_batch"):
         rows = results["var_batch"]
@@ -309,8 +318,10 @@ def lengthen(rows: list, tokenizer, length: int) -> list:
         for side in ("chosen", "rejected"):
             texts, j = [], i
             while True:
-                texts.append(rows[j % len(rows)][side][-1]["content"])
-                completion = [{"role": "assistant", "content": " ".join(texts)}]
+                value = rows[j % len(rows)][side]
+                texts.append(value if isinstance(value, str) else value[-1]["content"])
+                completion = (" ".join(texts) if isinstance(row[side], str)
+                              else [{"role": "assistant", "content": " ".join(texts)}])
                 j += 1
                 if count_tokens(tokenizer, row["prompt"], completion) > length:
                     break
@@ -409,7 +420,8 @@ def run_minialign(spec: dict) -> dict:
     stamps, hook = stamp_steps(spec["device"])
     module.main(script_args(module, values))
     hook.remove()
-    return {"stamps": stamps, "step_s": median_step(stamps, spec["warmup"]), "peak_mib": peak_mib(spec["device"])}
+    return {"stamps": stamps, "step_s": median_step(stamps, spec["warmup"]),
+            "peak_mib": peak_mib(spec["device"])}
 
 
 def run_trl(spec: dict) -> dict:
@@ -446,13 +458,13 @@ def run_trl(spec: dict) -> dict:
     stamps, hook = stamp_steps(spec["device"])
     trainer.train()
     hook.remove()
-    return {"stamps": stamps, "step_s": median_step(stamps, spec["warmup"]), "peak_mib": peak_mib(spec["device"])}
+    return {"stamps": stamps, "step_s": median_step(stamps, spec["warmup"]),
+            "peak_mib": peak_mib(spec["device"])}
 
 
 def run_ppo(spec: dict) -> dict:
     """ppo.main with its phases timed, then the floors on the shapes each iteration had."""
     import torch
-
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     ppo = load_script(spec["code"], "ppo")
@@ -494,40 +506,52 @@ def run_ppo(spec: dict) -> dict:
     n = spec["iterations"] + 1
     args = script_args(ppo, dict(
         prompts=spec["data"], train_split="train", eval_split=None, model=spec["model"],
-        reward_model=spec["reward_model"], total_episodes=n * spec["batch_size"], batch_size=spec["batch_size"],
-        minibatch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"], output_dir=spec["out"],
-        overwrite=True, log_every=n, save_every=0, seed=0, device=device, dtype="float32"))
+        reward_model=spec["reward_model"], total_episodes=n * spec["batch_size"],
+        batch_size=spec["batch_size"], minibatch_size=spec["batch_size"],
+        max_new_tokens=spec["max_new_tokens"], output_dir=spec["out"], overwrite=True, log_every=n,
+        save_every=0, seed=0, device=device, dtype="float32"))
     ppo.main(args)
     hook.remove()
+    gc.collect()  # ppo's four models, before the floor's four
     for it in iterations:
         it["update"] = sum(it.pop("updates"))
-    floors = [ppo_floor(it["batch"], spec, args.temperature, args) for it in iterations]
+    models = floor_models(spec, args)
+    floors = [ppo_floor(models, it["batch"], spec["device"], args.temperature) for it in iterations]
     timed_its = [{k: it[k] for k in ("rollout", "forwards", "update")} for it in iterations]
     return {"iterations": timed_its[1:], "floors": floors[1:], "warmup_iteration": timed_its[0],
-            "batch": spec["batch_size"], "response_len": [it["batch"]["response"].shape[1] for it in iterations],
-            "peak_mib": peak_mib(device)}
+            "batch": spec["batch_size"], "peak_mib": peak_mib(device),
+            "response_len": [it["batch"]["response"].shape[1] for it in iterations]}
 
 
-_FLOOR_MODELS = {}
+def floor_models(spec: dict, ppo_args) -> dict:
+    """Fresh copies of PPO's four models, loaded by plain transformers calls, and an AdamW over the two
+    that train, with ppo's hyperparameters."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    def causal_lm():
+        return AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).to(spec["device"])
+
+    def classifier():
+        return AutoModelForSequenceClassification.from_pretrained(
+            spec["reward_model"], num_labels=1, dtype=torch.float32).to(spec["device"])
+
+    m = {"policy": causal_lm(), "ref": causal_lm(), "reward": classifier(), "value": classifier()}
+    params = list(m["policy"].parameters()) + list(m["value"].parameters())
+    m["optimizer"] = torch.optim.AdamW(params, lr=ppo_args.learning_rate, betas=ppo_args.adam_betas,
+                                       eps=ppo_args.adam_eps)
+    return m
 
 
-def ppo_floor(batch: dict, spec: dict, temperature: float, ppo_args) -> dict:
+def ppo_floor(m: dict, batch: dict, device: str, temperature: float) -> dict:
     """The unavoidable passes of one PPO iteration by plain transformers calls, timed: generate the
     same number of tokens for the same prompts; the four no-grad forwards (two causal LMs, two
-    sequence classifiers) on query + response; both trainable models' forward + backward + AdamW step."""
+    sequence classifiers) on query + response; both trainable models' forward + backward + AdamW step.
+    The causal LMs' head runs only at the R + 1 positions that predict the response (logits_to_keep):
+    the rest is not needed, so it is no part of a floor."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
+    from transformers import GenerationConfig
 
-    device = spec["device"]
-    if not _FLOOR_MODELS:
-        lm = lambda: AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).to(device)
-        cls = lambda: AutoModelForSequenceClassification.from_pretrained(
-            spec["reward_model"], num_labels=1, dtype=torch.float32).to(device)
-        _FLOOR_MODELS.update(policy=lm(), ref=lm(), reward=cls(), value=cls())
-        params = list(_FLOOR_MODELS["policy"].parameters()) + list(_FLOOR_MODELS["value"].parameters())
-        _FLOOR_MODELS["optimizer"] = torch.optim.AdamW(params, lr=ppo_args.learning_rate,
-                                                       betas=ppo_args.adam_betas, eps=ppo_args.adam_eps)
-    m = _FLOOR_MODELS
     batch = {k: v.to(device) for k, v in batch.items()}
     R = batch["response"].shape[1]
     mask = torch.cat([batch["query_mask"], batch["mask"]], 1)
@@ -547,13 +571,14 @@ def ppo_floor(batch: dict, spec: dict, temperature: float, ppo_args) -> dict:
         sync(device)
         out["rollout"] = time.perf_counter() - start
         start = time.perf_counter()
-        for model in m["reward"], m["policy"], m["ref"], m["value"]:
-            model(**full)
+        m["reward"](**full), m["value"](**full)
+        m["policy"](**full, logits_to_keep=R + 1), m["ref"](**full, logits_to_keep=R + 1)
         sync(device)
         out["forwards"] = time.perf_counter() - start
     m["policy"].train(), m["value"].train()
     start = time.perf_counter()
-    loss = m["policy"](**full).logits.float().mean() + m["value"](**full).logits.float().mean()
+    logits = m["policy"](**full, logits_to_keep=R + 1).logits
+    loss = logits.float().mean() + m["value"](**full).logits.float().mean()  # any loss of both outputs
     loss.backward()
     m["optimizer"].step()
     m["optimizer"].zero_grad(set_to_none=True)
@@ -580,7 +605,8 @@ def run_var(spec: dict) -> dict:
     results = var.main(script_args(var, dict(
         dataset=spec["data"], train_split="train", model=spec["model"], reward_model=spec["reward_model"],
         batch_size=spec["batch_size"], max_steps=1, max_length=spec["max_length"], eval_prompts="none",
-        output_dir=spec["out"], overwrite=True, save_every=0, seed=0, device=device, dtype="float32")))
+        normalizer="reward", output_dir=spec["out"], overwrite=True, save_every=0, seed=0, device=device,
+        dtype="float32")))
     return {"frozen_s": sum(t for _, t in calls), "groups": len(calls),
             "examples": sum(b for b, _ in calls), "scored": sum(b * b for b, _ in calls),
             "perf/frozen_s": results.get("perf/frozen_s"), "peak_mib": peak_mib(device)}
@@ -613,8 +639,8 @@ def launch(spec: dict, args: Args, work: Path, name: str) -> dict:
     print(f"  {name} ...", end=" ", flush=True)
     start = time.time()
     with open(folder / "log.txt", "w") as log:
-        code = subprocess.call([sys.executable, str(Path(__file__).resolve()), "--worker", str(folder / "spec.json")], env=env,
-                               stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout)
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(folder / "spec.json")]
+        code = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout)
     if code != 0:
         tail = "".join(open(folder / "log.txt").readlines()[-25:])
         raise SystemExit(f"error: the run {name} failed (exit code {code}); the end of its log:\n{tail}")
@@ -638,13 +664,13 @@ def pick_core(core: Optional[int]) -> Optional[int]:
 
 
 def compare_trainer(method: str, rows: list, tokenizer, args: Args, work: Path, max_length: int,
-                    pairs: int, tag: str) -> dict:
-    """--pairs A/B pairs of one method on the same rows: one epoch of them, batch_size x steps."""
-    rows = rows[: args.batch_size * (args.warmup + args.steps)]
+                    batch_size: int, pairs: int, tag: str) -> dict:
+    """`pairs` A/B pairs of one method on the same rows: one epoch of them, batch_size x steps."""
+    rows = rows[: batch_size * (args.warmup + args.steps)]
     data = write_rows(rows, work / f"{tag}-rows")
-    tokens = tokens_per_row(tokenizer, method, rows, max_length) * args.batch_size
+    tokens = tokens_per_row(tokenizer, method, rows, max_length) * batch_size
     spec = {"method": method, "model": args.model, "data": str(data), "max_length": max_length,
-            "batch_size": args.batch_size, "learning_rate": args.learning_rate, "warmup": args.warmup,
+            "batch_size": batch_size, "learning_rate": args.learning_rate, "warmup": args.warmup,
             "steps": args.steps}
     runs = [tuple(launch({**spec, "side": side}, args, work, f"{tag}-{p + 1}-{side}")
                   for side in ("minialign", "trl")) for p in range(pairs)]
@@ -659,7 +685,8 @@ def measure_ppo(args: Args, work: Path, reward_model: str) -> dict:
     r = launch(spec, args, work, "ppo")
     lengths = r["response_len"][1:]
     return {"phases": summarise_phases(r["iterations"], r["floors"]), "iterations": len(r["iterations"]),
-            "batch": r["batch"], "response_len": f"{min(lengths)}-{max(lengths)}", "peak_mib": r["peak_mib"],
+            "batch": r["batch"], "peak_mib": r["peak_mib"],
+            "response_len": f"{min(lengths)}" + (f"-{max(lengths)}" if max(lengths) > min(lengths) else ""),
             "raw": r}
 
 
@@ -677,8 +704,8 @@ def code_revision(code: str) -> str:
     try:
         rev = subprocess.run(["git", "-C", code, "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", code, "status", "--porcelain", "--", "*.py"], capture_output=True,
-                               text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", code, "status", "--porcelain", "--", "*.py"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return "not a git checkout"
     return (rev + (" + uncommitted changes" if dirty else "")) if rev else "not a git checkout"
@@ -750,7 +777,8 @@ def main(args: Args) -> None:
         "transformers": transformers.__version__, "trl": trl_version, "code": args.code,
         "code_rev": code_revision(args.code), "date": time.strftime("%Y-%m-%d %H:%M"), "steps": args.steps,
         "warmup": args.warmup, "pairs": args.pairs, "batch_size": args.batch_size,
-        "max_length": args.max_length, "learning_rate": args.learning_rate}}
+        "max_length": args.max_length, "learning_rate": args.learning_rate,
+        "length_batch_size": args.length_batch_size}}
     work = Path(tempfile.mkdtemp(prefix="minialign-speed-"))
     try:
         sft_rows = [as_prompt_completion(r) for r in read_rows(args.sft_rows)]
@@ -759,17 +787,17 @@ def main(args: Args) -> None:
             print(f"{method}: minialign against TRL")
             rows = sft_rows if method == "sft" else pref_rows
             results.setdefault("trainers", {})[method] = compare_trainer(
-                method, rows, tokenizer, args, work, args.max_length, args.pairs, method)
+                method, rows, tokenizer, args, work, args.max_length, args.batch_size, args.pairs, method)
         if "ppo" in args.parts:
             print("ppo: phases and floors")
             results["ppo"] = measure_ppo(args, work, reward_model)
         if "dpo_length" in args.parts:
             print("dpo: step time against max_length")
-            rows = pref_rows[: args.batch_size * (args.warmup + args.steps)]
+            rows = pref_rows[: args.length_batch_size * (args.warmup + args.steps)]
             results["dpo_length"] = []
             for length in args.lengths:
                 r = compare_trainer("dpo", lengthen(rows, tokenizer, length), tokenizer, args, work, length,
-                                    1, f"dpo-L{length}")
+                                    args.length_batch_size, 1, f"dpo-L{length}")
                 results["dpo_length"].append({"max_length": length, **r})
         if "var_batch" in args.parts:
             print("var: frozen scoring against batch size")
