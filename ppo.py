@@ -295,9 +295,12 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
-    """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`."""
+    """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`, or
+    (schedule "constant") the peak rate from then on."""
     if step < warmup:
         return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return floor + (1.0 - floor) * decay
@@ -1008,7 +1011,7 @@ def main(args: Args) -> dict:
                                   fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
     warmup = int(args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, "linear", floor=1.0))  # warmup, then constant
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, "constant"))  # Table 9
     create_output_dir(out, args, device, dtype)
     print(f"ppo: {len(train_prompts)} train prompts, {num_iterations} iterations of {episodes_per_batch} "
           f"episodes, {total_steps} optimiser steps, beta {args.beta}, device {device}, {dtype}")

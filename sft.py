@@ -224,9 +224,12 @@ def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 128) -
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
-    """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`."""
+    """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`, or
+    (schedule "constant") the peak rate from then on."""
     if step < warmup:
         return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return floor + (1.0 - floor) * decay

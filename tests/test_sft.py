@@ -34,6 +34,7 @@ def test_lr_schedule():
     assert sft.lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0)
     assert sft.lr_factor(100, 100, 10, "linear", floor=0.1) == pytest.approx(0.1)
     assert sft.lr_factor(55, 100, 10, "linear", floor=0.1) == pytest.approx(0.55)
+    assert sft.lr_factor(5, 100, 10, "constant") == 0.5 and sft.lr_factor(90, 100, 10, "constant") == 1.0
 
 
 @pytest.fixture(scope="module")
