@@ -343,6 +343,7 @@ def load_split(name: str, split: str, needs: list):
     return data
 
 
+# Used only for a tokenizer without a chat template; documented in the README.
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"

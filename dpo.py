@@ -417,6 +417,7 @@ def report_dropped(kept: int, dropped: int, max_length: int, where: str) -> None
         raise SystemExit(f"error: {where}: every prompt fills --max_length {max_length}; raise it")
 
 
+# Used only for a tokenizer without a chat template; documented in the README.
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
@@ -985,6 +986,9 @@ def describe_run(output_dir: Optional[str]) -> str:
     return f"kept in {out}: {kept}; {hint}"
 
 
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
 def main(args: Args) -> dict:
     # setup: every argument and the output dir checked before anything loads
     check_args(args)

@@ -407,6 +407,7 @@ def load_split(name: str, split: str, needs: list):
     return data
 
 
+# Used only for a tokenizer without a chat template; documented in the README.
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
@@ -667,6 +668,8 @@ def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch
     return model.score(last).squeeze(-1).float()
 
 
+# As in dpo.py, except that args.batch_size is the sampling batch itself (dpo.py samples 4 * its
+# training batch of pairs).
 @torch.no_grad()
 def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device,
                      autocast, stop_ids: list) -> tuple:
@@ -804,6 +807,9 @@ def describe_run(output_dir: Optional[str]) -> str:
     return f"kept in {out}: {kept}; {hint}"
 
 
+# ---------------------------------------------------------------------------------------------------
+# The alpha search
+# ---------------------------------------------------------------------------------------------------
 def main(args: Args) -> dict:
     # setup: every argument and the output dir checked before anything loads
     check_args(args)

@@ -414,6 +414,7 @@ def load_splits(name: str, train_split: str, eval_split: Optional[str], needs: l
     return parts["train"], parts["test"]
 
 
+# Used only for a tokenizer without a chat template; documented in the README.
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
@@ -941,6 +942,9 @@ def describe_run(output_dir: Optional[str]) -> str:
     return f"kept in {out}: {kept}; {hint}"
 
 
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
 def main(args: Args) -> dict:
     # setup: every argument and the output dir checked before anything loads
     check_args(args)

@@ -351,6 +351,13 @@ def load_splits(name: str, train_split: str, eval_split: Optional[str], needs: l
     return parts["train"], parts["test"]
 
 
+# Used only for a tokenizer without a chat template; documented in the README.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
 def load_tokenizer(name: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
@@ -728,6 +735,9 @@ def describe_run(output_dir: Optional[str]) -> str:
     return f"kept in {out}: {kept}; {hint}"
 
 
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
 def main(args: Args) -> dict:
     # setup: every argument and the output dir checked before anything loads
     check_args(args)

@@ -22,7 +22,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 EOS, SECOND_STOP, BOS, PAD = 2, 3, 1, 0

@@ -376,3 +376,20 @@ def test_every_script_declares_the_runtime_requirements():
         metadata = inline_metadata(Path(script.__file__))
         assert metadata["dependencies"] == runtime, script.__name__
         assert metadata["requires-python"] == ">=3.10"
+
+
+def test_a_tokenizer_without_chat_template_gets_the_plain_one_in_every_script(tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "no-template"
+    folder.mkdir()
+    for f in (TOY / "sft").iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, folder / f.name)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    for script in [sft, reward_model, dpo, ppo, var, dera, expo]:
+        tokenizer = script.load_tokenizer(str(folder), False)
+        assert tokenizer.chat_template == script.PLAIN_CHAT_TEMPLATE, script.__name__
+        assert "no chat template" in capsys.readouterr().out
