@@ -135,23 +135,7 @@ def check_args(args: Args) -> None:
             raise UsageError(message)
 
 
-class UsageError(SystemExit):
-    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
-    for a malformed command line (str() gives the message, for code that calls main directly)."""
-
-    def __init__(self, message: str):
-        super().__init__(2)
-        self.message = f"error: {message}"
-
-    def __str__(self) -> str:
-        return self.message
-
-
-# ---------------------------------------------------------------------------------------------------
-# The method's maths
-
-
-# ---------------------------------------------------------------------------------------------------
+# ---- The method's maths ---------------------------------------------------------------------------
 
 
 def realigned_logits(h_ref: torch.Tensor, h_aligned: Union[torch.Tensor, Sequence[torch.Tensor]],
@@ -254,157 +238,7 @@ def combine_weights(ref, aligned: list, lam: list):
     return combined.eval()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Data and models
-
-
-# ---------------------------------------------------------------------------------------------------
-
-
-def resolve(path: str) -> str:
-    """A relative path that is not under the working directory but is next to this script (the toy
-    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder; `~` is expanded."""
-    path = os.path.expanduser(path)
-    here = Path(__file__).resolve().parent / path
-    return str(here) if not Path(path).exists() and here.exists() else path
-
-
-def looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
-
-
-def locate(name: str, what: str) -> str:
-    """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
-    a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
-    fails at once, instead of after a minute of trying the hub."""
-    path = resolve(name)
-    if Path(path).exists():
-        return path
-    if looks_local(name) or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()):
-        raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
-    return path
-
-
-def load_failure(name: str, what: str, error: Exception) -> SystemExit:
-    """One line for a name that could not be loaded, naming HF_HUB_OFFLINE when that is the reason."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    if offline and not Path(resolve(name)).exists():
-        return SystemExit(f"error: {what} '{name}' is not a local path and not in the Hugging Face cache, "
-                          "and HF_HUB_OFFLINE=1 forbids downloading it: pass a local directory, or run "
-                          "once online")
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return SystemExit(f"error: could not load {what} '{name}': {reason}")
-
-
-def field_problem(value) -> Optional[str]:
-    """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
-    if value is None:
-        return "is missing"
-    if isinstance(value, str):
-        return None
-    if isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value):
-        return None
-    return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
-            "{role, content} messages")
-
-
-def load_split(name: str, split: str, needs: list):
-    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (its rows
-    are the split "train", so train[:100] slices it; load_splits holds some out for evaluation).
-    `needs` lists alternatives: each a tuple of columns that together suffice. Every row's fields are
-    checked here, so a bad row fails with its number, not deep inside."""
-    from datasets import load_dataset
-
-    path = locate(name, "dataset")
-    one_file = path.endswith((".json", ".jsonl"))
-    where = f"dataset '{name}'" if one_file else f"split '{split}' of dataset '{name}'"
-    file = Path(path) if one_file else Path(path) / f"{split.split('[')[0]}.jsonl"
-    if file.is_file() and not any(line.strip() for line in open(file)):
-        raise SystemExit(f"error: {where} is empty: {file} has no rows")
-    try:
-        data = (load_dataset("json", data_files=path, split=split if split.startswith("train") else "train")
-                if one_file else load_dataset(path, split=split))  # a file's rows are its split "train"
-    except Exception as e:  # datasets raises many types; all mean the same to a user
-        raise load_failure(name, f"split '{split}' of dataset", e)
-    columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
-    if columns is None:
-        wanted = " or ".join("+".join(cols) for cols in needs)
-        raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
-    if len(data) == 0:
-        raise SystemExit(f"error: {where} has no rows")
-    columns = list(dict.fromkeys([c for c in ("prompt",) if c in data.column_names] + list(columns)))
-    for i, row in enumerate(data.select_columns(columns)):
-        for column in columns:
-            problem = field_problem(row[column])
-            if problem and not (column == "prompt" and row[column] == ""):
-                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' {problem}")
-    return data
-
-
-# Used only for a tokenizer without a chat template; documented in the README.
-PLAIN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
-)
-
-
-def load_tokenizer(name: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "the tokenizer of", e)
-    if tokenizer.pad_token is None:
-        print(f"note: the tokenizer of '{name}' has no pad token; using its EOS token for padding "
-              "(padding is masked everywhere, so this changes no result)")
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
-        print(f"note: the tokenizer of '{name}' has no chat template; conversations are formatted as "
-              "'role: content<eos>' lines (PLAIN_CHAT_TEMPLATE)")
-        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
-    return tokenizer
-
-
-def check_same_tokenizer(tokenizer, other, name: str) -> None:
-    """Models that exchange token ids must share vocabulary and chat template, or scores are noise."""
-    if other.get_vocab() != tokenizer.get_vocab():
-        raise SystemExit(f"error: '{name}' has a different vocabulary than the policy "
-                         f"({len(other)} vs {len(tokenizer)} tokens); use models with the same tokenizer")
-    if other.chat_template != tokenizer.chat_template:
-        raise SystemExit(f"error: '{name}' has a different chat template than the policy; "
-                         "it would read prompts and responses formatted differently from its training")
-
-
-def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: bool) -> None:
-    """Each other model's tokenizer checked against `tokenizer` (loaded from own_name), each distinct
-    name loaded once: a name that resolves to own_name is the same tokenizer."""
-    for name in dict.fromkeys(names):
-        if Path(resolve(name)).resolve() != Path(resolve(own_name)).resolve():
-            check_same_tokenizer(tokenizer, load_tokenizer(name, trust_remote_code), name)
-
-
-def stop_token_ids(tokenizer, name: str) -> list:
-    """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
-    generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
-    and end-of-text tokens, and generation stops on any of them)."""
-    from transformers import GenerationConfig
-
-    try:
-        listed = GenerationConfig.from_pretrained(resolve(name)).eos_token_id
-    except OSError:  # no generation_config.json
-        listed = None
-    listed = [listed] if isinstance(listed, int) else list(listed or [])
-    return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
-
-
-def format_prompt(tokenizer, prompt) -> str:
-    """A message list through the chat template, ending in the generation prompt; a string as it is."""
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+# ---- Data and models ------------------------------------------------------------------------------
 
 
 def collate_sequences(samples: list, pad_id: int) -> dict:
@@ -429,40 +263,6 @@ def collate_sequences(samples: list, pad_id: int) -> dict:
             "labels": labels}
 
 
-def set_verbosity(verbose: bool) -> None:
-    """Unless --verbose, transformers' per-load reports and progress bars are hidden: load_model says
-    what it loaded in one line instead (and refuses what would have been a warning in the report)."""
-    import datasets
-    import transformers
-
-    if not verbose:
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-
-
-def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
-    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
-    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
-    reward model, whose score head would be random."""
-    from transformers import AutoConfig
-
-    try:
-        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "model", e)
-    found = found.architectures or []
-    if found and not any(a.endswith(wanted) for a in found):
-        kind = ("a causal LM (...ForCausalLM)" if wanted == "ForCausalLM"
-                else "a reward model (...ForSequenceClassification)")
-        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
-
-
-def describe_model(name: str, model) -> None:
-    n = sum(p.numel() for p in model.parameters())
-    print(f"loaded '{name}': {type(model).__name__}, {n / 1e6:.1f}M parameters")
-
-
 def load_causal_lm(name: str, dtype, trust_remote_code: bool):
     """A causal LM (the reference or an aligned model); a reward model is refused before its weights load."""
     from transformers import AutoModelForCausalLM
@@ -473,32 +273,6 @@ def load_causal_lm(name: str, dtype, trust_remote_code: bool):
                                                     trust_remote_code=trust_remote_code)
     except OSError as e:
         raise SystemExit(f"error: could not load model '{name}' (offline, or a wrong name?): {e}")
-
-
-def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32,
-                      new_head: bool = False):
-    """A reward (or value) model: AutoModelForSequenceClassification with one output. A checkpoint with
-    no trained score head (a causal LM) is refused unless `new_head` (a value model may start from one).
-    A config without pad_token_id gets the tokenizer's (transformers refuses padded batches without
-    one); `score` reads the reward at the index the attention mask gives, whatever the pad id."""
-    from transformers import AutoModelForSequenceClassification
-
-    if not new_head:
-        check_architecture(name, trust_remote_code, "ForSequenceClassification")
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            locate(name, "model"), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
-            output_loading_info=True)
-    except Exception as e:
-        raise load_failure(name, "reward model", e)
-    if info["missing_keys"] and not new_head:
-        raise SystemExit(f"error: '{name}' has no trained score head ({sorted(info['missing_keys'])[:3]} "
-                         "missing): train a reward model on it first (reward_model.py)")
-    describe_model(name, model)
-    if model.config.pad_token_id is None:
-        print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
-        model.config.pad_token_id = pad_token_id
-    return model
 
 
 def check_compatible(ref, aligned: list, names: list, mode: str) -> None:
@@ -516,11 +290,7 @@ def check_compatible(ref, aligned: list, names: list, mode: str) -> None:
                                  f"{len(bad)} tensors, e.g. {bad[:5]}")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Evaluation
-
-
-# ---------------------------------------------------------------------------------------------------
+# ---- Evaluation -----------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -598,11 +368,319 @@ def print_table(rows: list) -> None:
         print(" ".join(f"{row[k]:>10}" if isinstance(row[k], str) else f"{row[k]:>10.3f}" for k, _ in cols))
 
 
-# ---------------------------------------------------------------------------------------------------
-# Runs: the output dir, checkpoints, resuming
+# ---- The run --------------------------------------------------------------------------------------
 
 
-# ---------------------------------------------------------------------------------------------------
+def main(args: Args) -> dict:
+    # setup: every argument and the output dir checked before anything loads. From Python, one aligned
+    # model or one lambda may be given bare; the command line always gives lists.
+    if isinstance(args.aligned, str):
+        args.aligned = [args.aligned]
+    if isinstance(args.lambdas, (int, float)):
+        args.lambdas = [float(args.lambdas)]
+    check_args(args)
+    device, dtype_name, _ = setup(args)  # no autocast: the models are loaded in the compute dtype
+    dtype = getattr(torch, dtype_name)
+    use_rm = args.reward_model.lower() != "none"
+    K = len(args.aligned)
+    rows_lam = [args.lambdas[i : i + K] for i in range(0, len(args.lambdas), K)]
+    out = check_output_dir(args, "dera", [args.ref, *args.aligned] + ([args.reward_model] if use_rm else []),
+                           resume=None)
+
+    # every tokenizer checked against the reference's before any compute
+    tokenizer = load_tokenizer(args.ref, args.trust_remote_code)
+    stop_ids = stop_token_ids(tokenizer, args.ref)
+    check_tokenizers(tokenizer, args.ref, args.aligned + ([args.reward_model] if use_rm else []),
+                     args.trust_remote_code)
+    for name in [args.ref, *args.aligned]:  # each a causal LM, before any weights load
+        check_architecture(name, args.trust_remote_code, "ForCausalLM")
+    if use_rm:
+        check_architecture(args.reward_model, args.trust_remote_code, "ForSequenceClassification")
+    prompts = first(load_split(args.prompts, args.prompts_split, [("prompt",)]), args.num_prompts)["prompt"]
+
+    ref = load_causal_lm(args.ref, dtype, args.trust_remote_code).to(device).eval()
+    aligned = [load_causal_lm(name, dtype, args.trust_remote_code).to(device).eval() for name in args.aligned]
+    check_compatible(ref, aligned, args.aligned, args.mode)
+    reward_model = None
+    if use_rm:
+        reward_model = load_scalar_model(args.reward_model, tokenizer.pad_token_id, args.trust_remote_code,
+                                         dtype).to(device).eval()
+    create_output_dir(out, args, device, dtype_name)
+    print(f"dera: {len(prompts)} prompts, {len(rows_lam)} settings of lambda, mode {args.mode}, "
+          f"device {device}")
+
+    # one row per lambda: realigned samples (logits mode) or samples of the combined weights
+    rows, all_samples, speeds = [], [], []
+    for lam in rows_lam:
+        if args.mode == "logits":
+            samples, logratios, speed = decode_all(ref, aligned, lam, prompts, tokenizer, args, device,
+                                                   stop_ids)
+            speeds.append(speed)
+        else:  # the combined model at lambda 1 samples exactly itself; the reference runs alongside only
+            # to give log pi_ref for the KL (deployed alone, it costs one model's decoding)
+            samples, logratios, speed = decode_all(ref, [combine_weights(ref, aligned, lam)], [1.0], prompts,
+                                                   tokenizer, args, device, stop_ids)
+        scores = (score_samples(reward_model, samples, tokenizer.pad_token_id, args.batch_size, device)
+                  if use_rm else None)
+        label = ",".join(f"{x:g}" for x in lam)
+        rows.append({"lambda": label, **summarise(samples, logratios, scores), "perf/tokens_per_s": speed})
+        for i, ((prompt_ids, response, finished), lr) in enumerate(zip(samples, logratios)):
+            all_samples.append({"lambda": label, "prompt": prompts[i],
+                                "response": tokenizer.decode(response, skip_special_tokens=True),
+                                "score": scores[i] if scores else None, "logratio": lr,
+                                "length": len(response), "finished": finished})
+        print(f"lambda={label}: " + " ".join(f"{k}={v:.3f}" for k, v in rows[-1].items() if k != "lambda"))
+
+    # the cost of DeRa: the same decoding loop with one model alone
+    _, _, single_speed = decode_all(aligned[0], [], [], prompts, tokenizer, args, device, stop_ids)
+    results = {"table": rows, "perf/tokens_per_s_one_model": single_speed}
+    if speeds:
+        results["perf/tokens_per_s"] = sum(speeds) / len(speeds)
+        results["perf/slowdown_vs_one_model"] = single_speed / results["perf/tokens_per_s"]
+    print()
+    print_table(rows)
+    print(f"\none model alone: {single_speed:.0f} tokens/s" +
+          (f"; DeRa {results['perf/tokens_per_s']:.0f} tokens/s "
+           f"({results['perf/slowdown_vs_one_model']:.2f}x slower)"
+           if speeds else ""))
+    with open(out / "eval.json", "w") as f:
+        json.dump(results, f, indent=2)
+    write_jsonl(out / "samples.jsonl", all_samples)
+    return results
+
+
+# ---- Plumbing --------------------------------------------------------------------------------------
+# The same text in every script that uses it (tests/test_twins.py): arguments, data files, tokenizers,
+# loading models, the run's folder, logs and checkpoints. Safe to skip on a first reading.
+
+
+class UsageError(SystemExit):
+    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
+    for a malformed command line (str() gives the message, for code that calls main directly)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = f"error: {message}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def resolve(path: str) -> str:
+    """A relative path that is not under the working directory but is next to this script (the toy
+    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder; `~` is expanded."""
+    path = os.path.expanduser(path)
+    here = Path(__file__).resolve().parent / path
+    return str(here) if not Path(path).exists() and here.exists() else path
+
+
+def locate(name: str, what: str) -> str:
+    """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
+    a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
+    fails at once, instead of after a minute of trying the hub."""
+    path = resolve(name)
+    if Path(path).exists():
+        return path
+    if (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
+            or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir())):
+        raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
+    return path
+
+
+def load_failure(name: str, what: str, error: Exception) -> SystemExit:
+    """One line for a name that could not be loaded, naming HF_HUB_OFFLINE when that is the reason."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline and not Path(resolve(name)).exists():
+        return SystemExit(f"error: {what} '{name}' is not a local path and not in the Hugging Face cache, "
+                          "and HF_HUB_OFFLINE=1 forbids downloading it: pass a local directory, or run "
+                          "once online")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return SystemExit(f"error: could not load {what} '{name}': {reason}")
+
+
+def field_problem(value) -> Optional[str]:
+    """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
+    if value is None:
+        return "is missing"
+    if isinstance(value, str) or (isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value)):
+        return None
+    return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
+            "{role, content} messages")
+
+
+def load_split(name: str, split: str, needs: list):
+    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (its rows
+    are the split "train", so train[:100] slices it; load_splits holds some out for evaluation).
+    `needs` lists alternatives: each a tuple of columns that together suffice. Every row's fields are
+    checked here, so a bad row fails with its number, not deep inside."""
+    from datasets import load_dataset
+
+    path = locate(name, "dataset")
+    one_file = path.endswith((".json", ".jsonl"))
+    where = f"dataset '{name}'" if one_file else f"split '{split}' of dataset '{name}'"
+    file = Path(path) if one_file else Path(path) / f"{split.split('[')[0]}.jsonl"
+    if file.is_file() and not any(line.strip() for line in open(file)):
+        raise SystemExit(f"error: {where} is empty: {file} has no rows")
+    try:
+        data = (load_dataset("json", data_files=path, split=split if split.startswith("train") else "train")
+                if one_file else load_dataset(path, split=split))  # a file's rows are its split "train"
+    except Exception as e:  # datasets raises many types; all mean the same to a user
+        raise load_failure(name, f"split '{split}' of dataset", e)
+    columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
+    if columns is None:
+        wanted = " or ".join("+".join(cols) for cols in needs)
+        raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
+    if len(data) == 0:
+        raise SystemExit(f"error: {where} has no rows")
+    columns = list(dict.fromkeys([c for c in ("prompt",) if c in data.column_names] + list(columns)))
+    for i, row in enumerate(data.select_columns(columns)):
+        for column in columns:
+            problem = field_problem(row[column])
+            if problem and not (column == "prompt" and row[column] == ""):
+                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' {problem}")
+    return data
+
+
+def first(data, n: Optional[int]):
+    """The first n rows of a dataset (all of them when n is None)."""
+    return data.select(range(min(n, len(data)))) if n else data
+
+
+# Used only for a tokenizer without a chat template; documented in the README.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "the tokenizer of", e)
+    if tokenizer.pad_token is None:
+        print(f"note: the tokenizer of '{name}' has no pad token; using its EOS token for padding "
+              "(padding is masked everywhere, so this changes no result)")
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        print(f"note: the tokenizer of '{name}' has no chat template; conversations are formatted as "
+              "'role: content<eos>' lines (PLAIN_CHAT_TEMPLATE)")
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: bool) -> None:
+    """Models that exchange token ids must share vocabulary and chat template, or scores are noise: each
+    other model's tokenizer is checked against `tokenizer` (of own_name), each distinct name loaded once."""
+    for name in dict.fromkeys(names):
+        if Path(resolve(name)).resolve() == Path(resolve(own_name)).resolve():
+            continue
+        other = load_tokenizer(name, trust_remote_code)
+        if other.get_vocab() != tokenizer.get_vocab():
+            raise SystemExit(f"error: '{name}' has a different vocabulary than the policy ({len(other)} vs "
+                             f"{len(tokenizer)} tokens); use models with the same tokenizer")
+        if other.chat_template != tokenizer.chat_template:
+            raise SystemExit(f"error: '{name}' has a different chat template than the policy; "
+                             "it would read prompts and responses formatted differently from its training")
+
+
+def stop_token_ids(tokenizer, name: str) -> list:
+    """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
+    generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
+    and end-of-text tokens, and generation stops on any of them)."""
+    from transformers import GenerationConfig
+
+    try:
+        listed = GenerationConfig.from_pretrained(resolve(name)).eos_token_id
+    except OSError:  # no generation_config.json
+        listed = None
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
+
+
+def format_prompt(tokenizer, prompt) -> str:
+    """A message list through the chat template, ending in the generation prompt; a string as it is."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
+    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
+    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
+    reward model, whose score head would be random."""
+    from transformers import AutoConfig
+
+    try:
+        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    found = found.architectures or []
+    if found and not any(a.endswith(wanted) for a in found):
+        kind = ("a causal LM (...ForCausalLM)" if wanted == "ForCausalLM"
+                else "a reward model (...ForSequenceClassification)")
+        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
+
+
+def describe_model(name: str, model) -> None:
+    print(f"loaded '{name}': {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          "parameters")
+
+
+def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32,
+                      new_head: bool = False):
+    """A reward (or value) model: AutoModelForSequenceClassification with one output. A checkpoint with
+    no trained score head (a causal LM) is refused unless `new_head` (a value model may start from one).
+    A config without pad_token_id gets the tokenizer's (transformers refuses padded batches without
+    one); `score` reads the reward at the index the attention mask gives, whatever the pad id."""
+    from transformers import AutoModelForSequenceClassification
+
+    if not new_head:
+        check_architecture(name, trust_remote_code, "ForSequenceClassification")
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            locate(name, "model"), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
+            output_loading_info=True)
+    except Exception as e:
+        raise load_failure(name, "reward model", e)
+    if info["missing_keys"] and not new_head:
+        raise SystemExit(f"error: '{name}' has no trained score head ({sorted(info['missing_keys'])[:3]} "
+                         "missing): train a reward model on it first (reward_model.py)")
+    if info["missing_keys"]:
+        print(f"note: '{name}' has no trained score head: it starts random, and only training moves it")
+    describe_model(name, model)
+    if model.config.pad_token_id is None:
+        print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def setup(args) -> tuple:
+    """Seeds, device (cuda when present) and compute dtype (bf16 autocast on CUDA, fp32 elsewhere);
+    transformers' per-load reports and progress bars hidden unless --verbose. (device, dtype, autocast)"""
+    import datasets
+    import transformers
+
+    if not args.verbose:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                          else args.device)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    return device, dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
+
+
+def write_jsonl(path: Path, rows: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def run_info(device, dtype: str) -> dict:
@@ -657,12 +735,9 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
     arguments, then under "run" the versions, device, dtype and git commit). A resumed run keeps the
     metrics logged up to its checkpoint and drops the later ones, which the run will log again."""
     if resume_step is not None:
-        log = out / "metrics.jsonl"
-        records = [json.loads(line) for line in open(log)] if log.exists() else []
-        with open(log, "w") as f:
-            for r in records:
-                if r.get("step", 0) <= resume_step:
-                    f.write(json.dumps(r) + "\n")
+        log_file = out / "metrics.jsonl"
+        records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
+        write_jsonl(log_file, [r for r in records if r.get("step", 0) <= resume_step])
         return
     if out.exists():
         shutil.rmtree(out)
@@ -681,105 +756,17 @@ def describe_run(output_dir: Optional[str]) -> str:
     out = Path(output_dir) if output_dir else None
     if out is None or not (out / "args.json").exists():
         return "nothing was written"
-    log = out / "metrics.jsonl"
-    records = [json.loads(line) for line in open(log)] if log.exists() else []
+    log_file = out / "metrics.jsonl"
+    records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
     steps = [r.get("step", r.get("iteration")) for r in records]
-    kept = f"args.json, metrics.jsonl ({len(records)} records"
-    kept += f", last at step {steps[-1]})" if steps else ")"
+    last = f", last at step {steps[-1]}" if steps else ""
+    kept = f"args.json, metrics.jsonl ({len(records)} records{last})"
     checkpoint = last_checkpoint(out)
     kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
-    resumable = "resume" in json.load(open(out / "args.json"))
-    if not resumable:
-        hint = f"--overwrite --output_dir {out} starts over"
-    else:
-        hint = f"--resume --output_dir {out} " + ("continues it" if checkpoint else "starts it again")
-    return f"kept in {out}: {kept}; {hint}"
-
-
-def main(args: Args) -> dict:
-    # setup: every argument and the output dir checked before anything loads. From Python, one aligned
-    # model or one lambda may be given bare; the command line always gives lists.
-    if isinstance(args.aligned, str):
-        args.aligned = [args.aligned]
-    if isinstance(args.lambdas, (int, float)):
-        args.lambdas = [float(args.lambdas)]
-    check_args(args)
-    set_verbosity(args.verbose)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
-    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    dtype = getattr(torch, dtype_name)
-    use_rm = args.reward_model.lower() != "none"
-    K = len(args.aligned)
-    rows_lam = [args.lambdas[i : i + K] for i in range(0, len(args.lambdas), K)]
-    out = check_output_dir(args, "dera", [args.ref, *args.aligned] + ([args.reward_model] if use_rm else []),
-                           resume=None)
-
-    # every tokenizer checked against the reference's before any compute
-    tokenizer = load_tokenizer(args.ref, args.trust_remote_code)
-    stop_ids = stop_token_ids(tokenizer, args.ref)
-    check_tokenizers(tokenizer, args.ref, args.aligned + ([args.reward_model] if use_rm else []),
-                     args.trust_remote_code)
-    for name in [args.ref, *args.aligned]:  # each a causal LM, before any weights load
-        check_architecture(name, args.trust_remote_code, "ForCausalLM")
-    if use_rm:
-        check_architecture(args.reward_model, args.trust_remote_code, "ForSequenceClassification")
-    prompts = load_split(args.prompts, args.prompts_split, [("prompt",)])["prompt"]
-    prompts = prompts[: args.num_prompts] if args.num_prompts else prompts
-
-    ref = load_causal_lm(args.ref, dtype, args.trust_remote_code).to(device).eval()
-    aligned = [load_causal_lm(name, dtype, args.trust_remote_code).to(device).eval() for name in args.aligned]
-    check_compatible(ref, aligned, args.aligned, args.mode)
-    reward_model = None
-    if use_rm:
-        reward_model = load_scalar_model(args.reward_model, tokenizer.pad_token_id, args.trust_remote_code,
-                                         dtype).to(device).eval()
-    create_output_dir(out, args, device, dtype_name)
-    print(f"dera: {len(prompts)} prompts, {len(rows_lam)} settings of lambda, mode {args.mode}, "
-          f"device {device}")
-
-    # one row per lambda: realigned samples (logits mode) or samples of the combined weights
-    rows, all_samples, speeds = [], [], []
-    for lam in rows_lam:
-        if args.mode == "logits":
-            samples, logratios, speed = decode_all(ref, aligned, lam, prompts, tokenizer, args, device,
-                                                   stop_ids)
-            speeds.append(speed)
-        else:  # the combined model at lambda 1 samples exactly itself; the reference runs alongside only
-            # to give log pi_ref for the KL (deployed alone, it costs one model's decoding)
-            samples, logratios, speed = decode_all(ref, [combine_weights(ref, aligned, lam)], [1.0], prompts,
-                                                   tokenizer, args, device, stop_ids)
-        scores = (score_samples(reward_model, samples, tokenizer.pad_token_id, args.batch_size, device)
-                  if use_rm else None)
-        label = ",".join(f"{x:g}" for x in lam)
-        rows.append({"lambda": label, **summarise(samples, logratios, scores), "perf/tokens_per_s": speed})
-        for i, ((prompt_ids, response, finished), lr) in enumerate(zip(samples, logratios)):
-            all_samples.append({"lambda": label, "prompt": prompts[i],
-                                "response": tokenizer.decode(response, skip_special_tokens=True),
-                                "score": scores[i] if scores else None, "logratio": lr,
-                                "length": len(response), "finished": finished})
-        print(f"lambda={label}: " + " ".join(f"{k}={v:.3f}" for k, v in rows[-1].items() if k != "lambda"))
-
-    # the cost of DeRa: the same decoding loop with one model alone
-    _, _, single_speed = decode_all(aligned[0], [], [], prompts, tokenizer, args, device, stop_ids)
-    results = {"table": rows, "perf/tokens_per_s_one_model": single_speed}
-    if speeds:
-        results["perf/tokens_per_s"] = sum(speeds) / len(speeds)
-        results["perf/slowdown_vs_one_model"] = single_speed / results["perf/tokens_per_s"]
-    print()
-    print_table(rows)
-    print(f"\none model alone: {single_speed:.0f} tokens/s" +
-          (f"; DeRa {results['perf/tokens_per_s']:.0f} tokens/s "
-           f"({results['perf/slowdown_vs_one_model']:.2f}x slower)"
-           if speeds else ""))
-    with open(out / "eval.json", "w") as f:
-        json.dump(results, f, indent=2)
-    with open(out / "samples.jsonl", "w") as f:
-        for row in all_samples:
-            f.write(json.dumps(row) + "\n")
-    return results
+    if "resume" not in json.load(open(out / "args.json")):
+        return f"kept in {out}: {kept}; --overwrite --output_dir {out} starts over"
+    again = "continues it" if checkpoint else "starts it again"
+    return f"kept in {out}: {kept}; --resume --output_dir {out} {again}"
 
 
 def cli(argv: Optional[list] = None) -> None:

@@ -197,6 +197,411 @@ def check_args(args: Args) -> None:
             raise UsageError(message)
 
 
+# ---- The method's maths ---------------------------------------------------------------------------
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float,
+             label_smoothing: float = 0.0, loss_type: str = "sigmoid") -> tuple:
+    """Per-pair DPO (or IPO) losses and the implicit rewards beta * log(pi / pi_ref).
+
+    All inputs: (B,) sequence log-probs summed over response tokens. Returns (losses, chosen_rewards,
+    rejected_rewards), each (B,); the rewards are detached (they are for logging)."""
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    logits = chosen_logratios - rejected_logratios  # h: the difference of log-ratios
+    if loss_type == "sigmoid":  # Tulu 2.5 Eq. 3; conservative DPO flips a label with prob. eps
+        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * logits)
+                  - label_smoothing * F.logsigmoid(-beta * logits))
+    elif loss_type == "ipo":  # IPO, Azar et al. (2023) Eq. 17, with tau = beta
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps) -> dict:
+    """The DPO literature's metrics of a batch of pairs, each summed over its pairs (log means)."""
+    sums = {"train/loss": losses, "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+            "rewards/accuracy": (chosen_rewards > rejected_rewards).float(),
+            "rewards/margin": chosen_rewards - rejected_rewards,
+            "logps/chosen": policy_chosen_logps, "logps/rejected": policy_rejected_logps}
+    return {k: v.detach().sum().item() for k, v in sums.items()}
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                   chunk: int = 128) -> torch.Tensor:
+    """Sum of the log-probs of the labelled tokens of each sequence under softmax(logits / T): gather
+    minus logsumexp, in fp32, `chunk` positions at a time, so that the only vocabulary-sized tensor is
+    the logits themselves in the model's dtype (an fp32 log-softmax of the whole block, at V = 152k,
+    would outweigh the model). logits: (B, K, V); labels: (B, K), -100 where there is no label;
+    position t predicts token t + 1. Returns (B,)."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    total = torch.zeros(labels.shape[0], device=logits.device)
+    for t in range(0, labels.shape[1], chunk):
+        part, target = logits[:, t : t + chunk].float(), labels[:, t : t + chunk]
+        if temperature != 1.0:
+            part = part / temperature
+        token_logps = part.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1) - part.logsumexp(-1)
+        total = total + (token_logps * (target != -100)).sum(1)
+    return total
+
+
+# ---- Data: preference pairs, tokenised with response-only labels ----------------------------------
+
+
+def split_pair(row: dict) -> tuple:
+    """(prompt, chosen, rejected). Without a `prompt` column, chosen and rejected are whole
+    conversations (the last message is the response) or whole texts (empty prompt)."""
+    if "prompt" in row:
+        return row["prompt"], row["chosen"], row["rejected"]
+    if isinstance(row["chosen"], str):
+        return "", row["chosen"], row["rejected"]
+    return row["chosen"][:-1], row["chosen"][-1:], row["rejected"][-1:]
+
+
+def build_pairs(data, tokenizer, max_length: int, stop_ids: list, where: str = "the data") -> list:
+    """For each row, prompt + chosen and prompt + rejected as token ids with response-only labels. A
+    row whose prompt leaves no room for a response within max_length is dropped, and counted."""
+    pairs = []
+    for i, row in enumerate(data):
+        prompt, chosen, rejected = split_pair(row)
+        pair = {}
+        for side, completion in (("chosen", chosen), ("rejected", rejected)):
+            prompt_ids, completion_ids = tokenize_example(tokenizer, prompt, completion, max_length, stop_ids,
+                                                          check=(i == 0))
+            pair[side] = {"input_ids": prompt_ids + completion_ids,
+                          "labels": [-100] * len(prompt_ids) + completion_ids}
+        if completion_ids:  # the prompt is the same for both sides
+            pairs.append(pair)
+    report_dropped(len(pairs), len(data) - len(pairs), max_length, where)
+    return pairs
+
+
+def load_pairs(args, tokenizer, stop_ids: list) -> tuple:
+    """(train pairs, held-out pairs: [] without an eval split)."""
+    train_data, eval_data = load_splits(args.dataset, args.train_split, args.eval_split,
+                                        [("chosen", "rejected")], args.eval_fraction, args.seed)
+    train = build_pairs(first(train_data, args.max_train_samples), tokenizer, args.max_length, stop_ids,
+                        f"'{args.dataset}' {args.train_split}")
+    if eval_data is None:
+        return train, []
+    return train, build_pairs(first(eval_data, args.max_eval_samples), tokenizer, args.max_length,
+                              stop_ids, f"'{args.dataset}' eval")
+
+
+def collate_pairs(pairs: list, pad_id: int) -> dict:
+    """The chosen sequences, then the rejected ones, as one collate_sequences batch: one forward pass
+    for both. Rows [:B] are chosen, rows [B:] rejected."""
+    samples = []
+    for side in ("chosen", "rejected"):
+        for pair in pairs:
+            n = pair[side]["labels"].count(-100)  # the prompt's length: the labels are -100 there only
+            samples.append((pair[side]["input_ids"][:n], pair[side]["input_ids"][n:]))
+    return collate_sequences(samples, pad_id)
+
+
+def collate_sequences(samples: list, pad_id: int) -> dict:
+    """(prompt_ids, response_ids, ...) samples as one batch in which every response starts at the same
+    column: prompts left-padded to the longest prompt P, responses right-padded to the longest
+    response R. Log-probs then need the logits of the last R + 1 positions only (`logits_to_keep`;
+    position P - 1 predicts the first response token), not those of the prompts and their padding.
+    Positions count from each row's first token, so the padding changes no number.
+    input_ids, attention_mask, position_ids: (B, P + R); labels: (B, R + 1), aligned with the kept
+    logits: the response tokens in the last R columns, -100 elsewhere."""
+    # a response with no prompt before it: its first token has no position to be predicted from
+    samples = [(p, r) if p else (r[:1], r[1:]) for p, r, *_ in samples]
+    P, R = max(len(p) for p, _ in samples), max(len(r) for _, r in samples)
+    ids = torch.full((len(samples), P + R), pad_id)
+    mask = torch.zeros((len(samples), P + R), dtype=torch.long)
+    labels = torch.full((len(samples), R + 1), -100)
+    for i, (p, r) in enumerate(samples):
+        ids[i, P - len(p) : P + len(r)] = torch.tensor(p + r)
+        mask[i, P - len(p) : P + len(r)] = 1
+        labels[i, 1 : 1 + len(r)] = torch.tensor(r, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
+            "labels": labels}
+
+
+# ---- Models: log-probs, sampling, scoring ---------------------------------------------------------
+
+
+def batch_logps(model, batch: dict, autocast, temperature: float = 1.0) -> torch.Tensor:
+    """Summed response log-probs of each sequence of a collate_sequences batch (for pairs: chosen rows,
+    then rejected), under logits / temperature, the distribution that sampling at that temperature
+    draws from. The LM head runs only at the positions that predict a response token. Returns (B,),
+    fp32."""
+    with autocast:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], logits_to_keep=batch["labels"].shape[1]).logits
+    return sequence_logps(logits, batch["labels"], temperature)
+
+
+@torch.no_grad()
+def store_ref_logps(ref_model, pairs: list, batch: dict, autocast) -> None:
+    """Stores the reference log-probs of each pair of `batch` (collate_pairs(pairs)) in the pair."""
+    chosen, rejected = batch_logps(ref_model, batch, autocast).chunk(2)
+    for p, c, r in zip(pairs, chosen.tolist(), rejected.tolist()):
+        p["ref_chosen_logps"], p["ref_rejected_logps"] = c, r
+
+
+def add_ref_logps(ref_model, pairs: list, batch_size: int, pad_id: int, device, autocast) -> None:
+    """Stores every pair's reference log-probs in it (`ref_chosen_logps`, `ref_rejected_logps`)."""
+    ref_model.eval()
+    for i in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", leave=False, disable=None):
+        chunk = pairs[i : i + batch_size]
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+        store_ref_logps(ref_model, chunk, batch, autocast)
+
+
+def stored_ref_logps(pairs: list, device) -> tuple:
+    """(ref_chosen_logps, ref_rejected_logps) of the pairs, each (B,)."""
+    return tuple(torch.tensor([p[k] for p in pairs], device=device)
+                 for k in ("ref_chosen_logps", "ref_rejected_logps"))
+
+
+@torch.no_grad()
+def evaluate_pairs(policy, pairs: list, args, pad_id: int, device, autocast) -> dict:
+    """DPO loss and implicit-reward metrics on held-out pairs (reference log-probs already stored)."""
+    policy.eval()
+    totals = {}
+    for i in range(0, len(pairs), 2 * args.batch_size):
+        chunk = pairs[i : i + 2 * args.batch_size]
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+        policy_chosen, policy_rejected = batch_logps(policy, batch, autocast).chunk(2)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected,
+                                                            *stored_ref_logps(chunk, device), args.beta,
+                                                            args.label_smoothing, args.loss_type)
+        tally(totals, dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected),
+              len(chunk))
+    policy.train()
+    return {f"eval/{k.replace('train/', '')}": v for k, v in means(totals).items()}
+
+
+def disable_dropout(model) -> None:
+    """Dropout off: every nn.Dropout, and the rates that attention layers keep as plain floats (Llama's
+    and Qwen2's `attention_dropout`), which no module switch reaches. With dropout, the policy in train
+    mode is not the model whose log-probs the reference (or the rollout) recorded: DPO's implicit
+    rewards and PPO's ratio would be off before the first update."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
+def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
+    """Pure sampling from softmax(logits / T), stopping on any stop id: no top-k, no top-p, no penalty."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                            max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stop_ids)
+
+
+def generate(model, batch: dict, config):
+    """model.generate with `config` and nothing else (KV-cached). transformers fills every field a
+    config leaves unset from the checkpoint's generation_config.json (a repetition penalty, min_p,
+    suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
+    checkpoint_config, model.generation_config = model.generation_config, config
+    try:
+        return model.generate(**batch, generation_config=config)
+    finally:
+        model.generation_config = checkpoint_config
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float,
+                     batch_size: int, device, stop_ids: list) -> list:
+    """One response per prompt, sampled from softmax(logits / T) (no top-k, no top-p) with the KV cache,
+    left-padded batches. Returns (prompt_ids, response_ids, finished) per prompt: the response is cut
+    after its first stop id (which it keeps); `finished` is False when it hit max_new_tokens first."""
+    tokenizer.padding_side = "left"
+    model.eval()
+    config = sampling_config(temperature, max_new_tokens, tokenizer.pad_token_id, stop_ids)
+    results = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        texts = [format_prompt(tokenizer, p) for p in chunk]
+        batch = tokenizer(texts, return_tensors="pt", padding=True,
+                          add_special_tokens=not isinstance(chunk[0], list)).to(device)
+        out = generate(model, batch, config)
+        for row, mask, generated in zip(batch["input_ids"], batch["attention_mask"],
+                                        out[:, batch["input_ids"].shape[1] :].tolist()):
+            ends = [t for t, token in enumerate(generated) if token in stop_ids]
+            results.append((row[mask.bool()].tolist(), generated[: ends[0] + 1] if ends else generated,
+                            bool(ends)))
+    return results
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last attended token, with left or right padding. (B, T) -> (B,)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(1)
+
+
+def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reward of each sequence: the score head at its last attended token, the EOS that ends
+    prompt + response. The index comes from the attention mask, never from pad_token_id:
+    transformers' own pooling reads the last token that is not pad, which with pad == eos (common in
+    chat checkpoints) is the token before the EOS. Positions count from the first attended token, so
+    left and right padding give the same score. input_ids, attention_mask: (B, T). Returns (B,), fp32."""
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=positions).last_hidden_state
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    return model.score(last).squeeze(-1).float()
+
+
+@torch.no_grad()
+def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device,
+                     autocast, stop_ids: list, path: Path) -> dict:
+    """Samples the policy at args.temperature (the same prompts and seed at every call; the caller's
+    random state is left as it was), then scores each response with the reward model and measures
+    log pi_T(y|x) - log pi_ref,T(y|x) (both from logits / T), whose mean over samples estimates
+    KL(pi_T || pi_ref,T): the KL of what was sampled (at T = 1, of the models themselves). The samples
+    go to `path` (jsonl), the metrics are returned."""
+    training, batch_size = policy.training, 4 * args.batch_size
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        samples = sample_responses(policy, tokenizer, prompts, args.max_new_tokens, args.temperature,
+                                   batch_size, device, stop_ids)
+    rows = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        batch = {k: v.to(device) for k, v in collate_sequences(chunk, tokenizer.pad_token_id).items()}
+        logratios = (batch_logps(policy, batch, autocast, args.temperature)
+                     - batch_logps(ref_model, batch, autocast, args.temperature))
+        with autocast:
+            scores = score(reward_model, batch["input_ids"], batch["attention_mask"])
+        for (p, r, finished), s, lr in zip(chunk, scores.tolist(), logratios.tolist()):
+            rows.append({"response": tokenizer.decode(r, skip_special_tokens=True), "score": s,
+                         "logratio": lr, "length": len(r), "finished": finished})
+    policy.train(training)
+    write_jsonl(path, [{"prompt": p, **r} for p, r in zip(prompts, rows)])
+    n, scores = len(rows), torch.tensor([r["score"] for r in rows])
+    return {"eval/score": scores.mean().item(), "eval/score_se": (scores.std() / math.sqrt(n)).item(),
+            **{f"eval/{k}": sum(r[key] for r in rows) / n
+               for k, key in (("kl", "logratio"), ("length", "length"), ("eos_rate", "finished"))}}
+
+
+# ---- Training -------------------------------------------------------------------------------------
+
+
+def dry_run(tokenizer, train: list, evals: list, total_steps: int, args) -> dict:
+    """--dry_run: one tokenised pair and the counts, before any model loads."""
+    for side in ("chosen", "rejected"):
+        print(f"{side + ':':10}" + show_example(tokenizer, **train[0][side]))
+    print(f"dry run: {len(train)} train / {len(evals)} eval pairs, {total_steps} optimiser steps of "
+          f"{args.batch_size * args.gradient_accumulation_steps} pairs; no model loaded, nothing written")
+    return {"train/pairs": len(train), "eval/pairs": len(evals), "train/steps": total_steps}
+
+
+def main(args: Args) -> dict:
+    # set-up: every argument, the output dir and every tokenizer checked before any model loads
+    check_args(args)
+    device, dtype, autocast = setup(args)
+    ref_name, use_rm = args.ref or args.model, args.reward_model.lower() != "none"
+    others = [ref_name] + ([args.reward_model] if use_rm else [])
+    out = None if args.dry_run else check_output_dir(args, "dpo", [args.model, *others], resume=args.resume)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    stop_ids, pad_id = stop_token_ids(tokenizer, args.model), tokenizer.pad_token_id
+    check_tokenizers(tokenizer, args.model, others, args.trust_remote_code)
+    if use_rm:  # the reward model is loaded only to score samples, but checked now
+        check_architecture(args.reward_model, args.trust_remote_code, "ForSequenceClassification")
+        prompts = first(load_split(args.eval_prompts, args.eval_prompts_split, [("prompt",)]),
+                        args.num_eval_prompts)["prompt"]
+    train, evals = load_pairs(args, tokenizer, stop_ids)
+    total_steps = count_steps(len(train), args)
+    if args.dry_run:
+        return dry_run(tokenizer, train, evals, total_steps, args)
+    checkpoint = last_checkpoint(out) if args.resume else None
+
+    # models: the policy trains; the reference is frozen, and by default its log-probs are computed
+    # once, here, after which its memory is freed
+    policy = load_model(str(checkpoint or args.model), args.trust_remote_code).to(device)
+    if not args.dropout:
+        disable_dropout(policy)
+    ref_model = load_model(ref_name, args.trust_remote_code).to(device).eval().requires_grad_(False)
+    start = time.time()
+    add_ref_logps(ref_model, train + evals if args.precompute_ref else evals, 2 * args.batch_size, pad_id,
+                  device, autocast)
+    print(f"reference log-probs in {time.time() - start:.1f}s")
+    reward_model = None
+    if use_rm and args.sample_every:  # sampled during training: the reference and reward model stay
+        reward_model = load_scalar_model(args.reward_model, pad_id, args.trust_remote_code).to(device).eval()
+    elif args.precompute_ref:
+        ref_model = None
+        gc.collect()
+    optimizer, scheduler = start_training([policy], args, total_steps, "linear")
+    start_step, progress = 0, {"time": 0.0, "tokens": 0, "window": {}}
+    if checkpoint:  # --resume: the optimiser, schedule, data position and random state where they were
+        start_step, progress = restore(checkpoint, optimizer, scheduler)
+    create_output_dir(out, args, device, dtype, resume_step=start_step if checkpoint else None)
+    print(f"dpo: {len(train)} train / {len(evals)} eval pairs, {total_steps} steps, beta {args.beta}, "
+          f"{args.loss_type} loss, device {device}, {dtype}")
+
+    # the loop: DPO on each micro-batch of pairs, one optimiser step per gradient_accumulation_steps
+    lengths = [max(len(p["chosen"]["input_ids"]), len(p["rejected"]["input_ids"])) for p in train]
+    stream = micro_batches(train, lengths, args, skip=start_step * args.gradient_accumulation_steps)
+    window = progress["window"]
+    if reward_model and start_step == 0:  # --sample_every: the starting point too
+        metrics = evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts, args, device,
+                                   autocast, stop_ids, samples_path(out, 0))
+        log(out, {"step": 0, **metrics})
+    for step in tqdm(range(start_step + 1, total_steps + 1), desc="dpo", dynamic_ncols=True, disable=None):
+        step_start = time.time()
+        micro = [next(stream) for _ in range(args.gradient_accumulation_steps)]
+        n_pairs = sum(len(pairs) for pairs in micro)
+        for pairs in micro:
+            batch = {k: v.to(device) for k, v in collate_pairs(pairs, pad_id).items()}
+            if not args.precompute_ref:  # --no-precompute_ref: the reference's log-probs, batch by batch
+                store_ref_logps(ref_model, pairs, batch, autocast)
+            ref_chosen_logps, ref_rejected_logps = stored_ref_logps(pairs, device)
+            # one forward pass for chosen and rejected: rows [:B] and [B:] of the batch
+            policy_chosen_logps, policy_rejected_logps = batch_logps(policy, batch, autocast).chunk(2)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(  # Tulu 2.5 Eq. 3, per pair
+                policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, args.beta,
+                args.label_smoothing, args.loss_type)
+            (losses.sum() / n_pairs).backward()  # the mean over the optimiser step's pairs
+            tally(window, dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps,
+                                      policy_rejected_logps), len(pairs))
+            progress["tokens"] += batch["attention_mask"].sum().item()
+        grad_norm = optimizer_step(optimizer, scheduler, args.max_grad_norm, window["train/loss"],
+                                   f"at step {step}")
+        progress["time"] += time.time() - step_start
+
+        if step % args.log_every == 0 or step == total_steps:
+            log(out, train_record(step, window, grad_norm, scheduler, progress))
+        if reward_model and step % args.sample_every == 0 and step < total_steps:  # --sample_every
+            metrics = evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts, args, device,
+                                       autocast, stop_ids, samples_path(out, step))
+            log(out, {"step": step, **metrics})
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            save_checkpoint({".": policy}, tokenizer, out, step, {"optimizer": optimizer.state_dict(),
+                                                                  "scheduler": scheduler.state_dict(),
+                                                                  "progress": progress})
+    save_model(policy, tokenizer, out)
+
+    # evaluation: implicit rewards on held-out pairs, then samples scored by the reward model
+    results = {"train/steps": total_steps, "train/runtime_s": round(progress["time"], 1),
+               "perf/tokens_per_s": round(progress["tokens"] / max(progress["time"], 1e-9), 1)}
+    if evals:
+        results.update(evaluate_pairs(policy, evals, args, pad_id, device, autocast))
+    if use_rm:
+        ref_model = ref_model or load_model(ref_name, args.trust_remote_code).to(device).eval()
+        reward_model = reward_model or load_scalar_model(args.reward_model, pad_id, args.trust_remote_code)
+        results.update(evaluate_samples(policy, ref_model, reward_model.to(device).eval(), tokenizer, prompts,
+                                        args, device, autocast, stop_ids, out / "samples.jsonl"))
+    return finish(out, results)
+
+
+# ---- Plumbing --------------------------------------------------------------------------------------
+# The same text in every script that uses it (tests/test_twins.py): arguments, data files, tokenizers,
+# loading models, the run's folder, logs and checkpoints. Safe to skip on a first reading.
+
+
 class UsageError(SystemExit):
     """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
     for a malformed command line (str() gives the message, for code that calls main directly)."""
@@ -243,51 +648,6 @@ def count_steps(n_rows: int, args) -> int:
     return micro // args.gradient_accumulation_steps
 
 
-# ---------------------------------------------------------------------------------------------------
-# The method's maths
-
-
-# ---------------------------------------------------------------------------------------------------
-
-
-def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float,
-             label_smoothing: float = 0.0, loss_type: str = "sigmoid") -> tuple:
-    """Per-pair DPO (or IPO) losses and the implicit rewards beta * log(pi / pi_ref).
-
-    All inputs: (B,) sequence log-probs summed over response tokens. Returns (losses, chosen_rewards,
-    rejected_rewards), each (B,); the rewards are detached (they are for logging)."""
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    logits = chosen_logratios - rejected_logratios  # h: the difference of log-ratios
-    if loss_type == "sigmoid":  # Tulu 2.5 Eq. 3; conservative DPO flips a label with prob. eps
-        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * logits)
-                  - label_smoothing * F.logsigmoid(-beta * logits))
-    elif loss_type == "ipo":  # IPO, Azar et al. (2023) Eq. 17, with tau = beta
-        losses = (logits - 1 / (2 * beta)) ** 2
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}")
-    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                   chunk: int = 128) -> torch.Tensor:
-    """Sum of the log-probs of the labelled tokens of each sequence under softmax(logits / T): gather
-    minus logsumexp, in fp32, `chunk` positions at a time, so that the only vocabulary-sized tensor is
-    the logits themselves in the model's dtype (an fp32 log-softmax of the whole block, at V = 152k,
-    would outweigh the model). logits: (B, K, V); labels: (B, K), -100 where there is no label;
-    position t predicts token t + 1. Returns (B,)."""
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    total = torch.zeros(labels.shape[0], device=logits.device)
-    for t in range(0, labels.shape[1], chunk):
-        part, target = logits[:, t : t + chunk].float(), labels[:, t : t + chunk]
-        if temperature != 1.0:
-            part = part / temperature
-        token_logps = part.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1) - part.logsumexp(-1)
-        total = total + (token_logps * (target != -100)).sum(1)
-    return total
-
-
 def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
     """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`, or
     (schedule "constant") the peak rate from then on."""
@@ -300,11 +660,32 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 
     return floor + (1.0 - floor) * decay
 
 
-# ---------------------------------------------------------------------------------------------------
-# Data
+def epoch_order(lengths: list, batch_size: int, group_by_length: bool, generator) -> list:
+    """One epoch's order of the rows: a shuffle. With group_by_length, the shuffle regrouped so that
+    each micro-batch holds rows of similar length (less padding): rows sorted by length within
+    windows of 64 micro-batches, then all the micro-batches shuffled. Every row is still seen once
+    per epoch and every loss here is a mean over the micro-batch's rows, so an epoch optimises the
+    same objective; only which rows share a step changes (and with it the step's noise)."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if not group_by_length:
+        return order
+    window, steps = 64 * batch_size, []
+    for w in range(0, len(order), window):
+        part = sorted(order[w : w + window], key=lambda i: lengths[i])
+        steps += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    return [i for s in torch.randperm(len(steps), generator=generator).tolist() for i in steps[s]]
 
 
-# ---------------------------------------------------------------------------------------------------
+def micro_batches(rows: list, lengths: list, args, skip: int):
+    """Endless stream of shuffled micro-batches of rows, epoch after epoch (the same order for a seed);
+    a resumed run skips the `skip` micro-batches it already trained on."""
+    g, n = torch.Generator().manual_seed(args.seed), 0
+    while True:
+        order = epoch_order(lengths, args.batch_size, args.group_by_length, g)
+        for i in range(0, len(order), args.batch_size):
+            n += 1
+            if n > skip:
+                yield [rows[j] for j in order[i : i + args.batch_size]]
 
 
 def resolve(path: str) -> str:
@@ -315,10 +696,6 @@ def resolve(path: str) -> str:
     return str(here) if not Path(path).exists() and here.exists() else path
 
 
-def looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
-
-
 def locate(name: str, what: str) -> str:
     """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
     a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
@@ -326,7 +703,8 @@ def locate(name: str, what: str) -> str:
     path = resolve(name)
     if Path(path).exists():
         return path
-    if looks_local(name) or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()):
+    if (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
+            or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir())):
         raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
     return path
 
@@ -346,11 +724,9 @@ def field_problem(value) -> Optional[str]:
     """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
     if value is None:
         return "is missing"
-    if isinstance(value, str):
-        return None
-    if isinstance(value, list) and value and all(
+    if isinstance(value, str) or (isinstance(value, list) and value and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value):
+            for m in value)):
         return None
     return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
             "{role, content} messages")
@@ -408,6 +784,11 @@ def load_splits(name: str, train_split: str, eval_split: Optional[str], needs: l
     return parts["train"], parts["test"]
 
 
+def first(data, n: Optional[int]):
+    """The first n rows of a dataset (all of them when n is None)."""
+    return data.select(range(min(n, len(data)))) if n else data
+
+
 def report_dropped(kept: int, dropped: int, max_length: int, where: str) -> None:
     """Rows whose prompt leaves no room for a response token carry no loss: they are dropped, and said."""
     if dropped:
@@ -442,22 +823,19 @@ def load_tokenizer(name: str, trust_remote_code: bool):
     return tokenizer
 
 
-def check_same_tokenizer(tokenizer, other, name: str) -> None:
-    """Models that exchange token ids must share vocabulary and chat template, or scores are noise."""
-    if other.get_vocab() != tokenizer.get_vocab():
-        raise SystemExit(f"error: '{name}' has a different vocabulary than the policy "
-                         f"({len(other)} vs {len(tokenizer)} tokens); use models with the same tokenizer")
-    if other.chat_template != tokenizer.chat_template:
-        raise SystemExit(f"error: '{name}' has a different chat template than the policy; "
-                         "it would read prompts and responses formatted differently from its training")
-
-
 def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: bool) -> None:
-    """Each other model's tokenizer checked against `tokenizer` (loaded from own_name), each distinct
-    name loaded once: a name that resolves to own_name is the same tokenizer."""
+    """Models that exchange token ids must share vocabulary and chat template, or scores are noise: each
+    other model's tokenizer is checked against `tokenizer` (of own_name), each distinct name loaded once."""
     for name in dict.fromkeys(names):
-        if Path(resolve(name)).resolve() != Path(resolve(own_name)).resolve():
-            check_same_tokenizer(tokenizer, load_tokenizer(name, trust_remote_code), name)
+        if Path(resolve(name)).resolve() == Path(resolve(own_name)).resolve():
+            continue
+        other = load_tokenizer(name, trust_remote_code)
+        if other.get_vocab() != tokenizer.get_vocab():
+            raise SystemExit(f"error: '{name}' has a different vocabulary than the policy ({len(other)} vs "
+                             f"{len(tokenizer)} tokens); use models with the same tokenizer")
+        if other.chat_template != tokenizer.chat_template:
+            raise SystemExit(f"error: '{name}' has a different chat template than the policy; "
+                             "it would read prompts and responses formatted differently from its training")
 
 
 def stop_token_ids(tokenizer, name: str) -> list:
@@ -518,83 +896,11 @@ def tokenize_example(tokenizer, prompt, completion, max_length: int, stop_ids: l
     return prompt_ids, completion_ids[: max(0, max_length - len(prompt_ids))]
 
 
-def split_pair(row: dict) -> tuple:
-    """(prompt, chosen, rejected). Without a `prompt` column, chosen and rejected are whole
-    conversations (the last message is the response) or whole texts (empty prompt)."""
-    if "prompt" in row:
-        return row["prompt"], row["chosen"], row["rejected"]
-    if isinstance(row["chosen"], str):
-        return "", row["chosen"], row["rejected"]
-    return row["chosen"][:-1], row["chosen"][-1:], row["rejected"][-1:]
-
-
-def build_pairs(data, tokenizer, max_length: int, stop_ids: list, where: str = "the data") -> list:
-    """For each row, prompt + chosen and prompt + rejected as token ids with response-only labels. A
-    row whose prompt leaves no room for a response within max_length is dropped, and counted."""
-    pairs = []
-    for i, row in enumerate(data):
-        prompt, chosen, rejected = split_pair(row)
-        pair = {}
-        for side, completion in (("chosen", chosen), ("rejected", rejected)):
-            prompt_ids, completion_ids = tokenize_example(tokenizer, prompt, completion, max_length, stop_ids,
-                                                          check=(i == 0))
-            pair[side] = {"input_ids": prompt_ids + completion_ids,
-                          "labels": [-100] * len(prompt_ids) + completion_ids}
-        if completion_ids:  # the prompt is the same for both sides
-            pairs.append(pair)
-    report_dropped(len(pairs), len(data) - len(pairs), max_length, where)
-    return pairs
-
-
-def epoch_order(lengths: list, batch_size: int, group_by_length: bool, generator) -> list:
-    """One epoch's order of the rows: a shuffle. With group_by_length, the shuffle regrouped so that
-    each micro-batch holds rows of similar length (less padding): rows sorted by length within
-    windows of 64 micro-batches, then all the micro-batches shuffled. Every row is still seen once
-    per epoch and every loss here is a mean over the micro-batch's rows, so an epoch optimises the
-    same objective; only which rows share a step changes (and with it the step's noise)."""
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    if not group_by_length:
-        return order
-    window, steps = 64 * batch_size, []
-    for w in range(0, len(order), window):
-        part = sorted(order[w : w + window], key=lambda i: lengths[i])
-        steps += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
-    return [i for s in torch.randperm(len(steps), generator=generator).tolist() for i in steps[s]]
-
-
-def collate_pairs(pairs: list, pad_id: int) -> dict:
-    """The chosen sequences, then the rejected ones, as one collate_sequences batch: one forward pass
-    for both. Rows [:B] are chosen, rows [B:] rejected."""
-    samples = []
-    for side in ("chosen", "rejected"):
-        for pair in pairs:
-            n = pair[side]["labels"].count(-100)  # the prompt's length: the labels are -100 there only
-            samples.append((pair[side]["input_ids"][:n], pair[side]["input_ids"][n:]))
-    return collate_sequences(samples, pad_id)
 def show_example(tokenizer, input_ids: list, labels: list) -> str:
     """A tokenised sequence as text, the tokens that carry the loss between [[ and ]] (for --dry_run)."""
     n = next((t for t, label in enumerate(labels) if label != -100), len(labels))
     prompt, response = tokenizer.decode(input_ids[:n]), tokenizer.decode(input_ids[n:])
     return f"{prompt}[[{response}]]  ({len(input_ids)} tokens, {len(input_ids) - n} in [[ ]])"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Models: log-probs, sampling, scoring
-
-
-# ---------------------------------------------------------------------------------------------------
-
-
-def set_verbosity(verbose: bool) -> None:
-    """Unless --verbose, transformers' per-load reports and progress bars are hidden: load_model says
-    what it loaded in one line instead (and refuses what would have been a warning in the report)."""
-    import datasets
-    import transformers
-
-    if not verbose:
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
 
 
 def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
@@ -615,8 +921,8 @@ def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
 
 
 def describe_model(name: str, model) -> None:
-    n = sum(p.numel() for p in model.parameters())
-    print(f"loaded '{name}': {type(model).__name__}, {n / 1e6:.1f}M parameters")
+    print(f"loaded '{name}': {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          "parameters")
 
 
 def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
@@ -654,6 +960,8 @@ def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dty
     if info["missing_keys"] and not new_head:
         raise SystemExit(f"error: '{name}' has no trained score head ({sorted(info['missing_keys'])[:3]} "
                          "missing): train a reward model on it first (reward_model.py)")
+    if info["missing_keys"]:
+        print(f"note: '{name}' has no trained score head: it starts random, and only training moves it")
     describe_model(name, model)
     if model.config.pad_token_id is None:
         print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
@@ -661,187 +969,96 @@ def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dty
     return model
 
 
-def disable_dropout(model) -> None:
-    """Dropout off: every nn.Dropout, and the rates that attention layers keep as plain floats (Llama's
-    and Qwen2's `attention_dropout`), which no module switch reaches. With dropout, the policy in train
-    mode is not the model whose log-probs the reference (or the rollout) recorded: DPO's implicit
-    rewards and PPO's ratio would be off before the first update."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if "dropout" in name and isinstance(value, float):
-                setattr(module, name, 0.0)
+def setup(args) -> tuple:
+    """Seeds, device (cuda when present) and compute dtype (bf16 autocast on CUDA, fp32 elsewhere);
+    transformers' per-load reports and progress bars hidden unless --verbose. (device, dtype, autocast)"""
+    import datasets
+    import transformers
+
+    if not args.verbose:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                          else args.device)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    return device, dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
 
 
-def batch_logps(model, batch: dict, autocast, temperature: float = 1.0) -> torch.Tensor:
-    """Summed response log-probs of each sequence of a collate_sequences batch (for pairs: chosen rows,
-    then rejected), under logits / temperature, the distribution that sampling at that temperature
-    draws from. The LM head runs only at the positions that predict a response token. Returns (B,),
-    fp32."""
-    with autocast:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], logits_to_keep=batch["labels"].shape[1]).logits
-    return sequence_logps(logits, batch["labels"], temperature)
+def start_training(models: list, args, total_steps: int, schedule: str, floor: float = 0.0,
+                   eps: float = 1e-8) -> tuple:
+    """The models in train mode (with gradient checkpointing if asked), one fused AdamW over all their
+    parameters (one kernel for all tensors), and warmup then `schedule` (lr_factor). (optimizer, scheduler)"""
+    for model in models:
+        model.train()
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+    params = [p for model in models for p in model.parameters()]
+    fused = params[0].device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=args.adam_betas, eps=eps,
+                                  weight_decay=args.weight_decay, fused=fused)
+    warmup = int(args.warmup_ratio * total_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, schedule, floor))
 
 
-@torch.no_grad()
-def add_ref_logps(ref_model, pairs: list, batch_size: int, pad_id: int, device, autocast) -> None:
-    """Stores each pair's reference log-probs in it (`ref_chosen_logps`, `ref_rejected_logps`)."""
-    ref_model.eval()
-    for i in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", leave=False, disable=None):
-        chunk = pairs[i : i + batch_size]
-        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
-        chosen, rejected = batch_logps(ref_model, batch, autocast).chunk(2)
-        for p, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
-            p["ref_chosen_logps"], p["ref_rejected_logps"] = c, r
+def optimizer_step(optimizer, scheduler, max_grad_norm: float, loss: float, when: str) -> float:
+    """Clips the gradient norm, steps and zeroes the gradients, unless the loss or the gradient is not
+    finite: then the run stops before the update, saying `when`. Returns the norm before clipping."""
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: the loss became {loss} {when}; stopping before the update (the last "
+                         "checkpoint, if any, is in --output_dir). Try a lower --learning_rate.")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    if not math.isfinite(grad_norm):  # a finite loss, a non-finite gradient: an overflow
+        raise SystemExit(f"error: the gradient norm became {grad_norm} {when} (the loss was finite); "
+                         "stopping before the update. Try a lower --learning_rate or float32.")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
-def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
-    """Pure sampling from softmax(logits / T), stopping on any stop id: no top-k, no top-p, no penalty."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                            max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stop_ids)
-
-
-def generate(model, batch: dict, config):
-    """model.generate with `config` and nothing else (KV-cached). transformers fills every field a
-    config leaves unset from the checkpoint's generation_config.json (a repetition penalty, min_p,
-    suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
-    checkpoint_config, model.generation_config = model.generation_config, config
-    try:
-        return model.generate(**batch, generation_config=config)
-    finally:
-        model.generation_config = checkpoint_config
+def tally(window: dict, sums: dict, n: int) -> None:
+    """Adds metric sums over n rows (or tokens) to a log window; `means` divides them at the log step."""
+    for k, v in sums.items():
+        window[k] = window.get(k, 0.0) + v
+    window["n"] = window.get("n", 0) + n
 
 
-@torch.no_grad()
-def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float,
-                     batch_size: int, device, stop_ids: list) -> list:
-    """One response per prompt, sampled from softmax(logits / T) (no top-k, no top-p) with the KV cache,
-    left-padded batches. Returns (prompt_ids, response_ids, finished) per prompt: the response is cut
-    after its first stop id (which it keeps); `finished` is False when it hit max_new_tokens first."""
-    tokenizer.padding_side = "left"
-    model.eval()
-    config = sampling_config(temperature, max_new_tokens, tokenizer.pad_token_id, stop_ids)
-    results = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        texts = [format_prompt(tokenizer, p) for p in chunk]
-        batch = tokenizer(texts, return_tensors="pt", padding=True,
-                          add_special_tokens=not isinstance(chunk[0], list)).to(device)
-        out = generate(model, batch, config)
-        for row, mask, generated in zip(batch["input_ids"], batch["attention_mask"],
-                                        out[:, batch["input_ids"].shape[1] :].tolist()):
-            ends = [t for t, token in enumerate(generated) if token in stop_ids]
-            results.append((row[mask.bool()].tolist(), generated[: ends[0] + 1] if ends else generated,
-                            bool(ends)))
-    return results
+def means(window: dict) -> dict:
+    """The window's means; the window is emptied."""
+    n = window.pop("n")
+    result = {k: v / n for k, v in window.items()}
+    window.clear()
+    return result
 
 
-def collate_sequences(samples: list, pad_id: int) -> dict:
-    """(prompt_ids, response_ids, ...) samples as one batch in which every response starts at the same
-    column: prompts left-padded to the longest prompt P, responses right-padded to the longest
-    response R. Log-probs then need the logits of the last R + 1 positions only (`logits_to_keep`;
-    position P - 1 predicts the first response token), not those of the prompts and their padding.
-    Positions count from each row's first token, so the padding changes no number.
-    input_ids, attention_mask, position_ids: (B, P + R); labels: (B, R + 1), aligned with the kept
-    logits: the response tokens in the last R columns, -100 elsewhere."""
-    # a response with no prompt before it: its first token has no position to be predicted from
-    samples = [(p, r) if p else (r[:1], r[1:]) for p, r, *_ in samples]
-    P, R = max(len(p) for p, _ in samples), max(len(r) for _, r in samples)
-    ids = torch.full((len(samples), P + R), pad_id)
-    mask = torch.zeros((len(samples), P + R), dtype=torch.long)
-    labels = torch.full((len(samples), R + 1), -100)
-    for i, (p, r) in enumerate(samples):
-        ids[i, P - len(p) : P + len(r)] = torch.tensor(p + r)
-        mask[i, P - len(p) : P + len(r)] = 1
-        labels[i, 1 : 1 + len(r)] = torch.tensor(r, dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
-            "labels": labels}
+def train_record(step: int, window: dict, grad_norm: float, scheduler, progress: dict) -> dict:
+    """A log step's record: the window's means, the last gradient norm, the learning rate, throughput."""
+    return {"step": step, **means(window), "train/grad_norm": grad_norm,
+            "train/lr": scheduler.get_last_lr()[0],
+            "perf/tokens_per_s": progress["tokens"] / progress["time"]}
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last attended token, with left or right padding. (B, T) -> (B,)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask).argmax(1)
+def samples_path(out: Path, step: int) -> Path:
+    return out / "samples" / f"step_{step:06d}.jsonl"
 
 
-def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The reward of each sequence: the score head at its last attended token, the EOS that ends
-    prompt + response. The index comes from the attention mask, never from pad_token_id:
-    transformers' own pooling reads the last token that is not pad, which with pad == eos (common in
-    chat checkpoints) is the token before the EOS. Positions count from the first attended token, so
-    left and right padding give the same score. input_ids, attention_mask: (B, T). Returns (B,), fp32."""
-    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=positions).last_hidden_state
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-    return model.score(last).squeeze(-1).float()
+def write_jsonl(path: Path, rows: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-@torch.no_grad()
-def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device,
-                     autocast, stop_ids: list) -> tuple:
-    """Samples the policy at args.temperature, then scores each response with the reward model and
-    measures log pi_T(y|x) - log pi_ref,T(y|x) (both from logits / T), whose mean over samples
-    estimates KL(pi_T || pi_ref,T): the KL of what was sampled (at T = 1, of the models themselves)."""
-    samples = sample_responses(policy, tokenizer, prompts, args.max_new_tokens, args.temperature,
-                               4 * args.batch_size, device, stop_ids)
-    rows = []
-    for i in range(0, len(samples), 4 * args.batch_size):
-        chunk = samples[i : i + 4 * args.batch_size]
-        batch = {k: v.to(device) for k, v in collate_sequences(chunk, tokenizer.pad_token_id).items()}
-        logratios = (batch_logps(policy, batch, autocast, args.temperature)
-                     - batch_logps(ref_model, batch, autocast, args.temperature))
-        with autocast:
-            scores = score(reward_model, batch["input_ids"], batch["attention_mask"])
-        for (p, r, finished), s, lr in zip(chunk, scores.tolist(), logratios.tolist()):
-            rows.append({"response": tokenizer.decode(r, skip_special_tokens=True), "score": s,
-                         "logratio": lr, "length": len(r), "finished": finished})
-    n = len(rows)
-    scores = torch.tensor([r["score"] for r in rows])
-    metrics = {"eval/score": scores.mean().item(), "eval/score_se": (scores.std() / math.sqrt(n)).item(),
-               "eval/kl": sum(r["logratio"] for r in rows) / n,
-               "eval/length": sum(r["length"] for r in rows) / n,
-               "eval/eos_rate": sum(r["finished"] for r in rows) / n}
-    return metrics, [{"prompt": p, **r} for p, r in zip(prompts, rows)]
-
-
-@torch.no_grad()
-def evaluate_pairs(policy, pairs: list, args, pad_id: int, device, autocast) -> dict:
-    """DPO loss and implicit-reward metrics on held-out pairs (reference log-probs already stored)."""
-    policy.eval()
-    totals = {}
-    for i in range(0, len(pairs), 2 * args.batch_size):
-        chunk = pairs[i : i + 2 * args.batch_size]
-        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
-        chosen, rejected = batch_logps(policy, batch, autocast).chunk(2)
-        for k, v in pair_metrics(chunk, chosen, rejected, args).items():
-            totals[k] = totals.get(k, 0.0) + v.sum().item()
-    policy.train()
-    return {f"eval/{k.replace('train/', '')}": v / len(pairs) for k, v in totals.items()}
-
-
-def pair_metrics(chunk: list, chosen: torch.Tensor, rejected: torch.Tensor, args) -> dict:
-    """Per-pair loss and the DPO literature's metrics, each (B,)."""
-    ref_chosen = torch.tensor([p["ref_chosen_logps"] for p in chunk], device=chosen.device)
-    ref_rejected = torch.tensor([p["ref_rejected_logps"] for p in chunk], device=chosen.device)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta,
-                                                        args.label_smoothing, args.loss_type)
-    return {"train/loss": losses, "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
-            "rewards/accuracy": (chosen_rewards > rejected_rewards).float(),
-            "rewards/margin": chosen_rewards - rejected_rewards,
-            "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach()}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Runs: the output dir, checkpoints, resuming
-
-
-# ---------------------------------------------------------------------------------------------------
+def log(out: Path, record: dict) -> None:
+    """One record appended to out/metrics.jsonl, and the same as one printed line."""
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
 
 def run_info(device, dtype: str) -> dict:
@@ -896,12 +1113,9 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
     arguments, then under "run" the versions, device, dtype and git commit). A resumed run keeps the
     metrics logged up to its checkpoint and drops the later ones, which the run will log again."""
     if resume_step is not None:
-        log = out / "metrics.jsonl"
-        records = [json.loads(line) for line in open(log)] if log.exists() else []
-        with open(log, "w") as f:
-            for r in records:
-                if r.get("step", 0) <= resume_step:
-                    f.write(json.dumps(r) + "\n")
+        log_file = out / "metrics.jsonl"
+        records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
+        write_jsonl(log_file, [r for r in records if r.get("step", 0) <= resume_step])
         return
     if out.exists():
         shutil.rmtree(out)
@@ -932,29 +1146,21 @@ def save_model(model, tokenizer, out: Path) -> None:
     tmp.rmdir()
 
 
-def random_states() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_random_states(states: dict) -> None:
-    random.setstate(states["python"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None:
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(model, tokenizer, out: Path, step: int, state: dict) -> None:
-    """A periodic checkpoint, out/checkpoint-<step>: the model (loadable as it is) and trainer_state.pt
-    (optimiser, scheduler, progress, random states). It is written complete to a temporary folder and
-    renamed into place in one step, and older checkpoints are removed only then: a kill at any moment
-    leaves at least one complete checkpoint."""
-    check_finite(model, f"at step {step}")
+def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Optional[dict]) -> None:
+    """A periodic checkpoint, out/checkpoint-<step>: each model in its subfolder ("." for the trained
+    one, loadable as it is) and trainer_state.pt (optimiser, scheduler, progress, random states) unless
+    `state` is None. It is written complete to a temporary folder and renamed into place in one step,
+    and older checkpoints are removed only then: a kill at any moment leaves one complete checkpoint."""
     final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, **state, "random": random_states()}, tmp / "trainer_state.pt")
+    for folder, model in models.items():
+        check_finite(model, f"at step {step}")
+        model.save_pretrained(tmp / folder)
+        tokenizer.save_pretrained(tmp / folder)  # each folder loads on its own
+    if state is not None:
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save({"step": step, **state, "random": rng}, tmp / "trainer_state.pt")
     os.replace(tmp, final)
     for old in out.glob("checkpoint-*"):
         if old != final:
@@ -966,213 +1172,48 @@ def last_checkpoint(out: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def restore(checkpoint: Path, optimizer, scheduler) -> tuple:
+    """--resume: the optimiser, the schedule and the random states as they were at the checkpoint.
+    Returns (step, progress)."""
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["random"]["python"])
+    torch.set_rng_state(state["random"]["torch"])
+    if state["random"]["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["random"]["cuda"])
+    print(f"resuming from {checkpoint} (step {state['step']})")
+    return state["step"], state["progress"]
+
+
+def finish(out: Path, results: dict) -> dict:
+    """eval.json ends a run: its resumable checkpoints are removed, as nothing is left to resume (a
+    checkpoint without trainer_state.pt, PPO's, is models to start from, and stays)."""
+    with open(out / "eval.json", "w") as f:
+        json.dump(results, f, indent=2)
+    for checkpoint in out.glob("checkpoint-*"):
+        if (checkpoint / "trainer_state.pt").exists():
+            shutil.rmtree(checkpoint)
+    print(f"\nsaved to {out}: " + json.dumps(results, indent=1))
+    return results
+
+
 def describe_run(output_dir: Optional[str]) -> str:
     """What a stopped run left behind, in one line (printed on Ctrl-C)."""
     out = Path(output_dir) if output_dir else None
     if out is None or not (out / "args.json").exists():
         return "nothing was written"
-    log = out / "metrics.jsonl"
-    records = [json.loads(line) for line in open(log)] if log.exists() else []
+    log_file = out / "metrics.jsonl"
+    records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
     steps = [r.get("step", r.get("iteration")) for r in records]
-    kept = f"args.json, metrics.jsonl ({len(records)} records"
-    kept += f", last at step {steps[-1]})" if steps else ")"
+    last = f", last at step {steps[-1]}" if steps else ""
+    kept = f"args.json, metrics.jsonl ({len(records)} records{last})"
     checkpoint = last_checkpoint(out)
     kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
-    resumable = "resume" in json.load(open(out / "args.json"))
-    if not resumable:
-        hint = f"--overwrite --output_dir {out} starts over"
-    else:
-        hint = f"--resume --output_dir {out} " + ("continues it" if checkpoint else "starts it again")
-    return f"kept in {out}: {kept}; {hint}"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------
-def main(args: Args) -> dict:
-    # setup: every argument and the output dir checked before anything loads
-    check_args(args)
-    set_verbosity(args.verbose)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
-    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
-    ref_name = args.ref or args.model
-    use_rm = args.reward_model.lower() != "none"
-    if not args.dry_run:
-        out = check_output_dir(args, "dpo", [args.model, ref_name] + ([args.reward_model] if use_rm else []),
-                               resume=args.resume)
-
-    # data, and every tokenizer checked against the policy's before any compute
-    needs = [("chosen", "rejected")]
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    stop_ids = stop_token_ids(tokenizer, args.model)
-    check_tokenizers(tokenizer, args.model, [ref_name] + ([args.reward_model] if use_rm else []),
-                     args.trust_remote_code)
-    if use_rm:  # the reward model is loaded only to score samples, but checked now
-        check_architecture(args.reward_model, args.trust_remote_code, "ForSequenceClassification")
-        prompts = load_split(args.eval_prompts, args.eval_prompts_split, [("prompt",)])["prompt"]
-        prompts = prompts[: args.num_eval_prompts] if args.num_eval_prompts else prompts
-    train_data, eval_data = load_splits(args.dataset, args.train_split, args.eval_split, needs,
-                                        args.eval_fraction, args.seed)
-    if args.max_train_samples:
-        train_data = train_data.select(range(min(args.max_train_samples, len(train_data))))
-    train = build_pairs(train_data, tokenizer, args.max_length, stop_ids,
-                        f"'{args.dataset}' {args.train_split}")
-    evals = []
-    if eval_data is not None:
-        if args.max_eval_samples:
-            eval_data = eval_data.select(range(min(args.max_eval_samples, len(eval_data))))
-        evals = build_pairs(eval_data, tokenizer, args.max_length, stop_ids, f"'{args.dataset}' eval")
-    total_steps = count_steps(len(train), args)
-    if args.dry_run:
-        for side in ("chosen", "rejected"):
-            print(f"{side + ':':10}" + show_example(tokenizer, train[0][side]["input_ids"],
-                                                    train[0][side]["labels"]))
-        print(f"dry run: {len(train)} train / {len(evals)} eval pairs, {total_steps} optimiser steps of "
-              f"{args.batch_size * args.gradient_accumulation_steps} pairs; no model loaded, nothing written")
-        return {"train/pairs": len(train), "eval/pairs": len(evals), "train/steps": total_steps}
-    checkpoint = last_checkpoint(out) if args.resume else None
-
-    # models: the policy trains; the reference is frozen (its log-probs computed once, by default)
-    policy = load_model(str(checkpoint or args.model), args.trust_remote_code).to(device)
-    if not args.dropout:
-        disable_dropout(policy)
-    ref_model = load_model(ref_name, args.trust_remote_code).to(device).eval().requires_grad_(False)
-    pad_id = tokenizer.pad_token_id
-    if args.precompute_ref:
-        start = time.time()
-        add_ref_logps(ref_model, train + evals, 2 * args.batch_size, pad_id, device, autocast)
-        print(f"reference log-probs of {len(train) + len(evals)} pairs in {time.time() - start:.1f}s")
-        if not (use_rm and args.sample_every):  # its memory is free for training
-            ref_model = None
-            gc.collect()
-    else:
-        add_ref_logps(ref_model, evals, 2 * args.batch_size, pad_id, device, autocast)
-    policy.train()
-    if args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-        policy.config.use_cache = False
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=args.adam_betas,
-                                  weight_decay=args.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
-    warmup = int(args.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, "linear"))
-    start_step, train_time, tokens_seen, window, n_window = 0, 0.0, 0, {}, 0
-    if checkpoint:  # --resume: the optimiser, schedule, data position and random state where they were
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_random_states(state["random"])
-        start_step = state["step"]
-        train_time, tokens_seen, window, n_window = state["progress"]
-        print(f"resuming from {checkpoint} (step {start_step} of {total_steps})")
-    create_output_dir(out, args, device, dtype, resume_step=start_step if checkpoint else None)
-    print(f"dpo: {len(train)} train / {len(evals)} eval pairs, {total_steps} steps, beta {args.beta}, "
-          f"{args.loss_type} loss, device {device}, {dtype}")
-
-    lengths = [max(len(p["chosen"]["input_ids"]), len(p["rejected"]["input_ids"])) for p in train]
-
-    def batches(skip: int):  # endless stream of shuffled micro-batches of pairs, epoch after epoch
-        g, n = torch.Generator().manual_seed(args.seed), 0
-        while True:
-            order = epoch_order(lengths, args.batch_size, args.group_by_length, g)
-            for i in range(0, len(order), args.batch_size):
-                n += 1
-                if n > skip:  # a resumed run skips the micro-batches already trained on
-                    yield [train[j] for j in order[i : i + args.batch_size]]
-
-    metrics_file = open(out / "metrics.jsonl", "a")
-
-    def log(record: dict) -> None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in record.items()))
-
-    reward_model = None
-
-    def sample_and_score(path: Path) -> dict:  # the same prompts and sampling seed every time
-        nonlocal ref_model, reward_model
-        if ref_model is None:  # freed for training
-            ref_model = load_model(ref_name, args.trust_remote_code).to(device).eval()
-        if reward_model is None:
-            reward_model = load_scalar_model(args.reward_model, pad_id, args.trust_remote_code)
-            reward_model = reward_model.to(device).eval()
-        with torch.random.fork_rng():  # training's random state is left as it was
-            torch.manual_seed(args.seed)
-            metrics, samples = evaluate_samples(policy.eval(), ref_model, reward_model, tokenizer, prompts,
-                                                args, device, autocast, stop_ids)
-        policy.train()
-        path.parent.mkdir(exist_ok=True)
-        with open(path, "w") as f:
-            for row in samples:
-                f.write(json.dumps(row) + "\n")
-        return metrics
-
-    if use_rm and args.sample_every and start_step == 0:
-        log({"step": 0, **sample_and_score(out / "samples" / "step_000000.jsonl")})
-    stream = batches(skip=start_step * args.gradient_accumulation_steps)
-    for step in tqdm(range(start_step + 1, total_steps + 1), desc="dpo", dynamic_ncols=True, disable=None):
-        step_start = time.time()
-        micro = [next(stream) for _ in range(args.gradient_accumulation_steps)]
-        n_pairs = sum(len(chunk) for chunk in micro)
-        for chunk in micro:
-            batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
-            if not args.precompute_ref:
-                with torch.no_grad():
-                    ref_chosen, ref_rejected = batch_logps(ref_model, batch, autocast).chunk(2)
-                for p, c, r in zip(chunk, ref_chosen.tolist(), ref_rejected.tolist()):
-                    p["ref_chosen_logps"], p["ref_rejected_logps"] = c, r
-            policy_chosen, policy_rejected = batch_logps(policy, batch, autocast).chunk(2)
-            metrics = pair_metrics(chunk, policy_chosen, policy_rejected, args)
-            (metrics["train/loss"].sum() / n_pairs).backward()  # mean over the optimiser step's pairs
-            for k, v in metrics.items():
-                window[k] = window.get(k, 0.0) + v.detach().sum().item()
-            n_window += len(chunk)
-            tokens_seen += batch["attention_mask"].sum().item()
-        if not math.isfinite(window["train/loss"]):
-            raise SystemExit(f"error: the loss became {window['train/loss']} at step {step}; stopping before "
-                             f"the update (the last checkpoint, if any, is in {out}). Try a lower "
-                             "--learning_rate.")
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
-        if not math.isfinite(grad_norm):  # a finite loss, a non-finite gradient: an overflow
-            raise SystemExit(f"error: the gradient norm became {grad_norm} at step {step} (the loss was "
-                             "finite); stopping before the update. Try a lower --learning_rate or float32.")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_time += time.time() - step_start
-
-        if step % args.log_every == 0 or step == total_steps:
-            log({"step": step, **{k: v / n_window for k, v in window.items()}, "train/grad_norm": grad_norm,
-                 "train/lr": scheduler.get_last_lr()[0], "perf/tokens_per_s": tokens_seen / train_time})
-            window, n_window = {}, 0
-        if use_rm and args.sample_every and step % args.sample_every == 0 and step < total_steps:
-            log({"step": step, **sample_and_score(out / "samples" / f"step_{step:06d}.jsonl")})
-        if args.save_every and step % args.save_every == 0 and step < total_steps:
-            save_checkpoint(policy, tokenizer, out, step, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "progress": (train_time, tokens_seen, window, n_window)})
-    metrics_file.close()
-    save_model(policy, tokenizer, out)
-
-    # evaluation: implicit rewards on held-out pairs, then samples scored by the reward model
-    results = {"train/steps": total_steps, "train/runtime_s": round(train_time, 1),
-               "perf/tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1)}
-    if evals:
-        results.update(evaluate_pairs(policy, evals, args, pad_id, device, autocast))
-    if use_rm:
-        results.update(sample_and_score(out / "samples.jsonl"))
-    with open(out / "eval.json", "w") as f:
-        json.dump(results, f, indent=2)
-    for checkpoint in out.glob("checkpoint-*"):  # the run is complete: nothing is left to resume
-        shutil.rmtree(checkpoint)
-    print(f"\nsaved to {out}: " + json.dumps(results, indent=1))
-    return results
+    if "resume" not in json.load(open(out / "args.json")):
+        return f"kept in {out}: {kept}; --overwrite --output_dir {out} starts over"
+    again = "continues it" if checkpoint else "starts it again"
+    return f"kept in {out}: {kept}; --resume --output_dir {out} {again}"
 
 
 def cli(argv: Optional[list] = None) -> None:

@@ -134,23 +134,7 @@ def check_args(args: Args) -> None:
             raise UsageError(message)
 
 
-class UsageError(SystemExit):
-    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
-    for a malformed command line (str() gives the message, for code that calls main directly)."""
-
-    def __init__(self, message: str):
-        super().__init__(2)
-        self.message = f"error: {message}"
-
-    def __str__(self) -> str:
-        return self.message
-
-
-# ---------------------------------------------------------------------------------------------------
-# The method's maths
-
-
-# ---------------------------------------------------------------------------------------------------
+# ---- The method's maths ---------------------------------------------------------------------------
 
 
 def extrapolate(sft_tensor: torch.Tensor, aligned_tensor: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -202,70 +186,15 @@ def dtype_note(sft_specs: dict, aligned_specs: dict) -> Optional[str]:
             f"saving in {aligned}")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Checkpoints: streamed through their safetensors shards
-
-
-# ---------------------------------------------------------------------------------------------------
-
-
-def resolve(path: str) -> str:
-    """A relative path that is not under the working directory but is next to this script (the toy
-    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder; `~` is expanded."""
-    path = os.path.expanduser(path)
-    here = Path(__file__).resolve().parent / path
-    return str(here) if not Path(path).exists() and here.exists() else path
-
-
-def looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
-
-
-def locate(name: str, what: str) -> str:
-    """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
-    a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
-    fails at once, instead of after a minute of trying the hub."""
-    path = resolve(name)
-    if Path(path).exists():
-        return path
-    if looks_local(name) or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()):
-        raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
-    return path
-
-
-def load_failure(name: str, what: str, error: Exception) -> SystemExit:
-    """One line for a name that could not be loaded, naming HF_HUB_OFFLINE when that is the reason."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    if offline and not Path(resolve(name)).exists():
-        return SystemExit(f"error: {what} '{name}' is not a local path and not in the Hugging Face cache, "
-                          "and HF_HUB_OFFLINE=1 forbids downloading it: pass a local directory, or run "
-                          "once online")
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return SystemExit(f"error: could not load {what} '{name}': {reason}")
-
-
-def field_problem(value) -> Optional[str]:
-    """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
-    if value is None:
-        return "is missing"
-    if isinstance(value, str):
-        return None
-    if isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value):
-        return None
-    return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
-            "{role, content} messages")
+# ---- Checkpoints: streamed through their safetensors shards ---------------------------------------
 
 
 def checkpoint_dir(name: str) -> Path:
     """The local folder of a model: a directory as it is; a hub id through the hub's cache (downloaded
     when online), fetching only what ExPO reads: safetensors weights, json configs, tokenizer files."""
-    path = resolve(name)
+    path = locate(name, "model")  # a path that does not exist fails here
     if Path(path).is_dir():
         return Path(path)
-    if looks_local(path):
-        raise SystemExit(f"error: model '{name}' not found: no such directory")
     from huggingface_hub import snapshot_download
 
     try:
@@ -367,191 +296,7 @@ def extrapolate_checkpoint(sft_dir, aligned_dir, out_dir, alpha: float,
     return counts
 
 
-# ---------------------------------------------------------------------------------------------------
-# Data
-
-
-# ---------------------------------------------------------------------------------------------------
-
-
-def load_split(name: str, split: str, needs: list):
-    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (its rows
-    are the split "train", so train[:100] slices it; load_splits holds some out for evaluation).
-    `needs` lists alternatives: each a tuple of columns that together suffice. Every row's fields are
-    checked here, so a bad row fails with its number, not deep inside."""
-    from datasets import load_dataset
-
-    path = locate(name, "dataset")
-    one_file = path.endswith((".json", ".jsonl"))
-    where = f"dataset '{name}'" if one_file else f"split '{split}' of dataset '{name}'"
-    file = Path(path) if one_file else Path(path) / f"{split.split('[')[0]}.jsonl"
-    if file.is_file() and not any(line.strip() for line in open(file)):
-        raise SystemExit(f"error: {where} is empty: {file} has no rows")
-    try:
-        data = (load_dataset("json", data_files=path, split=split if split.startswith("train") else "train")
-                if one_file else load_dataset(path, split=split))  # a file's rows are its split "train"
-    except Exception as e:  # datasets raises many types; all mean the same to a user
-        raise load_failure(name, f"split '{split}' of dataset", e)
-    columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
-    if columns is None:
-        wanted = " or ".join("+".join(cols) for cols in needs)
-        raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
-    if len(data) == 0:
-        raise SystemExit(f"error: {where} has no rows")
-    columns = list(dict.fromkeys([c for c in ("prompt",) if c in data.column_names] + list(columns)))
-    for i, row in enumerate(data.select_columns(columns)):
-        for column in columns:
-            problem = field_problem(row[column])
-            if problem and not (column == "prompt" and row[column] == ""):
-                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' {problem}")
-    return data
-
-
-# Used only for a tokenizer without a chat template; documented in the README.
-PLAIN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
-)
-
-
-def load_tokenizer(name: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "the tokenizer of", e)
-    if tokenizer.pad_token is None:
-        print(f"note: the tokenizer of '{name}' has no pad token; using its EOS token for padding "
-              "(padding is masked everywhere, so this changes no result)")
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
-        print(f"note: the tokenizer of '{name}' has no chat template; conversations are formatted as "
-              "'role: content<eos>' lines (PLAIN_CHAT_TEMPLATE)")
-        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
-    return tokenizer
-
-
-def check_same_tokenizer(tokenizer, other, name: str) -> None:
-    """Models that exchange token ids must share vocabulary and chat template, or scores are noise."""
-    if other.get_vocab() != tokenizer.get_vocab():
-        raise SystemExit(f"error: '{name}' has a different vocabulary than the policy "
-                         f"({len(other)} vs {len(tokenizer)} tokens); use models with the same tokenizer")
-    if other.chat_template != tokenizer.chat_template:
-        raise SystemExit(f"error: '{name}' has a different chat template than the policy; "
-                         "it would read prompts and responses formatted differently from its training")
-
-
-def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: bool) -> None:
-    """Each other model's tokenizer checked against `tokenizer` (loaded from own_name), each distinct
-    name loaded once: a name that resolves to own_name is the same tokenizer."""
-    for name in dict.fromkeys(names):
-        if Path(resolve(name)).resolve() != Path(resolve(own_name)).resolve():
-            check_same_tokenizer(tokenizer, load_tokenizer(name, trust_remote_code), name)
-
-
-def stop_token_ids(tokenizer, name: str) -> list:
-    """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
-    generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
-    and end-of-text tokens, and generation stops on any of them)."""
-    from transformers import GenerationConfig
-
-    try:
-        listed = GenerationConfig.from_pretrained(resolve(name)).eos_token_id
-    except OSError:  # no generation_config.json
-        listed = None
-    listed = [listed] if isinstance(listed, int) else list(listed or [])
-    return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
-
-
-def format_prompt(tokenizer, prompt) -> str:
-    """A message list through the chat template, ending in the generation prompt; a string as it is."""
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Models: log-probs, sampling, scoring
-
-
-# ---------------------------------------------------------------------------------------------------
-
-
-def set_verbosity(verbose: bool) -> None:
-    """Unless --verbose, transformers' per-load reports and progress bars are hidden: load_model says
-    what it loaded in one line instead (and refuses what would have been a warning in the report)."""
-    import datasets
-    import transformers
-
-    if not verbose:
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-
-
-def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
-    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
-    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
-    reward model, whose score head would be random."""
-    from transformers import AutoConfig
-
-    try:
-        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "model", e)
-    found = found.architectures or []
-    if found and not any(a.endswith(wanted) for a in found):
-        kind = ("a causal LM (...ForCausalLM)" if wanted == "ForCausalLM"
-                else "a reward model (...ForSequenceClassification)")
-        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
-
-
-def describe_model(name: str, model) -> None:
-    n = sum(p.numel() for p in model.parameters())
-    print(f"loaded '{name}': {type(model).__name__}, {n / 1e6:.1f}M parameters")
-
-
-def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
-
-    check_architecture(name, trust_remote_code, "ForCausalLM")
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            locate(name, "model"), dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
-    except Exception as e:
-        raise load_failure(name, "model", e)
-    if info["missing_keys"]:
-        raise SystemExit(f"error: '{name}' lacks weights a causal LM needs "
-                         f"({sorted(info['missing_keys'])[:3]}); is it the right checkpoint?")
-    describe_model(name, model)
-    return model
-
-
-def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32,
-                      new_head: bool = False):
-    """A reward (or value) model: AutoModelForSequenceClassification with one output. A checkpoint with
-    no trained score head (a causal LM) is refused unless `new_head` (a value model may start from one).
-    A config without pad_token_id gets the tokenizer's (transformers refuses padded batches without
-    one); `score` reads the reward at the index the attention mask gives, whatever the pad id."""
-    from transformers import AutoModelForSequenceClassification
-
-    if not new_head:
-        check_architecture(name, trust_remote_code, "ForSequenceClassification")
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            locate(name, "model"), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
-            output_loading_info=True)
-    except Exception as e:
-        raise load_failure(name, "reward model", e)
-    if info["missing_keys"] and not new_head:
-        raise SystemExit(f"error: '{name}' has no trained score head ({sorted(info['missing_keys'])[:3]} "
-                         "missing): train a reward model on it first (reward_model.py)")
-    describe_model(name, model)
-    if model.config.pad_token_id is None:
-        print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
-        model.config.pad_token_id = pad_token_id
-    return model
+# ---- Models: log-probs, sampling, scoring ---------------------------------------------------------
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
@@ -709,11 +454,329 @@ def format_table(rows: list, best_alpha: float) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Output
+# ---- The alpha search -----------------------------------------------------------------------------
 
 
-# ---------------------------------------------------------------------------------------------------
+def main(args: Args) -> dict:
+    # setup: every argument and the output dir checked before anything loads
+    check_args(args)
+    device, dtype, autocast = setup(args)
+    weights_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32  # no training: no fp32 masters
+    out = check_output_dir(args, "expo", [args.sft, args.aligned, args.reward_model], resume=None)
+
+    # inputs, all checked before any compute: checkpoints that pair up, one tokenizer for the three models
+    sft_dir, aligned_dir = checkpoint_dir(args.sft), checkpoint_dir(args.aligned)
+    sft_specs, aligned_specs, _, _ = check_checkpoints(sft_dir, aligned_dir)
+    note = dtype_note(sft_specs, aligned_specs)
+    if note:
+        print(note)
+    tokenizer = load_tokenizer(args.aligned, args.trust_remote_code)
+    stop_ids = stop_token_ids(tokenizer, args.aligned)
+    check_tokenizers(tokenizer, args.aligned, [args.sft, args.reward_model], args.trust_remote_code)
+    prompts = first(load_split(args.prompts, args.prompts_split, [("prompt",)]), args.num_prompts)["prompt"]
+
+    # the models that stay loaded: the aligned model (the KL reference) and the reward model
+    ref_model = load_model(str(aligned_dir), args.trust_remote_code, weights_dtype).to(device).eval()
+    reward_model = load_scalar_model(args.reward_model, tokenizer.pad_token_id, args.trust_remote_code,
+                                     weights_dtype).to(device).eval()
+    create_output_dir(out, args, device, dtype)
+    print(f"expo: {len(args.alphas)} alphas x {len(prompts)} prompts ({args.prompts_split}), sft {args.sft}, "
+          f"aligned {args.aligned}, reward model {args.reward_model}, device {device}, {dtype}")
+
+    # Each alpha's checkpoint is written to disk by extrapolate_checkpoint and loaded from there, so the
+    # model evaluated is byte for byte the model saved, and memory holds one extrapolated model at a time.
+    # Only the best checkpoint so far is kept on disk.
+    rows, samples, best, best_dir = [], [], None, None
+    for i, alpha in enumerate(args.alphas):
+        # 1. extrapolate (Eq. 1), streamed through the shards
+        start = time.time()
+        alpha_dir = out / f".alpha-{i}"
+        counts = extrapolate_checkpoint(sft_dir, aligned_dir, alpha_dir, alpha, args.trust_remote_code)
+        extrapolate_s = time.time() - start
+
+        # 2. sample the dev prompts, seeded identically for every alpha, and score them (App. E)
+        policy = load_model(str(alpha_dir), args.trust_remote_code, weights_dtype).to(device).eval()
+        torch.manual_seed(args.seed)
+        start = time.time()
+        metrics, alpha_samples = evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts, args,
+                                                  device, autocast, stop_ids)
+        tokens = sum(s["length"] for s in alpha_samples)  # sampled tokens per second, scoring included
+        row = {"alpha": alpha, **metrics, "perf/tokens_per_s": tokens / (time.time() - start),
+               "perf/extrapolate_s": extrapolate_s}
+        rows.append(row)
+        samples += [{"alpha": alpha, **s} for s in alpha_samples]
+        print(f"alpha={alpha:g} ({counts['extrapolated']} tensors extrapolated, {counts['copied']} copied): "
+              + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "alpha"))
+        del policy
+
+        # 3. keep the alpha with the highest mean reward (App. E); the first one on a tie
+        if best is None or row["eval/score"] > best["eval/score"]:
+            if best_dir is not None:
+                shutil.rmtree(best_dir)
+            best, best_dir = row, alpha_dir
+        else:
+            shutil.rmtree(alpha_dir)
+
+    # the chosen model moves into the output dir (file by file, as an atomic save does), with the table
+    for f in best_dir.iterdir():
+        os.replace(f, out / f.name)
+    best_dir.rmdir()
+    results = {"best_alpha": best["alpha"], "selected_by": "eval/score", "table": rows}
+    with open(out / "eval.json", "w") as f:
+        json.dump(results, f, indent=2)
+    write_jsonl(out / "samples.jsonl", samples)
+    print(f"\n{format_table(rows, best['alpha'])}\n\nbest alpha {best['alpha']:g}: model saved to {out}")
+    return results
+
+
+# ---- Plumbing --------------------------------------------------------------------------------------
+# The same text in every script that uses it (tests/test_twins.py): arguments, data files, tokenizers,
+# loading models, the run's folder, logs and checkpoints. Safe to skip on a first reading.
+
+
+class UsageError(SystemExit):
+    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
+    for a malformed command line (str() gives the message, for code that calls main directly)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = f"error: {message}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def resolve(path: str) -> str:
+    """A relative path that is not under the working directory but is next to this script (the toy
+    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder; `~` is expanded."""
+    path = os.path.expanduser(path)
+    here = Path(__file__).resolve().parent / path
+    return str(here) if not Path(path).exists() and here.exists() else path
+
+
+def locate(name: str, what: str) -> str:
+    """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
+    a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
+    fails at once, instead of after a minute of trying the hub."""
+    path = resolve(name)
+    if Path(path).exists():
+        return path
+    if (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
+            or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir())):
+        raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
+    return path
+
+
+def load_failure(name: str, what: str, error: Exception) -> SystemExit:
+    """One line for a name that could not be loaded, naming HF_HUB_OFFLINE when that is the reason."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline and not Path(resolve(name)).exists():
+        return SystemExit(f"error: {what} '{name}' is not a local path and not in the Hugging Face cache, "
+                          "and HF_HUB_OFFLINE=1 forbids downloading it: pass a local directory, or run "
+                          "once online")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return SystemExit(f"error: could not load {what} '{name}': {reason}")
+
+
+def field_problem(value) -> Optional[str]:
+    """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
+    if value is None:
+        return "is missing"
+    if isinstance(value, str) or (isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value)):
+        return None
+    return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
+            "{role, content} messages")
+
+
+def load_split(name: str, split: str, needs: list):
+    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (its rows
+    are the split "train", so train[:100] slices it; load_splits holds some out for evaluation).
+    `needs` lists alternatives: each a tuple of columns that together suffice. Every row's fields are
+    checked here, so a bad row fails with its number, not deep inside."""
+    from datasets import load_dataset
+
+    path = locate(name, "dataset")
+    one_file = path.endswith((".json", ".jsonl"))
+    where = f"dataset '{name}'" if one_file else f"split '{split}' of dataset '{name}'"
+    file = Path(path) if one_file else Path(path) / f"{split.split('[')[0]}.jsonl"
+    if file.is_file() and not any(line.strip() for line in open(file)):
+        raise SystemExit(f"error: {where} is empty: {file} has no rows")
+    try:
+        data = (load_dataset("json", data_files=path, split=split if split.startswith("train") else "train")
+                if one_file else load_dataset(path, split=split))  # a file's rows are its split "train"
+    except Exception as e:  # datasets raises many types; all mean the same to a user
+        raise load_failure(name, f"split '{split}' of dataset", e)
+    columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
+    if columns is None:
+        wanted = " or ".join("+".join(cols) for cols in needs)
+        raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
+    if len(data) == 0:
+        raise SystemExit(f"error: {where} has no rows")
+    columns = list(dict.fromkeys([c for c in ("prompt",) if c in data.column_names] + list(columns)))
+    for i, row in enumerate(data.select_columns(columns)):
+        for column in columns:
+            problem = field_problem(row[column])
+            if problem and not (column == "prompt" and row[column] == ""):
+                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' {problem}")
+    return data
+
+
+def first(data, n: Optional[int]):
+    """The first n rows of a dataset (all of them when n is None)."""
+    return data.select(range(min(n, len(data)))) if n else data
+
+
+# Used only for a tokenizer without a chat template; documented in the README.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "the tokenizer of", e)
+    if tokenizer.pad_token is None:
+        print(f"note: the tokenizer of '{name}' has no pad token; using its EOS token for padding "
+              "(padding is masked everywhere, so this changes no result)")
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        print(f"note: the tokenizer of '{name}' has no chat template; conversations are formatted as "
+              "'role: content<eos>' lines (PLAIN_CHAT_TEMPLATE)")
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: bool) -> None:
+    """Models that exchange token ids must share vocabulary and chat template, or scores are noise: each
+    other model's tokenizer is checked against `tokenizer` (of own_name), each distinct name loaded once."""
+    for name in dict.fromkeys(names):
+        if Path(resolve(name)).resolve() == Path(resolve(own_name)).resolve():
+            continue
+        other = load_tokenizer(name, trust_remote_code)
+        if other.get_vocab() != tokenizer.get_vocab():
+            raise SystemExit(f"error: '{name}' has a different vocabulary than the policy ({len(other)} vs "
+                             f"{len(tokenizer)} tokens); use models with the same tokenizer")
+        if other.chat_template != tokenizer.chat_template:
+            raise SystemExit(f"error: '{name}' has a different chat template than the policy; "
+                             "it would read prompts and responses formatted differently from its training")
+
+
+def stop_token_ids(tokenizer, name: str) -> list:
+    """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
+    generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
+    and end-of-text tokens, and generation stops on any of them)."""
+    from transformers import GenerationConfig
+
+    try:
+        listed = GenerationConfig.from_pretrained(resolve(name)).eos_token_id
+    except OSError:  # no generation_config.json
+        listed = None
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
+
+
+def format_prompt(tokenizer, prompt) -> str:
+    """A message list through the chat template, ending in the generation prompt; a string as it is."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
+    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
+    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
+    reward model, whose score head would be random."""
+    from transformers import AutoConfig
+
+    try:
+        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    found = found.architectures or []
+    if found and not any(a.endswith(wanted) for a in found):
+        kind = ("a causal LM (...ForCausalLM)" if wanted == "ForCausalLM"
+                else "a reward model (...ForSequenceClassification)")
+        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
+
+
+def describe_model(name: str, model) -> None:
+    print(f"loaded '{name}': {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          "parameters")
+
+
+def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    check_architecture(name, trust_remote_code, "ForCausalLM")
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            locate(name, "model"), dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    if info["missing_keys"]:
+        raise SystemExit(f"error: '{name}' lacks weights a causal LM needs "
+                         f"({sorted(info['missing_keys'])[:3]}); is it the right checkpoint?")
+    describe_model(name, model)
+    return model
+
+
+def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32,
+                      new_head: bool = False):
+    """A reward (or value) model: AutoModelForSequenceClassification with one output. A checkpoint with
+    no trained score head (a causal LM) is refused unless `new_head` (a value model may start from one).
+    A config without pad_token_id gets the tokenizer's (transformers refuses padded batches without
+    one); `score` reads the reward at the index the attention mask gives, whatever the pad id."""
+    from transformers import AutoModelForSequenceClassification
+
+    if not new_head:
+        check_architecture(name, trust_remote_code, "ForSequenceClassification")
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            locate(name, "model"), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
+            output_loading_info=True)
+    except Exception as e:
+        raise load_failure(name, "reward model", e)
+    if info["missing_keys"] and not new_head:
+        raise SystemExit(f"error: '{name}' has no trained score head ({sorted(info['missing_keys'])[:3]} "
+                         "missing): train a reward model on it first (reward_model.py)")
+    if info["missing_keys"]:
+        print(f"note: '{name}' has no trained score head: it starts random, and only training moves it")
+    describe_model(name, model)
+    if model.config.pad_token_id is None:
+        print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def setup(args) -> tuple:
+    """Seeds, device (cuda when present) and compute dtype (bf16 autocast on CUDA, fp32 elsewhere);
+    transformers' per-load reports and progress bars hidden unless --verbose. (device, dtype, autocast)"""
+    import datasets
+    import transformers
+
+    if not args.verbose:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                          else args.device)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    return device, dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
+
+
+def write_jsonl(path: Path, rows: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def run_info(device, dtype: str) -> dict:
@@ -768,12 +831,9 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
     arguments, then under "run" the versions, device, dtype and git commit). A resumed run keeps the
     metrics logged up to its checkpoint and drops the later ones, which the run will log again."""
     if resume_step is not None:
-        log = out / "metrics.jsonl"
-        records = [json.loads(line) for line in open(log)] if log.exists() else []
-        with open(log, "w") as f:
-            for r in records:
-                if r.get("step", 0) <= resume_step:
-                    f.write(json.dumps(r) + "\n")
+        log_file = out / "metrics.jsonl"
+        records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
+        write_jsonl(log_file, [r for r in records if r.get("step", 0) <= resume_step])
         return
     if out.exists():
         shutil.rmtree(out)
@@ -792,103 +852,17 @@ def describe_run(output_dir: Optional[str]) -> str:
     out = Path(output_dir) if output_dir else None
     if out is None or not (out / "args.json").exists():
         return "nothing was written"
-    log = out / "metrics.jsonl"
-    records = [json.loads(line) for line in open(log)] if log.exists() else []
+    log_file = out / "metrics.jsonl"
+    records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
     steps = [r.get("step", r.get("iteration")) for r in records]
-    kept = f"args.json, metrics.jsonl ({len(records)} records"
-    kept += f", last at step {steps[-1]})" if steps else ")"
+    last = f", last at step {steps[-1]}" if steps else ""
+    kept = f"args.json, metrics.jsonl ({len(records)} records{last})"
     checkpoint = last_checkpoint(out)
     kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
-    resumable = "resume" in json.load(open(out / "args.json"))
-    if not resumable:
-        hint = f"--overwrite --output_dir {out} starts over"
-    else:
-        hint = f"--resume --output_dir {out} " + ("continues it" if checkpoint else "starts it again")
-    return f"kept in {out}: {kept}; {hint}"
-
-
-# ---------------------------------------------------------------------------------------------------
-# The alpha search
-# ---------------------------------------------------------------------------------------------------
-def main(args: Args) -> dict:
-    # setup: every argument and the output dir checked before anything loads
-    check_args(args)
-    set_verbosity(args.verbose)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
-    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
-    weights_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32  # no training: no fp32 masters
-    out = check_output_dir(args, "expo", [args.sft, args.aligned, args.reward_model], resume=None)
-
-    # inputs, all checked before any compute: checkpoints that pair up, one tokenizer for the three models
-    sft_dir, aligned_dir = checkpoint_dir(args.sft), checkpoint_dir(args.aligned)
-    sft_specs, aligned_specs, _, _ = check_checkpoints(sft_dir, aligned_dir)
-    note = dtype_note(sft_specs, aligned_specs)
-    if note:
-        print(note)
-    tokenizer = load_tokenizer(args.aligned, args.trust_remote_code)
-    stop_ids = stop_token_ids(tokenizer, args.aligned)
-    check_tokenizers(tokenizer, args.aligned, [args.sft, args.reward_model], args.trust_remote_code)
-    prompts = load_split(args.prompts, args.prompts_split, [("prompt",)])["prompt"]
-    prompts = prompts[: args.num_prompts] if args.num_prompts else prompts
-
-    # the models that stay loaded: the aligned model (the KL reference) and the reward model
-    ref_model = load_model(str(aligned_dir), args.trust_remote_code, weights_dtype).to(device).eval()
-    reward_model = load_scalar_model(args.reward_model, tokenizer.pad_token_id, args.trust_remote_code,
-                                     weights_dtype).to(device).eval()
-    create_output_dir(out, args, device, dtype)
-    print(f"expo: {len(args.alphas)} alphas x {len(prompts)} prompts ({args.prompts_split}), sft {args.sft}, "
-          f"aligned {args.aligned}, reward model {args.reward_model}, device {device}, {dtype}")
-
-    # Each alpha's checkpoint is written to disk by extrapolate_checkpoint and loaded from there, so the
-    # model evaluated is byte for byte the model saved, and memory holds one extrapolated model at a time.
-    # Only the best checkpoint so far is kept on disk.
-    rows, samples, best, best_dir = [], [], None, None
-    for i, alpha in enumerate(args.alphas):
-        # 1. extrapolate (Eq. 1), streamed through the shards
-        start = time.time()
-        alpha_dir = out / f".alpha-{i}"
-        counts = extrapolate_checkpoint(sft_dir, aligned_dir, alpha_dir, alpha, args.trust_remote_code)
-        extrapolate_s = time.time() - start
-
-        # 2. sample the dev prompts, seeded identically for every alpha, and score them (App. E)
-        policy = load_model(str(alpha_dir), args.trust_remote_code, weights_dtype).to(device).eval()
-        torch.manual_seed(args.seed)
-        start = time.time()
-        metrics, alpha_samples = evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts, args,
-                                                  device, autocast, stop_ids)
-        tokens = sum(s["length"] for s in alpha_samples)  # sampled tokens per second, scoring included
-        row = {"alpha": alpha, **metrics, "perf/tokens_per_s": tokens / (time.time() - start),
-               "perf/extrapolate_s": extrapolate_s}
-        rows.append(row)
-        samples += [{"alpha": alpha, **s} for s in alpha_samples]
-        print(f"alpha={alpha:g} ({counts['extrapolated']} tensors extrapolated, {counts['copied']} copied): "
-              + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "alpha"))
-        del policy
-
-        # 3. keep the alpha with the highest mean reward (App. E); the first one on a tie
-        if best is None or row["eval/score"] > best["eval/score"]:
-            if best_dir is not None:
-                shutil.rmtree(best_dir)
-            best, best_dir = row, alpha_dir
-        else:
-            shutil.rmtree(alpha_dir)
-
-    # the chosen model moves into the output dir (file by file, as an atomic save does), with the table
-    for f in best_dir.iterdir():
-        os.replace(f, out / f.name)
-    best_dir.rmdir()
-    results = {"best_alpha": best["alpha"], "selected_by": "eval/score", "table": rows}
-    with open(out / "eval.json", "w") as f:
-        json.dump(results, f, indent=2)
-    with open(out / "samples.jsonl", "w") as f:
-        for row in samples:
-            f.write(json.dumps(row) + "\n")
-    print(f"\n{format_table(rows, best['alpha'])}\n\nbest alpha {best['alpha']:g}: model saved to {out}")
-    return results
+    if "resume" not in json.load(open(out / "args.json")):
+        return f"kept in {out}: {kept}; --overwrite --output_dir {out} starts over"
+    again = "continues it" if checkpoint else "starts it again"
+    return f"kept in {out}: {kept}; --resume --output_dir {out} {again}"
 
 
 def cli(argv: Optional[list] = None) -> None:

@@ -22,10 +22,13 @@ applied at every response position. Each iteration:
                 L_V  = E_t 1/2 max((V - G_t)^2, (clip(V, V_old - eps, V_old + eps) - G_t)^2)
 
 The paper prints pi_ref in the denominator of Eq. 5; standard PPO (and this file) divides by pi_old,
-the policy that generated the rollout. As in the paper (App. G), log-probs and values are computed
-per minibatch from the current models; with the default one minibatch per batch (B = b = 64) that
-*is* the rollout policy. Fixed beta, no reward normalisation or whitening, advantage whitening
-(Table 10). Log-probs are computed from logits / temperature, the distribution the rollout sampled.
+the policy that generated the rollout. The loop's order is the paper's (App. G), not CleanRL's: CleanRL
+computes log-probs, values and advantages once per batch, before any update; Tulu 2.5 computes them
+per minibatch, from the current models, so a later minibatch's "old" policy and values already carry
+the earlier minibatches' updates (its first ratio is exactly 1). With the default one minibatch per
+batch (B = b = 64) the two orders coincide. Fixed beta, no reward normalisation or whitening,
+advantage whitening (Table 10). Log-probs are computed from logits / temperature, the distribution
+the rollout sampled.
 
 Real checkpoints: the rollout samples exactly softmax(logits / T) (a complete generation config built
 from the arguments; the checkpoint's own sampling settings, such as a repetition penalty, are never
@@ -216,23 +219,8 @@ def check_args(args: Args) -> None:
             raise UsageError(message)
 
 
-class UsageError(SystemExit):
-    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
-    for a malformed command line (str() gives the message, for code that calls main directly)."""
-
-    def __init__(self, message: str):
-        super().__init__(2)
-        self.message = f"error: {message}"
-
-    def __str__(self) -> str:
-        return self.message
-
-
-# ---------------------------------------------------------------------------------------------------
-# The method's maths. Shapes: (B, R) over the response tokens; `mask` is 1 up to and including EOS.
-
-
-# ---------------------------------------------------------------------------------------------------
+# ---- The method's maths ---------------------------------------------------------------------------
+# Shapes: (B, R) over the response tokens; `mask` is 1 up to and including EOS.
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -294,271 +282,7 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     return loss, masked_mean((clipped > unclipped).float(), mask)
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
-    """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`, or
-    (schedule "constant") the peak rate from then on."""
-    if step < warmup:
-        return step / max(1, warmup)
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return floor + (1.0 - floor) * decay
-
-
-# ---------------------------------------------------------------------------------------------------
-# Data
-
-
-# ---------------------------------------------------------------------------------------------------
-
-
-def resolve(path: str) -> str:
-    """A relative path that is not under the working directory but is next to this script (the toy
-    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder; `~` is expanded."""
-    path = os.path.expanduser(path)
-    here = Path(__file__).resolve().parent / path
-    return str(here) if not Path(path).exists() and here.exists() else path
-
-
-def looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
-
-
-def locate(name: str, what: str) -> str:
-    """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
-    a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
-    fails at once, instead of after a minute of trying the hub."""
-    path = resolve(name)
-    if Path(path).exists():
-        return path
-    if looks_local(name) or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()):
-        raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
-    return path
-
-
-def load_failure(name: str, what: str, error: Exception) -> SystemExit:
-    """One line for a name that could not be loaded, naming HF_HUB_OFFLINE when that is the reason."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    if offline and not Path(resolve(name)).exists():
-        return SystemExit(f"error: {what} '{name}' is not a local path and not in the Hugging Face cache, "
-                          "and HF_HUB_OFFLINE=1 forbids downloading it: pass a local directory, or run "
-                          "once online")
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return SystemExit(f"error: could not load {what} '{name}': {reason}")
-
-
-def field_problem(value) -> Optional[str]:
-    """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
-    if value is None:
-        return "is missing"
-    if isinstance(value, str):
-        return None
-    if isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value):
-        return None
-    return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
-            "{role, content} messages")
-
-
-def load_split(name: str, split: str, needs: list):
-    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (its rows
-    are the split "train", so train[:100] slices it; load_splits holds some out for evaluation).
-    `needs` lists alternatives: each a tuple of columns that together suffice. Every row's fields are
-    checked here, so a bad row fails with its number, not deep inside."""
-    from datasets import load_dataset
-
-    path = locate(name, "dataset")
-    one_file = path.endswith((".json", ".jsonl"))
-    where = f"dataset '{name}'" if one_file else f"split '{split}' of dataset '{name}'"
-    file = Path(path) if one_file else Path(path) / f"{split.split('[')[0]}.jsonl"
-    if file.is_file() and not any(line.strip() for line in open(file)):
-        raise SystemExit(f"error: {where} is empty: {file} has no rows")
-    try:
-        data = (load_dataset("json", data_files=path, split=split if split.startswith("train") else "train")
-                if one_file else load_dataset(path, split=split))  # a file's rows are its split "train"
-    except Exception as e:  # datasets raises many types; all mean the same to a user
-        raise load_failure(name, f"split '{split}' of dataset", e)
-    columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
-    if columns is None:
-        wanted = " or ".join("+".join(cols) for cols in needs)
-        raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
-    if len(data) == 0:
-        raise SystemExit(f"error: {where} has no rows")
-    columns = list(dict.fromkeys([c for c in ("prompt",) if c in data.column_names] + list(columns)))
-    for i, row in enumerate(data.select_columns(columns)):
-        for column in columns:
-            problem = field_problem(row[column])
-            if problem and not (column == "prompt" and row[column] == ""):
-                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' {problem}")
-    return data
-
-
-def load_splits(name: str, train_split: str, eval_split: Optional[str], needs: list, eval_fraction: float,
-                seed: int) -> tuple:
-    """(train rows, eval rows or None). One .jsonl file has no splits: a shuffled `eval_fraction` of its
-    rows is held out for evaluation and never trained on, and the counts are printed; a run never
-    evaluates on its own training rows."""
-    train = load_split(name, train_split, needs)
-    if not eval_split:
-        return train, None
-    if not resolve(name).endswith((".json", ".jsonl")):
-        return train, load_split(name, eval_split, needs)
-    if not 0 < eval_fraction < 1 or len(train) < 2:
-        raise SystemExit(f"error: '{name}' is one file ({len(train)} rows), with no separate eval split: "
-                         "hold out rows with 0 < --eval_fraction < 1, or pass --eval_split None")
-    parts = train.train_test_split(test_size=eval_fraction, seed=seed)
-    print(f"note: '{name}' is one file: {len(parts['train'])} rows to train on, {len(parts['test'])} held "
-          f"out for evaluation (--eval_fraction {eval_fraction})")
-    return parts["train"], parts["test"]
-
-
-# Used only for a tokenizer without a chat template; documented in the README.
-PLAIN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
-)
-
-
-def load_tokenizer(name: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "the tokenizer of", e)
-    if tokenizer.pad_token is None:
-        print(f"note: the tokenizer of '{name}' has no pad token; using its EOS token for padding "
-              "(padding is masked everywhere, so this changes no result)")
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
-        print(f"note: the tokenizer of '{name}' has no chat template; conversations are formatted as "
-              "'role: content<eos>' lines (PLAIN_CHAT_TEMPLATE)")
-        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
-    return tokenizer
-
-
-def check_same_tokenizer(tokenizer, other, name: str) -> None:
-    """Models that exchange token ids must share vocabulary and chat template, or scores are noise."""
-    if other.get_vocab() != tokenizer.get_vocab():
-        raise SystemExit(f"error: '{name}' has a different vocabulary than the policy "
-                         f"({len(other)} vs {len(tokenizer)} tokens); use models with the same tokenizer")
-    if other.chat_template != tokenizer.chat_template:
-        raise SystemExit(f"error: '{name}' has a different chat template than the policy; "
-                         "it would read prompts and responses formatted differently from its training")
-
-
-def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: bool) -> None:
-    """Each other model's tokenizer checked against `tokenizer` (loaded from own_name), each distinct
-    name loaded once: a name that resolves to own_name is the same tokenizer."""
-    for name in dict.fromkeys(names):
-        if Path(resolve(name)).resolve() != Path(resolve(own_name)).resolve():
-            check_same_tokenizer(tokenizer, load_tokenizer(name, trust_remote_code), name)
-
-
-def stop_token_ids(tokenizer, name: str) -> list:
-    """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
-    generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
-    and end-of-text tokens, and generation stops on any of them)."""
-    from transformers import GenerationConfig
-
-    try:
-        listed = GenerationConfig.from_pretrained(resolve(name)).eos_token_id
-    except OSError:  # no generation_config.json
-        listed = None
-    listed = [listed] if isinstance(listed, int) else list(listed or [])
-    return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
-
-
-def format_prompt(tokenizer, prompt) -> str:
-    """A message list through the chat template, ending in the generation prompt; a string as it is."""
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Models: rollouts, per-token log-probs and values
-
-
-# ---------------------------------------------------------------------------------------------------
-
-
-def set_verbosity(verbose: bool) -> None:
-    """Unless --verbose, transformers' per-load reports and progress bars are hidden: load_model says
-    what it loaded in one line instead (and refuses what would have been a warning in the report)."""
-    import datasets
-    import transformers
-
-    if not verbose:
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-
-
-def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
-    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
-    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
-    reward model, whose score head would be random."""
-    from transformers import AutoConfig
-
-    try:
-        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "model", e)
-    found = found.architectures or []
-    if found and not any(a.endswith(wanted) for a in found):
-        kind = ("a causal LM (...ForCausalLM)" if wanted == "ForCausalLM"
-                else "a reward model (...ForSequenceClassification)")
-        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
-
-
-def describe_model(name: str, model) -> None:
-    n = sum(p.numel() for p in model.parameters())
-    print(f"loaded '{name}': {type(model).__name__}, {n / 1e6:.1f}M parameters")
-
-
-def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
-
-    check_architecture(name, trust_remote_code, "ForCausalLM")
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            locate(name, "model"), dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
-    except Exception as e:
-        raise load_failure(name, "model", e)
-    if info["missing_keys"]:
-        raise SystemExit(f"error: '{name}' lacks weights a causal LM needs "
-                         f"({sorted(info['missing_keys'])[:3]}); is it the right checkpoint?")
-    describe_model(name, model)
-    return model
-
-
-def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32,
-                      new_head: bool = False):
-    """A reward (or value) model: AutoModelForSequenceClassification with one output. A checkpoint with
-    no trained score head (a causal LM) is refused unless `new_head` (a value model may start from one).
-    A config without pad_token_id gets the tokenizer's (transformers refuses padded batches without
-    one); `score` reads the reward at the index the attention mask gives, whatever the pad id."""
-    from transformers import AutoModelForSequenceClassification
-
-    if not new_head:
-        check_architecture(name, trust_remote_code, "ForSequenceClassification")
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            locate(name, "model"), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
-            output_loading_info=True)
-    except Exception as e:
-        raise load_failure(name, "reward model", e)
-    if info["missing_keys"] and not new_head:
-        raise SystemExit(f"error: '{name}' has no trained score head ({sorted(info['missing_keys'])[:3]} "
-                         "missing): train a reward model on it first (reward_model.py)")
-    describe_model(name, model)
-    if model.config.pad_token_id is None:
-        print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
-        model.config.pad_token_id = pad_token_id
-    return model
+# ---- Models: rollouts, per-token log-probs and values ---------------------------------------------
 
 
 def disable_dropout(model) -> None:
@@ -572,18 +296,6 @@ def disable_dropout(model) -> None:
         for name, value in list(vars(module).items()):
             if "dropout" in name and isinstance(value, float):
                 setattr(module, name, 0.0)
-
-
-def has_no_score_head(name: str, trust_remote_code: bool) -> bool:
-    """Whether the checkpoint `name` is of a kind with no trained score head (a causal LM): a value model
-    started from one begins with a random head, which only the value loss trains."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "value model", e)
-    return not any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
 
 
 def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
@@ -659,6 +371,12 @@ def scalar_head(model, mb: dict, autocast) -> torch.Tensor:
         return model.score(hidden).squeeze(-1).float()
 
 
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last attended token, with left or right padding. (B, T) -> (B,)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(1)
+
+
 def values_and_scores(model, mb: dict, autocast) -> tuple:
     """V(x, y_<t) for every response token t (read at position Q-1+t), and the output at each
     response's last real token: the reward model's score, from the same head. Each (B, R) and (B,)."""
@@ -672,141 +390,530 @@ def take(batch: dict, index) -> dict:
     return {k: v[index] for k, v in batch.items()}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Evaluation (the same end-of-run samples as dpo.py and var.py)
+# ---- Training -------------------------------------------------------------------------------------
 
 
-# ---------------------------------------------------------------------------------------------------
+def load_models(args, pad_id: int, device) -> tuple:
+    """The four models: the policy (trained), the reference and the reward model (frozen), and the
+    value model (trained), from the reward model unless --value_model names another. Dropout is off
+    in the two trained ones unless --dropout."""
+    ref_name, value_name = args.ref or args.model, args.value_model or args.reward_model
+    policy = load_model(args.model, args.trust_remote_code).to(device)
+    ref_model = load_model(ref_name, args.trust_remote_code).to(device).eval().requires_grad_(False)
+    reward_model = load_scalar_model(args.reward_model, pad_id, args.trust_remote_code)
+    reward_model = reward_model.to(device).eval().requires_grad_(False)
+    # the reward model must have a trained head; a value model given explicitly may start from a causal
+    # LM, its head then random (the paper starts V from the reward model)
+    value_model = load_scalar_model(value_name, pad_id, args.trust_remote_code,
+                                    new_head=args.value_model is not None).to(device)
+    if not args.dropout:
+        disable_dropout(policy), disable_dropout(value_model)
+    return policy, ref_model, reward_model, value_model
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                   chunk: int = 128) -> torch.Tensor:
-    """Sum of the log-probs of the labelled tokens of each sequence under softmax(logits / T): gather
-    minus logsumexp, in fp32, `chunk` positions at a time, so that the only vocabulary-sized tensor is
-    the logits themselves in the model's dtype (an fp32 log-softmax of the whole block, at V = 152k,
-    would outweigh the model). logits: (B, K, V); labels: (B, K), -100 where there is no label;
-    position t predicts token t + 1. Returns (B,)."""
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    total = torch.zeros(labels.shape[0], device=logits.device)
-    for t in range(0, labels.shape[1], chunk):
-        part, target = logits[:, t : t + chunk].float(), labels[:, t : t + chunk]
-        if temperature != 1.0:
-            part = part / temperature
-        token_logps = part.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1) - part.logsumexp(-1)
-        total = total + (token_logps * (target != -100)).sum(1)
-    return total
+def prompt_stream(prompts: list, batch_size: int, seed: int):
+    """Endless stream of shuffled batches of prompts, epoch after epoch (an epoch's remainder is dropped)."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(prompts), generator=g).tolist()
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield [prompts[j] for j in order[i : i + batch_size]]
 
 
-def batch_logps(model, batch: dict, autocast, temperature: float = 1.0) -> torch.Tensor:
-    """Summed response log-probs of each sequence of a collate_sequences batch (for pairs: chosen rows,
-    then rejected), under logits / temperature, the distribution that sampling at that temperature
-    draws from. The LM head runs only at the positions that predict a response token. Returns (B,),
-    fp32."""
-    with autocast:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], logits_to_keep=batch["labels"].shape[1]).logits
-    return sequence_logps(logits, batch["labels"], temperature)
+def ppo_update(policy, value_model, mb: dict, old: dict, args, autocast) -> dict:
+    """One epoch of step 5 on a minibatch: the clipped policy and value losses (Eq. 5, 6), L_pi + alpha
+    L_V, accumulated over --gradient_accumulation_steps slices; the caller steps the optimiser.
+    `old` holds the no-grad quantities of steps 2-4. Returns the logged statistics, one per slice."""
+    stats, micro = {}, args.minibatch_size // args.gradient_accumulation_steps
+    for a in range(0, args.minibatch_size, micro):
+        sl = slice(a, a + micro)
+        mask = old["mask"][sl]
+        logprobs, entropy = policy_logprobs(policy, take(mb, sl), args.temperature, autocast, entropy=True)
+        values, _ = values_and_scores(value_model, take(mb, sl), autocast)
+        # the ratio to the rollout policy (the old log-probs), not to pi_ref as Eq. 5 prints
+        pg_loss, clipfrac = ppo_policy_loss(logprobs, old["logprobs"][sl], old["advantages"][sl], mask,
+                                            args.clip)
+        vf_loss, vf_clipfrac = ppo_value_loss(values, old["values"][sl], old["returns"][sl], mask, args.clip)
+        ((pg_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps).backward()
+        with torch.no_grad():
+            approx_kl = masked_mean(0.5 * (logprobs - old["logprobs"][sl]) ** 2, mask)
+        append(stats, {"ppo/policy_loss": pg_loss, "ppo/value_loss": vf_loss, "ppo/clipfrac": clipfrac,
+                       "ppo/vf_clipfrac": vf_clipfrac, "ppo/approx_kl": approx_kl,
+                       "ppo/entropy": masked_mean(entropy, mask)})
+    return stats
 
 
-def collate_sequences(samples: list, pad_id: int) -> dict:
-    """(prompt_ids, response_ids, ...) samples as one batch in which every response starts at the same
-    column: prompts left-padded to the longest prompt P, responses right-padded to the longest
-    response R. Log-probs then need the logits of the last R + 1 positions only (`logits_to_keep`;
-    position P - 1 predicts the first response token), not those of the prompts and their padding.
-    Positions count from each row's first token, so the padding changes no number.
-    input_ids, attention_mask, position_ids: (B, P + R); labels: (B, R + 1), aligned with the kept
-    logits: the response tokens in the last R columns, -100 elsewhere."""
-    # a response with no prompt before it: its first token has no position to be predicted from
-    samples = [(p, r) if p else (r[:1], r[1:]) for p, r, *_ in samples]
-    P, R = max(len(p) for p, _ in samples), max(len(r) for _, r in samples)
-    ids = torch.full((len(samples), P + R), pad_id)
-    mask = torch.zeros((len(samples), P + R), dtype=torch.long)
-    labels = torch.full((len(samples), R + 1), -100)
-    for i, (p, r) in enumerate(samples):
-        ids[i, P - len(p) : P + len(r)] = torch.tensor(p + r)
-        mask[i, P - len(p) : P + len(r)] = 1
-        labels[i, 1 : 1 + len(r)] = torch.tensor(r, dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
-            "labels": labels}
-
-
-@torch.no_grad()
-def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float,
-                     batch_size: int, device, stop_ids: list) -> list:
-    """One response per prompt, sampled from softmax(logits / T) (no top-k, no top-p) with the KV cache,
-    left-padded batches. Returns (prompt_ids, response_ids, finished) per prompt: the response is cut
-    after its first stop id (which it keeps); `finished` is False when it hit max_new_tokens first."""
-    tokenizer.padding_side = "left"
-    model.eval()
-    config = sampling_config(temperature, max_new_tokens, tokenizer.pad_token_id, stop_ids)
-    results = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        texts = [format_prompt(tokenizer, p) for p in chunk]
-        batch = tokenizer(texts, return_tensors="pt", padding=True,
-                          add_special_tokens=not isinstance(chunk[0], list)).to(device)
-        out = generate(model, batch, config)
-        for row, mask, generated in zip(batch["input_ids"], batch["attention_mask"],
-                                        out[:, batch["input_ids"].shape[1] :].tolist()):
-            ends = [t for t, token in enumerate(generated) if token in stop_ids]
-            results.append((row[mask.bool()].tolist(), generated[: ends[0] + 1] if ends else generated,
-                            bool(ends)))
-    return results
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last attended token, with left or right padding. (B, T) -> (B,)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask).argmax(1)
-
-
-def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The reward of each sequence: the score head at its last attended token, the EOS that ends
-    prompt + response. The index comes from the attention mask, never from pad_token_id:
-    transformers' own pooling reads the last token that is not pad, which with pad == eos (common in
-    chat checkpoints) is the token before the EOS. Positions count from the first attended token, so
-    left and right padding give the same score. input_ids, attention_mask: (B, T). Returns (B,), fp32."""
-    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=positions).last_hidden_state
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-    return model.score(last).squeeze(-1).float()
+def append(stats: dict, values: dict) -> None:
+    """Appends each value (a float or a 0-d tensor) to its list in `stats`."""
+    for k, v in values.items():
+        stats.setdefault(k, []).append(v.item() if torch.is_tensor(v) else v)
 
 
 @torch.no_grad()
-def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device,
-                     autocast, stop_ids: list) -> tuple:
-    """Samples the policy at args.temperature, then scores each response with the reward model and
-    measures log pi_T(y|x) - log pi_ref,T(y|x) (both from logits / T), whose mean over samples
-    estimates KL(pi_T || pi_ref,T): the KL of what was sampled (at T = 1, of the models themselves)."""
-    samples = sample_responses(policy, tokenizer, prompts, args.max_new_tokens, args.temperature,
-                               4 * args.batch_size, device, stop_ids)
-    rows = []
-    for i in range(0, len(samples), 4 * args.batch_size):
-        chunk = samples[i : i + 4 * args.batch_size]
-        batch = {k: v.to(device) for k, v in collate_sequences(chunk, tokenizer.pad_token_id).items()}
-        logratios = (batch_logps(policy, batch, autocast, args.temperature)
-                     - batch_logps(ref_model, batch, autocast, args.temperature))
-        with autocast:
-            scores = score(reward_model, batch["input_ids"], batch["attention_mask"])
-        for (p, r, finished), s, lr in zip(chunk, scores.tolist(), logratios.tolist()):
-            rows.append({"response": tokenizer.decode(r, skip_special_tokens=True), "score": s,
-                         "logratio": lr, "length": len(r), "finished": finished})
-    n = len(rows)
-    scores = torch.tensor([r["score"] for r in rows])
-    metrics = {"eval/score": scores.mean().item(), "eval/score_se": (scores.std() / math.sqrt(n)).item(),
-               "eval/kl": sum(r["logratio"] for r in rows) / n,
-               "eval/length": sum(r["length"] for r in rows) / n,
-               "eval/eos_rate": sum(r["finished"] for r in rows) / n}
-    return metrics, [{"prompt": p, **r} for p, r in zip(prompts, rows)]
+def evaluate(policy, ref_model, reward_model, tokenizer, prompts: list, args, device, autocast,
+             stop_ids: list, path: Path) -> dict:
+    """The end-of-run samples, drawn by `rollout` (the training's own sampler) at --eval_temperature
+    (default: the rollout's) with a fixed seed; each response's raw reward-model score (no EOS
+    penalty), and log pi_T(y|x) - log pi_ref,T(y|x) summed over its tokens, whose mean over samples
+    estimates KL(pi_T || pi_ref,T). The samples go to `path`; returns the metrics."""
+    args = dataclasses.replace(args, temperature=args.eval_temperature or args.temperature)
+    rows, batch_size = [], 4 * args.batch_size
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            batch = rollout(policy, tokenizer, chunk, args, device, stop_ids)
+            _, scores = values_and_scores(reward_model, batch, autocast)
+            logprobs, _ = policy_logprobs(policy, batch, args.temperature, autocast)
+            ref_logprobs, _ = policy_logprobs(ref_model, batch, args.temperature, autocast)
+            logratios = ((logprobs - ref_logprobs) * batch["mask"]).sum(1)
+            for j, prompt in enumerate(chunk):
+                n = batch["mask"][j].sum().item()
+                rows.append({"prompt": prompt, "score": scores[j].item(), "logratio": logratios[j].item(),
+                             "length": n, "finished": batch["finished"][j].item(),
+                             "response": tokenizer.decode(batch["response"][j, :n],
+                                                          skip_special_tokens=True)})
+    write_jsonl(path, rows)
+    n, scores = len(rows), torch.tensor([r["score"] for r in rows])
+    return {"eval/score": scores.mean().item(), "eval/score_se": (scores.std() / math.sqrt(n)).item(),
+            **{f"eval/{k}": sum(r[key] for r in rows) / n
+               for k, key in (("kl", "logratio"), ("length", "length"), ("eos_rate", "finished"))}}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Runs: the output dir, checkpoints, resuming
+def dry_run(tokenizer, train_prompts: list, eval_prompts: list, num_iterations: int, total_steps: int,
+            args) -> dict:
+    """--dry_run: the first prompt as the policy sees it, and the counts, before any model loads."""
+    first_prompt, episodes = train_prompts[0], args.batch_size * args.num_rollouts_per_prompt
+    ids = tokenizer(format_prompt(tokenizer, first_prompt),
+                    add_special_tokens=not isinstance(first_prompt, list))["input_ids"]  # as rollout() does
+    print(f"prompt: {tokenizer.decode(ids)!r}  ({len(ids)} tokens; the response follows)")
+    print(f"dry run: {len(train_prompts)} train / {len(eval_prompts)} eval prompts, {num_iterations} "
+          f"iterations of {episodes} episodes, {total_steps} optimiser steps of {args.minibatch_size} "
+          "episodes; no model loaded, nothing written")
+    return {"train/prompts": len(train_prompts), "eval/prompts": len(eval_prompts),
+            "train/iterations": num_iterations, "train/episodes_per_batch": episodes,
+            "train/steps": total_steps}
 
 
-# ---------------------------------------------------------------------------------------------------
+def main(args: Args) -> dict:
+    # set-up: every argument, the output dir and every tokenizer checked before any model loads
+    check_args(args)
+    device, dtype, autocast = setup(args)
+    others = [args.ref or args.model, args.reward_model, args.value_model or args.reward_model]
+    out = None if args.dry_run else check_output_dir(args, "ppo", [args.model, *others], resume=None)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    stop_ids, pad_id = stop_token_ids(tokenizer, args.model), tokenizer.pad_token_id
+    check_tokenizers(tokenizer, args.model, others, args.trust_remote_code)
+    train_data, eval_data = load_splits(args.prompts, args.train_split, args.eval_split, [("prompt",)],
+                                        args.eval_fraction, args.seed)
+    train_prompts = train_data["prompt"]
+    eval_prompts = [] if eval_data is None else first(eval_data, args.num_eval_prompts)["prompt"]
+    if len(train_prompts) < args.batch_size:  # the prompt stream would yield no batch, ever
+        raise UsageError(f"{len(train_prompts)} train prompts in '{args.prompts}' are fewer than one batch "
+                         f"of --batch_size {args.batch_size}: lower --batch_size, or give more prompts")
+    episodes_per_batch = args.batch_size * args.num_rollouts_per_prompt
+    num_iterations = args.total_episodes // episodes_per_batch
+    minibatches = episodes_per_batch // args.minibatch_size
+    total_steps = num_iterations * minibatches * args.ppo_epochs
+    if args.dry_run:
+        return dry_run(tokenizer, train_prompts, eval_prompts, num_iterations, total_steps, args)
+
+    policy, ref_model, reward_model, value_model = load_models(args, pad_id, device)
+    optimizer, scheduler = start_training([policy, value_model], args, total_steps, "constant",
+                                          eps=args.adam_eps)  # Table 9: constant after warmup
+    create_output_dir(out, args, device, dtype)
+    print(f"ppo: {len(train_prompts)} train prompts, {num_iterations} iterations of {episodes_per_batch} "
+          f"episodes, {total_steps} optimiser steps, beta {args.beta}, device {device}, {dtype}")
+
+    stream = prompt_stream(train_prompts, args.batch_size, args.seed)
+    times, window = {"rollout": 0.0, "update": 0.0}, {}
+    for iteration in tqdm(range(1, num_iterations + 1), desc="ppo", dynamic_ncols=True, disable=None):
+        # 1. rollout: one response per prompt, sampled at --temperature and cut after its first stop id
+        start = time.time()
+        prompts = [p for p in next(stream) for _ in range(args.num_rollouts_per_prompt)]
+        batch = rollout(policy, tokenizer, prompts, args, device, stop_ids)
+        times["rollout"] += time.time() - start
+        start, stats = time.time(), {}
+        order = torch.randperm(episodes_per_batch, device=device)
+        for m in range(minibatches):
+            mb = take(batch, order[m * args.minibatch_size : (m + 1) * args.minibatch_size])
+            mask = mb["mask"].float()
+            policy.eval(), value_model.eval()  # "old" quantities without dropout, whatever --dropout says
+            with torch.no_grad():
+                # 2. score with the current models (App. G: per minibatch); the EOS trick for responses
+                # that never ended: a fixed penalty in place of their score
+                _, scores = values_and_scores(reward_model, mb, autocast)
+                scores = torch.where(mb["finished"], scores,
+                                     torch.full_like(scores, args.missing_eos_penalty))
+                old_logprobs, _ = policy_logprobs(policy, mb, args.temperature, autocast)
+                ref_logprobs, _ = policy_logprobs(ref_model, mb, args.temperature, autocast)
+                old_values, _ = values_and_scores(value_model, mb, autocast)
+                # 3. KL-penalised token rewards (Eq. 4): fixed beta, no reward normalisation or whitening
+                rewards = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, args.beta)
+                # 4. GAE (gamma 1, lambda 0.95), then the advantages whitened over the minibatch
+                advantages, returns = compute_gae(rewards, old_values * mask, mask, args.gamma, args.lam)
+                advantages = masked_whiten(advantages, mask)
+            policy.train(), value_model.train()
+            kl = ((old_logprobs - ref_logprobs) * mask).sum(1)
+            append(stats, {"objective/score": scores.mean(), "objective/kl": kl.mean(),
+                           "objective/non_score_reward": (-args.beta * kl).mean(),
+                           "val/eos_rate": mb["finished"].float().mean(), "val/length": mask.sum(1).mean()})
+            old = {"logprobs": old_logprobs, "values": old_values, "advantages": advantages,
+                   "returns": returns, "mask": mask}
+            # 5. clipped updates (Eq. 5, 6), --ppo_epochs passes over the minibatch
+            for _ in range(args.ppo_epochs):
+                for key, values in ppo_update(policy, value_model, mb, old, args, autocast).items():
+                    stats.setdefault(key, []).extend(values)
+                loss = stats["ppo/policy_loss"][-1] + stats["ppo/value_loss"][-1]
+                grad_norm = optimizer_step(optimizer, scheduler, args.max_grad_norm, loss,
+                                           f"at iteration {iteration}")
+                append(stats, {"train/grad_norm": grad_norm})
+        times["update"] += time.time() - start
+        append(window, {key: sum(v) / len(v) for key, v in stats.items()})
+
+        if iteration % args.log_every == 0 or iteration == num_iterations:
+            elapsed = max(times["rollout"] + times["update"], 1e-9)
+            log(out, {"iteration": iteration, "episodes": iteration * episodes_per_batch,
+                      **{k: sum(v) / len(v) for k, v in window.items()},
+                      "train/lr": scheduler.get_last_lr()[0],
+                      "perf/episodes_per_s": iteration * episodes_per_batch / elapsed,
+                      "perf/rollout_fraction": times["rollout"] / elapsed})
+            window = {}
+        if args.save_every and iteration % args.save_every == 0 and iteration < num_iterations:
+            save_checkpoint({".": policy, "value_model": value_model}, tokenizer, out, iteration, None)
+    save_model(policy, tokenizer, out)
+
+    elapsed = times["rollout"] + times["update"]
+    results = {"train/iterations": num_iterations, "train/runtime_s": round(elapsed, 1),
+               "perf/rollout_s": round(times["rollout"], 1), "perf/update_s": round(times["update"], 1),
+               "perf/episodes_per_s": round(num_iterations * episodes_per_batch / max(elapsed, 1e-9), 2)}
+    if eval_prompts:
+        results.update(evaluate(policy, ref_model, reward_model, tokenizer, eval_prompts, args, device,
+                                autocast, stop_ids, out / "samples.jsonl"))
+    return finish(out, results)
+
+
+# ---- Plumbing --------------------------------------------------------------------------------------
+# The same text in every script that uses it (tests/test_twins.py): arguments, data files, tokenizers,
+# loading models, the run's folder, logs and checkpoints. Safe to skip on a first reading.
+
+
+class UsageError(SystemExit):
+    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
+    for a malformed command line (str() gives the message, for code that calls main directly)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = f"error: {message}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`, or
+    (schedule "constant") the peak rate from then on."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1.0 - floor) * decay
+
+
+def resolve(path: str) -> str:
+    """A relative path that is not under the working directory but is next to this script (the toy
+    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder; `~` is expanded."""
+    path = os.path.expanduser(path)
+    here = Path(__file__).resolve().parent / path
+    return str(here) if not Path(path).exists() and here.exists() else path
+
+
+def locate(name: str, what: str) -> str:
+    """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
+    a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
+    fails at once, instead of after a minute of trying the hub."""
+    path = resolve(name)
+    if Path(path).exists():
+        return path
+    if (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
+            or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir())):
+        raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
+    return path
+
+
+def load_failure(name: str, what: str, error: Exception) -> SystemExit:
+    """One line for a name that could not be loaded, naming HF_HUB_OFFLINE when that is the reason."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline and not Path(resolve(name)).exists():
+        return SystemExit(f"error: {what} '{name}' is not a local path and not in the Hugging Face cache, "
+                          "and HF_HUB_OFFLINE=1 forbids downloading it: pass a local directory, or run "
+                          "once online")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return SystemExit(f"error: could not load {what} '{name}': {reason}")
+
+
+def field_problem(value) -> Optional[str]:
+    """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
+    if value is None:
+        return "is missing"
+    if isinstance(value, str) or (isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value)):
+        return None
+    return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
+            "{role, content} messages")
+
+
+def load_split(name: str, split: str, needs: list):
+    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (its rows
+    are the split "train", so train[:100] slices it; load_splits holds some out for evaluation).
+    `needs` lists alternatives: each a tuple of columns that together suffice. Every row's fields are
+    checked here, so a bad row fails with its number, not deep inside."""
+    from datasets import load_dataset
+
+    path = locate(name, "dataset")
+    one_file = path.endswith((".json", ".jsonl"))
+    where = f"dataset '{name}'" if one_file else f"split '{split}' of dataset '{name}'"
+    file = Path(path) if one_file else Path(path) / f"{split.split('[')[0]}.jsonl"
+    if file.is_file() and not any(line.strip() for line in open(file)):
+        raise SystemExit(f"error: {where} is empty: {file} has no rows")
+    try:
+        data = (load_dataset("json", data_files=path, split=split if split.startswith("train") else "train")
+                if one_file else load_dataset(path, split=split))  # a file's rows are its split "train"
+    except Exception as e:  # datasets raises many types; all mean the same to a user
+        raise load_failure(name, f"split '{split}' of dataset", e)
+    columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
+    if columns is None:
+        wanted = " or ".join("+".join(cols) for cols in needs)
+        raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
+    if len(data) == 0:
+        raise SystemExit(f"error: {where} has no rows")
+    columns = list(dict.fromkeys([c for c in ("prompt",) if c in data.column_names] + list(columns)))
+    for i, row in enumerate(data.select_columns(columns)):
+        for column in columns:
+            problem = field_problem(row[column])
+            if problem and not (column == "prompt" and row[column] == ""):
+                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' {problem}")
+    return data
+
+
+def load_splits(name: str, train_split: str, eval_split: Optional[str], needs: list, eval_fraction: float,
+                seed: int) -> tuple:
+    """(train rows, eval rows or None). One .jsonl file has no splits: a shuffled `eval_fraction` of its
+    rows is held out for evaluation and never trained on, and the counts are printed; a run never
+    evaluates on its own training rows."""
+    train = load_split(name, train_split, needs)
+    if not eval_split:
+        return train, None
+    if not resolve(name).endswith((".json", ".jsonl")):
+        return train, load_split(name, eval_split, needs)
+    if not 0 < eval_fraction < 1 or len(train) < 2:
+        raise SystemExit(f"error: '{name}' is one file ({len(train)} rows), with no separate eval split: "
+                         "hold out rows with 0 < --eval_fraction < 1, or pass --eval_split None")
+    parts = train.train_test_split(test_size=eval_fraction, seed=seed)
+    print(f"note: '{name}' is one file: {len(parts['train'])} rows to train on, {len(parts['test'])} held "
+          f"out for evaluation (--eval_fraction {eval_fraction})")
+    return parts["train"], parts["test"]
+
+
+def first(data, n: Optional[int]):
+    """The first n rows of a dataset (all of them when n is None)."""
+    return data.select(range(min(n, len(data)))) if n else data
+
+
+# Used only for a tokenizer without a chat template; documented in the README.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "the tokenizer of", e)
+    if tokenizer.pad_token is None:
+        print(f"note: the tokenizer of '{name}' has no pad token; using its EOS token for padding "
+              "(padding is masked everywhere, so this changes no result)")
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        print(f"note: the tokenizer of '{name}' has no chat template; conversations are formatted as "
+              "'role: content<eos>' lines (PLAIN_CHAT_TEMPLATE)")
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: bool) -> None:
+    """Models that exchange token ids must share vocabulary and chat template, or scores are noise: each
+    other model's tokenizer is checked against `tokenizer` (of own_name), each distinct name loaded once."""
+    for name in dict.fromkeys(names):
+        if Path(resolve(name)).resolve() == Path(resolve(own_name)).resolve():
+            continue
+        other = load_tokenizer(name, trust_remote_code)
+        if other.get_vocab() != tokenizer.get_vocab():
+            raise SystemExit(f"error: '{name}' has a different vocabulary than the policy ({len(other)} vs "
+                             f"{len(tokenizer)} tokens); use models with the same tokenizer")
+        if other.chat_template != tokenizer.chat_template:
+            raise SystemExit(f"error: '{name}' has a different chat template than the policy; "
+                             "it would read prompts and responses formatted differently from its training")
+
+
+def stop_token_ids(tokenizer, name: str) -> list:
+    """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
+    generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
+    and end-of-text tokens, and generation stops on any of them)."""
+    from transformers import GenerationConfig
+
+    try:
+        listed = GenerationConfig.from_pretrained(resolve(name)).eos_token_id
+    except OSError:  # no generation_config.json
+        listed = None
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
+
+
+def format_prompt(tokenizer, prompt) -> str:
+    """A message list through the chat template, ending in the generation prompt; a string as it is."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
+    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
+    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
+    reward model, whose score head would be random."""
+    from transformers import AutoConfig
+
+    try:
+        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    found = found.architectures or []
+    if found and not any(a.endswith(wanted) for a in found):
+        kind = ("a causal LM (...ForCausalLM)" if wanted == "ForCausalLM"
+                else "a reward model (...ForSequenceClassification)")
+        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
+
+
+def describe_model(name: str, model) -> None:
+    print(f"loaded '{name}': {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          "parameters")
+
+
+def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    check_architecture(name, trust_remote_code, "ForCausalLM")
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            locate(name, "model"), dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    if info["missing_keys"]:
+        raise SystemExit(f"error: '{name}' lacks weights a causal LM needs "
+                         f"({sorted(info['missing_keys'])[:3]}); is it the right checkpoint?")
+    describe_model(name, model)
+    return model
+
+
+def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32,
+                      new_head: bool = False):
+    """A reward (or value) model: AutoModelForSequenceClassification with one output. A checkpoint with
+    no trained score head (a causal LM) is refused unless `new_head` (a value model may start from one).
+    A config without pad_token_id gets the tokenizer's (transformers refuses padded batches without
+    one); `score` reads the reward at the index the attention mask gives, whatever the pad id."""
+    from transformers import AutoModelForSequenceClassification
+
+    if not new_head:
+        check_architecture(name, trust_remote_code, "ForSequenceClassification")
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            locate(name, "model"), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
+            output_loading_info=True)
+    except Exception as e:
+        raise load_failure(name, "reward model", e)
+    if info["missing_keys"] and not new_head:
+        raise SystemExit(f"error: '{name}' has no trained score head ({sorted(info['missing_keys'])[:3]} "
+                         "missing): train a reward model on it first (reward_model.py)")
+    if info["missing_keys"]:
+        print(f"note: '{name}' has no trained score head: it starts random, and only training moves it")
+    describe_model(name, model)
+    if model.config.pad_token_id is None:
+        print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def setup(args) -> tuple:
+    """Seeds, device (cuda when present) and compute dtype (bf16 autocast on CUDA, fp32 elsewhere);
+    transformers' per-load reports and progress bars hidden unless --verbose. (device, dtype, autocast)"""
+    import datasets
+    import transformers
+
+    if not args.verbose:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                          else args.device)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    return device, dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
+
+
+def start_training(models: list, args, total_steps: int, schedule: str, floor: float = 0.0,
+                   eps: float = 1e-8) -> tuple:
+    """The models in train mode (with gradient checkpointing if asked), one fused AdamW over all their
+    parameters (one kernel for all tensors), and warmup then `schedule` (lr_factor). (optimizer, scheduler)"""
+    for model in models:
+        model.train()
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+    params = [p for model in models for p in model.parameters()]
+    fused = params[0].device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=args.adam_betas, eps=eps,
+                                  weight_decay=args.weight_decay, fused=fused)
+    warmup = int(args.warmup_ratio * total_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, schedule, floor))
+
+
+def optimizer_step(optimizer, scheduler, max_grad_norm: float, loss: float, when: str) -> float:
+    """Clips the gradient norm, steps and zeroes the gradients, unless the loss or the gradient is not
+    finite: then the run stops before the update, saying `when`. Returns the norm before clipping."""
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: the loss became {loss} {when}; stopping before the update (the last "
+                         "checkpoint, if any, is in --output_dir). Try a lower --learning_rate.")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    if not math.isfinite(grad_norm):  # a finite loss, a non-finite gradient: an overflow
+        raise SystemExit(f"error: the gradient norm became {grad_norm} {when} (the loss was finite); "
+                         "stopping before the update. Try a lower --learning_rate or float32.")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def write_jsonl(path: Path, rows: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def log(out: Path, record: dict) -> None:
+    """One record appended to out/metrics.jsonl, and the same as one printed line."""
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
 
 def run_info(device, dtype: str) -> dict:
@@ -861,12 +968,9 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
     arguments, then under "run" the versions, device, dtype and git commit). A resumed run keeps the
     metrics logged up to its checkpoint and drops the later ones, which the run will log again."""
     if resume_step is not None:
-        log = out / "metrics.jsonl"
-        records = [json.loads(line) for line in open(log)] if log.exists() else []
-        with open(log, "w") as f:
-            for r in records:
-                if r.get("step", 0) <= resume_step:
-                    f.write(json.dumps(r) + "\n")
+        log_file = out / "metrics.jsonl"
+        records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
+        write_jsonl(log_file, [r for r in records if r.get("step", 0) <= resume_step])
         return
     if out.exists():
         shutil.rmtree(out)
@@ -897,20 +1001,21 @@ def save_model(model, tokenizer, out: Path) -> None:
     tmp.rmdir()
 
 
-def save_ppo_checkpoint(policy, value_model, tokenizer, out: Path, iteration: int) -> None:
-    """A periodic checkpoint, out/checkpoint-<iteration>: the policy (loadable as --model) with the value
-    model in its value_model/ subfolder (loadable as --value_model). It is written complete to a
-    temporary folder and renamed into place in one step, and older checkpoints are removed only then: a
-    kill at any moment leaves at least one complete checkpoint. PPO keeps no optimiser state: a
-    checkpoint is models to start from, not a run to resume."""
-    check_finite(policy, f"at iteration {iteration}")
-    check_finite(value_model, f"at iteration {iteration}")
-    final, tmp = out / f"checkpoint-{iteration:06d}", out / f".tmp-checkpoint-{iteration:06d}"
+def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Optional[dict]) -> None:
+    """A periodic checkpoint, out/checkpoint-<step>: each model in its subfolder ("." for the trained
+    one, loadable as it is) and trainer_state.pt (optimiser, scheduler, progress, random states) unless
+    `state` is None. It is written complete to a temporary folder and renamed into place in one step,
+    and older checkpoints are removed only then: a kill at any moment leaves one complete checkpoint."""
+    final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    value_model.save_pretrained(tmp / "value_model")
-    tokenizer.save_pretrained(tmp / "value_model")  # a model directory that loads on its own
+    for folder, model in models.items():
+        check_finite(model, f"at step {step}")
+        model.save_pretrained(tmp / folder)
+        tokenizer.save_pretrained(tmp / folder)  # each folder loads on its own
+    if state is not None:
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save({"step": step, **state, "random": rng}, tmp / "trainer_state.pt")
     os.replace(tmp, final)
     for old in out.glob("checkpoint-*"):
         if old != final:
@@ -922,221 +1027,34 @@ def last_checkpoint(out: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def finish(out: Path, results: dict) -> dict:
+    """eval.json ends a run: its resumable checkpoints are removed, as nothing is left to resume (a
+    checkpoint without trainer_state.pt, PPO's, is models to start from, and stays)."""
+    with open(out / "eval.json", "w") as f:
+        json.dump(results, f, indent=2)
+    for checkpoint in out.glob("checkpoint-*"):
+        if (checkpoint / "trainer_state.pt").exists():
+            shutil.rmtree(checkpoint)
+    print(f"\nsaved to {out}: " + json.dumps(results, indent=1))
+    return results
+
+
 def describe_run(output_dir: Optional[str]) -> str:
     """What a stopped run left behind, in one line (printed on Ctrl-C)."""
     out = Path(output_dir) if output_dir else None
     if out is None or not (out / "args.json").exists():
         return "nothing was written"
-    log = out / "metrics.jsonl"
-    records = [json.loads(line) for line in open(log)] if log.exists() else []
+    log_file = out / "metrics.jsonl"
+    records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
     steps = [r.get("step", r.get("iteration")) for r in records]
-    kept = f"args.json, metrics.jsonl ({len(records)} records"
-    kept += f", last at step {steps[-1]})" if steps else ")"
+    last = f", last at step {steps[-1]}" if steps else ""
+    kept = f"args.json, metrics.jsonl ({len(records)} records{last})"
     checkpoint = last_checkpoint(out)
     kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
-    resumable = "resume" in json.load(open(out / "args.json"))
-    if not resumable:
-        hint = f"--overwrite --output_dir {out} starts over"
-    else:
-        hint = f"--resume --output_dir {out} " + ("continues it" if checkpoint else "starts it again")
-    return f"kept in {out}: {kept}; {hint}"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------
-def main(args: Args) -> dict:
-    # setup: every argument and the output dir checked before anything loads
-    check_args(args)
-    set_verbosity(args.verbose)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
-    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
-    ref_name, value_name = args.ref or args.model, args.value_model or args.reward_model
-    episodes_per_batch = args.batch_size * args.num_rollouts_per_prompt
-    if not args.dry_run:
-        models = [args.model, ref_name, args.reward_model, value_name]
-        out = check_output_dir(args, "ppo", models, resume=None)
-
-    # data, and every tokenizer checked against the policy's before any compute
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    stop_ids = stop_token_ids(tokenizer, args.model)
-    check_tokenizers(tokenizer, args.model, [ref_name, args.reward_model, value_name], args.trust_remote_code)
-    train_data, eval_data = load_splits(args.prompts, args.train_split, args.eval_split, [("prompt",)],
-                                        args.eval_fraction, args.seed)
-    train_prompts = train_data["prompt"]
-    eval_prompts = None
-    if eval_data is not None:
-        eval_prompts = eval_data["prompt"]
-        eval_prompts = eval_prompts[: args.num_eval_prompts] if args.num_eval_prompts else eval_prompts
-    if len(train_prompts) < args.batch_size:  # the prompt stream would yield no batch, ever
-        raise UsageError(f"{len(train_prompts)} train prompts in '{args.prompts}' are fewer than one batch "
-                          f"of --batch_size {args.batch_size}: lower --batch_size, or give more prompts")
-    num_iterations = args.total_episodes // episodes_per_batch
-    minibatches = episodes_per_batch // args.minibatch_size
-    total_steps = num_iterations * minibatches * args.ppo_epochs
-    if args.dry_run:
-        first = train_prompts[0]
-        ids = tokenizer(format_prompt(tokenizer, first),
-                        add_special_tokens=not isinstance(first, list))["input_ids"]  # as rollout() does
-        print(f"prompt: {tokenizer.decode(ids)!r}  ({len(ids)} tokens; the response follows)")
-        print(f"dry run: {len(train_prompts)} train / {len(eval_prompts or [])} eval prompts, "
-              f"{num_iterations} iterations of {episodes_per_batch} episodes, {total_steps} optimiser steps "
-              f"of {args.minibatch_size} episodes; no model loaded, nothing written")
-        return {"train/prompts": len(train_prompts), "eval/prompts": len(eval_prompts or []),
-                "train/iterations": num_iterations, "train/episodes_per_batch": episodes_per_batch,
-                "train/steps": total_steps}
-
-    # the four models
-    pad_id = tokenizer.pad_token_id
-    policy = load_model(args.model, args.trust_remote_code).to(device)
-    ref_model = load_model(ref_name, args.trust_remote_code).to(device).eval().requires_grad_(False)
-    reward_model = load_scalar_model(
-        args.reward_model, pad_id, args.trust_remote_code).to(device).eval().requires_grad_(False)
-    # the reward model must have a trained head; a value model given explicitly may start from a causal LM
-    new_head = args.value_model is not None
-    if new_head and has_no_score_head(value_name, args.trust_remote_code):
-        print(f"note: the value model '{value_name}' has no trained score head: it starts random and only "
-              "the value loss trains it (the paper starts V from the reward model)")
-    value_model = load_scalar_model(value_name, pad_id, args.trust_remote_code, new_head=new_head).to(device)
-    if not args.dropout:
-        disable_dropout(policy), disable_dropout(value_model)
-    policy.train(), value_model.train()
-    if args.gradient_checkpointing:
-        for m in (policy, value_model):
-            m.gradient_checkpointing_enable()
-            m.config.use_cache = False
-    params = list(policy.parameters()) + list(value_model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps,
-                                  weight_decay=args.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
-    warmup = int(args.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, "constant"))  # Table 9
-    create_output_dir(out, args, device, dtype)
-    print(f"ppo: {len(train_prompts)} train prompts, {num_iterations} iterations of {episodes_per_batch} "
-          f"episodes, {total_steps} optimiser steps, beta {args.beta}, device {device}, {dtype}")
-
-    def prompt_batches():  # endless stream of shuffled prompt batches, epoch after epoch
-        g = torch.Generator().manual_seed(args.seed)
-        while True:
-            order = torch.randperm(len(train_prompts), generator=g).tolist()
-            for i in range(0, len(order) - args.batch_size + 1, args.batch_size):
-                yield [train_prompts[j] for j in order[i : i + args.batch_size]]
-
-    metrics_file = open(out / "metrics.jsonl", "w")
-
-    def log(record: dict) -> None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in record.items()))
-
-    stream, times, window = prompt_batches(), {"rollout": 0.0, "update": 0.0}, {}
-    for iteration in tqdm(range(1, num_iterations + 1), desc="ppo", dynamic_ncols=True, disable=None):
-        # 1. rollout
-        start = time.time()
-        prompts = [p for p in next(stream) for _ in range(args.num_rollouts_per_prompt)]
-        batch = rollout(policy, tokenizer, prompts, args, device, stop_ids)
-        times["rollout"] += time.time() - start
-        start = time.time()
-        stats = {}
-        order = torch.randperm(episodes_per_batch, device=device)
-        for m in range(minibatches):
-            mb = take(batch, order[m * args.minibatch_size : (m + 1) * args.minibatch_size])
-            mask = mb["mask"].float()
-            policy.eval(), value_model.eval()  # "old" quantities without dropout, whatever --dropout says
-            with torch.no_grad():  # App. G: from the current models, per minibatch
-                # 2. score, with the EOS trick for responses that never ended
-                _, scores = values_and_scores(reward_model, mb, autocast)
-                scores = torch.where(mb["finished"], scores,
-                                     torch.full_like(scores, args.missing_eos_penalty))
-                old_logprobs, _ = policy_logprobs(policy, mb, args.temperature, autocast)
-                ref_logprobs, _ = policy_logprobs(ref_model, mb, args.temperature, autocast)
-                old_values, _ = values_and_scores(value_model, mb, autocast)
-                # 3. KL-penalised token rewards (Eq. 4): fixed beta, no reward normalisation or whitening
-                rewards = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, args.beta)
-                # 4. GAE (gamma 1, lambda 0.95), advantages whitened within the batch
-                advantages, returns = compute_gae(rewards, old_values * mask, mask, args.gamma, args.lam)
-                advantages = masked_whiten(advantages, mask)
-            policy.train(), value_model.train()
-            kl = ((old_logprobs - ref_logprobs) * mask).sum(1)
-            for key, v in [("objective/score", scores.mean()), ("objective/kl", kl.mean()),
-                           ("objective/non_score_reward", (-args.beta * kl).mean()),
-                           ("val/eos_rate", mb["finished"].float().mean()),
-                           ("val/length", mask.sum(1).mean())]:
-                stats.setdefault(key, []).append(v.item())
-            # 5. PPO update: clipped losses, ratio to the rollout policy (not pi_ref as Eq. 5 prints)
-            micro = args.minibatch_size // args.gradient_accumulation_steps
-            for _ in range(args.ppo_epochs):
-                for a in range(0, args.minibatch_size, micro):
-                    sl = slice(a, a + micro)
-                    part = take(mb, sl)
-                    logprobs, entropy = policy_logprobs(policy, part, args.temperature, autocast,
-                                                        entropy=True)
-                    values, _ = values_and_scores(value_model, part, autocast)
-                    pg_loss, clipfrac = ppo_policy_loss(logprobs, old_logprobs[sl], advantages[sl], mask[sl],
-                                                        args.clip)
-                    vf_loss, vf_clipfrac = ppo_value_loss(values, old_values[sl], returns[sl], mask[sl],
-                                                          args.clip)
-                    loss = pg_loss + args.vf_coef * vf_loss
-                    (loss / args.gradient_accumulation_steps).backward()
-                    with torch.no_grad():
-                        approx_kl = masked_mean(0.5 * (logprobs - old_logprobs[sl]) ** 2, mask[sl])
-                    for key, v in [("ppo/policy_loss", pg_loss), ("ppo/value_loss", vf_loss),
-                                   ("ppo/clipfrac", clipfrac), ("ppo/vf_clipfrac", vf_clipfrac),
-                                   ("ppo/approx_kl", approx_kl),
-                                   ("ppo/entropy", masked_mean(entropy, mask[sl]))]:
-                        stats.setdefault(key, []).append(v.item())
-                if not math.isfinite(stats["ppo/policy_loss"][-1] + stats["ppo/value_loss"][-1]):
-                    raise SystemExit(f"error: the loss became non-finite at iteration {iteration}; stopping "
-                                     f"before the update (the last checkpoint, if any, is in {out}). Try a "
-                                     "lower --learning_rate.")
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
-                if not math.isfinite(grad_norm):  # a finite loss, a non-finite gradient: an overflow
-                    raise SystemExit(f"error: the gradient norm became {grad_norm} at iteration {iteration} "
-                                     "(the loss was finite); stopping before the update. Try a lower "
-                                     "--learning_rate or float32.")
-                stats.setdefault("train/grad_norm", []).append(grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-        times["update"] += time.time() - start
-        for key, v in stats.items():
-            window.setdefault(key, []).append(sum(v) / len(v))
-
-        if iteration % args.log_every == 0 or iteration == num_iterations:
-            elapsed = max(times["rollout"] + times["update"], 1e-9)
-            log({"iteration": iteration, "episodes": iteration * episodes_per_batch,
-                 **{k: sum(v) / len(v) for k, v in window.items()}, "train/lr": scheduler.get_last_lr()[0],
-                 "perf/episodes_per_s": iteration * episodes_per_batch / elapsed,
-                 "perf/rollout_fraction": times["rollout"] / elapsed})
-            window = {}
-        if args.save_every and iteration % args.save_every == 0 and iteration < num_iterations:
-            save_ppo_checkpoint(policy, value_model, tokenizer, out, iteration)
-    metrics_file.close()
-    save_model(policy, tokenizer, out)
-
-    elapsed = times["rollout"] + times["update"]
-    results = {"train/iterations": num_iterations, "train/runtime_s": round(elapsed, 1),
-               "perf/rollout_s": round(times["rollout"], 1), "perf/update_s": round(times["update"], 1),
-               "perf/episodes_per_s": round(num_iterations * episodes_per_batch / max(elapsed, 1e-9), 2)}
-    if eval_prompts is not None:
-        torch.manual_seed(args.seed)
-        eval_args = dataclasses.replace(args, temperature=args.eval_temperature or args.temperature)
-        sample_metrics, samples = evaluate_samples(policy, ref_model, reward_model, tokenizer, eval_prompts,
-                                                   eval_args, device, autocast, stop_ids)
-        results.update(sample_metrics)
-        with open(out / "samples.jsonl", "w") as f:
-            for row in samples:
-                f.write(json.dumps(row) + "\n")
-    with open(out / "eval.json", "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nsaved to {out}: " + json.dumps(results, indent=1))
-    return results
+    if "resume" not in json.load(open(out / "args.json")):
+        return f"kept in {out}: {kept}; --overwrite --output_dir {out} starts over"
+    again = "continues it" if checkpoint else "starts it again"
+    return f"kept in {out}: {kept}; --resume --output_dir {out} {again}"
 
 
 def cli(argv: Optional[list] = None) -> None:

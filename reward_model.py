@@ -150,6 +150,227 @@ def check_args(args: Args) -> None:
             raise UsageError(message)
 
 
+# ---- The method's maths ---------------------------------------------------------------------------
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Per-pair negative log-likelihood of the preference under Bradley-Terry.
+
+    chosen_rewards, rejected_rewards: (B,). Returns (B,). log 2 when the rewards are equal; its
+    derivative with respect to the margin r_c - r_r is sigmoid(margin) - 1."""
+    return -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float())  # Tulu 2.5 Eq. 1
+
+
+# ---- Data: preference pairs, whole ----------------------------------------------------------------
+
+
+def split_pair(row: dict) -> tuple:
+    """(prompt, chosen, rejected). Without a `prompt` column, chosen and rejected are whole
+    conversations (the last message is the response) or whole texts (empty prompt)."""
+    if "prompt" in row:
+        return row["prompt"], row["chosen"], row["rejected"]
+    if isinstance(row["chosen"], str):
+        return "", row["chosen"], row["rejected"]
+    return row["chosen"][:-1], row["chosen"][-1:], row["rejected"][-1:]
+
+
+def build_pairs(data, tokenizer, max_length: int, stop_ids: list, where: str = "the data") -> list:
+    """Token ids of prompt + chosen and prompt + rejected for every row; too-long pairs are skipped.
+    Differs from dpo.py's build_pairs on purpose: no response labels (the score needs none), and no
+    truncation (a reward model must not learn to score text cut short)."""
+    pairs, skipped = [], 0
+    for i, row in enumerate(data):
+        prompt, chosen, rejected = split_pair(row)
+        seqs = []
+        for completion in (chosen, rejected):
+            prompt_ids, completion_ids = tokenize_example(tokenizer, prompt, completion, 10**9, stop_ids,
+                                                          check=(i == 0))
+            seqs.append(prompt_ids + completion_ids)
+        if max(map(len, seqs)) > max_length:
+            skipped += 1
+            continue
+        pairs.append({"chosen": seqs[0], "rejected": seqs[1]})
+    if skipped:
+        print(f"note: {where}: skipped {skipped} of {len(data)} pairs longer than --max_length {max_length}")
+    if not pairs:
+        raise SystemExit(f"error: {where}: every pair is longer than --max_length {max_length}; raise it")
+    return pairs
+
+
+def load_pairs(args, tokenizer, stop_ids: list) -> tuple:
+    """(train pairs, held-out pairs: [] without an eval split)."""
+    train_data, eval_data = load_splits(args.dataset, args.train_split, args.eval_split,
+                                        [("chosen", "rejected")], args.eval_fraction, args.seed)
+    train = build_pairs(first(train_data, args.max_train_samples), tokenizer, args.max_length, stop_ids,
+                        f"'{args.dataset}' {args.train_split}")
+    if eval_data is None:
+        return train, []
+    return train, build_pairs(first(eval_data, args.max_eval_samples), tokenizer, args.max_length,
+                              stop_ids, f"'{args.dataset}' eval")
+
+
+def collate_pairs(pairs: list, pad_id: int) -> dict:
+    """The chosen sequences, then the rejected ones, right-padded to the longest of all: one forward
+    pass for both. Shape: (2B, T); rows [:B] are chosen, rows [B:] rejected. (dpo.py's also carries
+    labels: its pairs do, these do not.)"""
+    seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), pad_id)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+# ---- The model: a scalar head read at the last token ----------------------------------------------
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last attended token, with left or right padding. (B, T) -> (B,)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(1)
+
+
+def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reward of each sequence: the score head at its last attended token, the EOS that ends
+    prompt + response. The index comes from the attention mask, never from pad_token_id:
+    transformers' own pooling reads the last token that is not pad, which with pad == eos (common in
+    chat checkpoints) is the token before the EOS. Positions count from the first attended token, so
+    left and right padding give the same score. input_ids, attention_mask: (B, T). Returns (B,), fp32."""
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=positions).last_hidden_state
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    return model.score(last).squeeze(-1).float()
+
+
+def load_reward_model(name: str, pad_token_id: int, trust_remote_code: bool):
+    """AutoModelForSequenceClassification with one output; a new score head starts at std
+    1/sqrt(hidden_size + 1), small enough that initial rewards are near 0 whatever the backbone."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            locate(name, "model"), num_labels=1, dtype=torch.float32, output_loading_info=True,
+            trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    describe_model(name, model)
+    model.config.pad_token_id = pad_token_id
+    hidden = model.config.get_text_config().hidden_size
+    for param_name, param in model.named_parameters():
+        if param_name in info["missing_keys"]:  # the new head
+            with torch.no_grad():
+                param.normal_(0.0, 1.0 / math.sqrt(hidden + 1)) if param.dim() > 1 else param.zero_()
+    return model
+
+
+@torch.no_grad()
+def evaluate(model, pairs: list, batch_size: int, pad_id: int, device, autocast) -> dict:
+    """Pairwise accuracy, mean margin, loss and the rewards' mean and std over `pairs`."""
+    model.eval()
+    chosen, rejected = [], []
+    for i in range(0, len(pairs), batch_size):
+        batch = {k: v.to(device) for k, v in collate_pairs(pairs[i : i + batch_size], pad_id).items()}
+        with autocast:
+            rewards = score(model, batch["input_ids"], batch["attention_mask"])
+        n = rewards.shape[0] // 2
+        chosen.append(rewards[:n].cpu())
+        rejected.append(rewards[n:].cpu())
+    model.train()
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    both = torch.cat([chosen, rejected])
+    return {"eval/accuracy": (chosen > rejected).float().mean().item(),
+            "eval/margin": (chosen - rejected).mean().item(),
+            "eval/loss": bradley_terry_loss(chosen, rejected).mean().item(),
+            "eval/reward_mean": both.mean().item(), "eval/reward_std": both.std().item()}
+
+
+# ---- Training -------------------------------------------------------------------------------------
+
+
+def dry_run(tokenizer, train: list, evals: list, total_steps: int, args) -> dict:
+    """--dry_run: one tokenised pair and the counts, before any model loads. The score is read at the
+    last token of each sequence, which is what [[ ]] marks."""
+    for side in ("chosen", "rejected"):
+        ids = train[0][side]
+        print(f"{side + ':':10}" + show_example(tokenizer, ids, [-100] * (len(ids) - 1) + ids[-1:]))
+    print(f"dry run: {len(train)} train / {len(evals)} eval pairs, {total_steps} optimiser steps of "
+          f"{args.batch_size * args.gradient_accumulation_steps} pairs; no model loaded, nothing written")
+    return {"train/pairs": len(train), "eval/pairs": len(evals), "train/steps": total_steps}
+
+
+def main(args: Args) -> dict:
+    # set-up: every argument and the output dir checked before anything loads
+    check_args(args)
+    device, dtype, autocast = setup(args)
+    out = None if args.dry_run else check_output_dir(args, "reward_model", [args.model], resume=args.resume)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    stop_ids, pad_id = stop_token_ids(tokenizer, args.model), tokenizer.pad_token_id
+    train, evals = load_pairs(args, tokenizer, stop_ids)
+    total_steps = count_steps(len(train), args)
+    if args.dry_run:
+        return dry_run(tokenizer, train, evals, total_steps, args)
+    checkpoint = last_checkpoint(out) if args.resume else None
+
+    # the model: the SFT model with a new scalar head (or a checkpoint of this run)
+    model = load_reward_model(str(checkpoint or args.model), pad_id, args.trust_remote_code).to(device)
+    optimizer, scheduler = start_training([model], args, total_steps, "linear", args.final_lr_ratio)
+    start_step, progress = 0, {"time": 0.0, "tokens": 0, "pairs": 0, "window": {}, "eval": {}}
+    if checkpoint:  # --resume: the optimiser, schedule, data position and random state where they were
+        start_step, progress = restore(checkpoint, optimizer, scheduler)
+    create_output_dir(out, args, device, dtype, resume_step=start_step if checkpoint else None)
+    print(f"reward_model: {len(train)} train / {len(evals)} eval pairs, {total_steps} steps, "
+          f"device {device}, {dtype}")
+
+    # the loop: the Bradley-Terry loss on each micro-batch, one optimiser step per gradient_accumulation_steps
+    lengths = [max(len(p["chosen"]), len(p["rejected"])) for p in train]
+    stream = micro_batches(train, lengths, args, skip=start_step * args.gradient_accumulation_steps)
+    window = progress["window"]
+    for step in tqdm(range(start_step + 1, total_steps + 1), desc="reward_model", dynamic_ncols=True,
+                     disable=None):
+        step_start = time.time()
+        micro = [next(stream) for _ in range(args.gradient_accumulation_steps)]
+        n_pairs = sum(len(pairs) for pairs in micro)
+        for pairs in micro:
+            batch = {k: v.to(device) for k, v in collate_pairs(pairs, pad_id).items()}
+            with autocast:  # one forward pass for chosen and rejected: rows [:B] and [B:]
+                rewards = score(model, batch["input_ids"], batch["attention_mask"])
+            chosen_rewards, rejected_rewards = rewards.chunk(2)
+            losses = bradley_terry_loss(chosen_rewards, rejected_rewards)  # Tulu 2.5 Eq. 1, per pair
+            (losses.sum() / n_pairs).backward()  # the mean over the optimiser step's pairs
+            tally(window, {"train/loss": losses.sum().item(),
+                           "train/accuracy": (chosen_rewards > rejected_rewards).sum().item(),
+                           "train/margin": (chosen_rewards - rejected_rewards).sum().item()}, len(pairs))
+            progress["tokens"] += batch["attention_mask"].sum().item()
+        grad_norm = optimizer_step(optimizer, scheduler, args.max_grad_norm, window["train/loss"],
+                                   f"at step {step}")
+        progress["time"] += time.time() - step_start
+        progress["pairs"] += n_pairs
+
+        if step % args.log_every == 0 or step == total_steps:
+            log(out, {**train_record(step, window, grad_norm, scheduler, progress),
+                      "perf/pairs_per_s": progress["pairs"] / progress["time"]})
+        if evals and ((args.eval_every and step % args.eval_every == 0) or step == total_steps):
+            progress["eval"] = evaluate(model, evals, 2 * args.batch_size, pad_id, device, autocast)
+            log(out, {"step": step, **progress["eval"]})
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            save_checkpoint({".": model}, tokenizer, out, step, {"optimizer": optimizer.state_dict(),
+                                                                 "scheduler": scheduler.state_dict(),
+                                                                 "progress": progress})
+    save_model(model, tokenizer, out)
+    elapsed = max(progress["time"], 1e-9)
+    return finish(out, {**progress["eval"], "train/steps": total_steps, "train/runtime_s": round(elapsed, 1),
+                        "perf/pairs_per_s": round(progress["pairs"] / elapsed, 1),
+                        "perf/tokens_per_s": round(progress["tokens"] / elapsed, 1)})
+
+
+# ---- Plumbing --------------------------------------------------------------------------------------
+# The same text in every script that uses it (tests/test_twins.py): arguments, data files, tokenizers,
+# loading models, the run's folder, logs and checkpoints. Safe to skip on a first reading.
+
+
 class UsageError(SystemExit):
     """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
     for a malformed command line (str() gives the message, for code that calls main directly)."""
@@ -196,41 +417,6 @@ def count_steps(n_rows: int, args) -> int:
     return micro // args.gradient_accumulation_steps
 
 
-# ---------------------------------------------------------------------------------------------------
-# The method's maths
-
-
-# ---------------------------------------------------------------------------------------------------
-
-
-def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
-    """Per-pair negative log-likelihood of the preference under Bradley-Terry.
-
-    chosen_rewards, rejected_rewards: (B,). Returns (B,). log 2 when the rewards are equal; its
-    derivative with respect to the margin r_c - r_r is sigmoid(margin) - 1."""
-    return -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float())  # Tulu 2.5 Eq. 1
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last attended token, with left or right padding. (B, T) -> (B,)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask).argmax(1)
-
-
-def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The reward of each sequence: the score head at its last attended token, the EOS that ends
-    prompt + response. The index comes from the attention mask, never from pad_token_id:
-    transformers' own pooling reads the last token that is not pad, which with pad == eos (common in
-    chat checkpoints) is the token before the EOS. Positions count from the first attended token, so
-    left and right padding give the same score. input_ids, attention_mask: (B, T). Returns (B,), fp32."""
-    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=positions).last_hidden_state
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-    return model.score(last).squeeze(-1).float()
-
-
 def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
     """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`, or
     (schedule "constant") the peak rate from then on."""
@@ -243,11 +429,32 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 
     return floor + (1.0 - floor) * decay
 
 
-# ---------------------------------------------------------------------------------------------------
-# Data
+def epoch_order(lengths: list, batch_size: int, group_by_length: bool, generator) -> list:
+    """One epoch's order of the rows: a shuffle. With group_by_length, the shuffle regrouped so that
+    each micro-batch holds rows of similar length (less padding): rows sorted by length within
+    windows of 64 micro-batches, then all the micro-batches shuffled. Every row is still seen once
+    per epoch and every loss here is a mean over the micro-batch's rows, so an epoch optimises the
+    same objective; only which rows share a step changes (and with it the step's noise)."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if not group_by_length:
+        return order
+    window, steps = 64 * batch_size, []
+    for w in range(0, len(order), window):
+        part = sorted(order[w : w + window], key=lambda i: lengths[i])
+        steps += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    return [i for s in torch.randperm(len(steps), generator=generator).tolist() for i in steps[s]]
 
 
-# ---------------------------------------------------------------------------------------------------
+def micro_batches(rows: list, lengths: list, args, skip: int):
+    """Endless stream of shuffled micro-batches of rows, epoch after epoch (the same order for a seed);
+    a resumed run skips the `skip` micro-batches it already trained on."""
+    g, n = torch.Generator().manual_seed(args.seed), 0
+    while True:
+        order = epoch_order(lengths, args.batch_size, args.group_by_length, g)
+        for i in range(0, len(order), args.batch_size):
+            n += 1
+            if n > skip:
+                yield [rows[j] for j in order[i : i + args.batch_size]]
 
 
 def resolve(path: str) -> str:
@@ -258,10 +465,6 @@ def resolve(path: str) -> str:
     return str(here) if not Path(path).exists() and here.exists() else path
 
 
-def looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
-
-
 def locate(name: str, what: str) -> str:
     """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
     a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
@@ -269,7 +472,8 @@ def locate(name: str, what: str) -> str:
     path = resolve(name)
     if Path(path).exists():
         return path
-    if looks_local(name) or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()):
+    if (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
+            or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir())):
         raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
     return path
 
@@ -289,11 +493,9 @@ def field_problem(value) -> Optional[str]:
     """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
     if value is None:
         return "is missing"
-    if isinstance(value, str):
-        return None
-    if isinstance(value, list) and value and all(
+    if isinstance(value, str) or (isinstance(value, list) and value and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value):
+            for m in value)):
         return None
     return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
             "{role, content} messages")
@@ -349,6 +551,11 @@ def load_splits(name: str, train_split: str, eval_split: Optional[str], needs: l
     print(f"note: '{name}' is one file: {len(parts['train'])} rows to train on, {len(parts['test'])} held "
           f"out for evaluation (--eval_fraction {eval_fraction})")
     return parts["train"], parts["test"]
+
+
+def first(data, n: Optional[int]):
+    """The first n rows of a dataset (all of them when n is None)."""
+    return data.select(range(min(n, len(data)))) if n else data
 
 
 # Used only for a tokenizer without a chat template; documented in the README.
@@ -434,68 +641,6 @@ def tokenize_example(tokenizer, prompt, completion, max_length: int, stop_ids: l
     return prompt_ids, completion_ids[: max(0, max_length - len(prompt_ids))]
 
 
-def split_pair(row: dict) -> tuple:
-    """(prompt, chosen, rejected). Without a `prompt` column, chosen and rejected are whole
-    conversations (the last message is the response) or whole texts (empty prompt)."""
-    if "prompt" in row:
-        return row["prompt"], row["chosen"], row["rejected"]
-    if isinstance(row["chosen"], str):
-        return "", row["chosen"], row["rejected"]
-    return row["chosen"][:-1], row["chosen"][-1:], row["rejected"][-1:]
-
-
-def build_pairs(data, tokenizer, max_length: int, stop_ids: list, where: str = "the data") -> list:
-    """Token ids of prompt + chosen and prompt + rejected for every row; too-long pairs are skipped.
-    Differs from dpo.py's build_pairs on purpose: no response labels (the score needs none), and no
-    truncation (a reward model must not learn to score text cut short)."""
-    pairs, skipped = [], 0
-    for i, row in enumerate(data):
-        prompt, chosen, rejected = split_pair(row)
-        seqs = []
-        for completion in (chosen, rejected):
-            prompt_ids, completion_ids = tokenize_example(tokenizer, prompt, completion, 10**9, stop_ids,
-                                                          check=(i == 0))
-            seqs.append(prompt_ids + completion_ids)
-        if max(map(len, seqs)) > max_length:
-            skipped += 1
-            continue
-        pairs.append({"chosen": seqs[0], "rejected": seqs[1]})
-    if skipped:
-        print(f"note: {where}: skipped {skipped} of {len(data)} pairs longer than --max_length {max_length}")
-    if not pairs:
-        raise SystemExit(f"error: {where}: every pair is longer than --max_length {max_length}; raise it")
-    return pairs
-
-
-def epoch_order(lengths: list, batch_size: int, group_by_length: bool, generator) -> list:
-    """One epoch's order of the rows: a shuffle. With group_by_length, the shuffle regrouped so that
-    each micro-batch holds rows of similar length (less padding): rows sorted by length within
-    windows of 64 micro-batches, then all the micro-batches shuffled. Every row is still seen once
-    per epoch and every loss here is a mean over the micro-batch's rows, so an epoch optimises the
-    same objective; only which rows share a step changes (and with it the step's noise)."""
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    if not group_by_length:
-        return order
-    window, steps = 64 * batch_size, []
-    for w in range(0, len(order), window):
-        part = sorted(order[w : w + window], key=lambda i: lengths[i])
-        steps += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
-    return [i for s in torch.randperm(len(steps), generator=generator).tolist() for i in steps[s]]
-
-
-def collate_pairs(pairs: list, pad_id: int) -> dict:
-    """The chosen sequences, then the rejected ones, right-padded to the longest of all: one forward
-    pass for both. Shape: (2B, T); rows [:B] are chosen, rows [B:] rejected. (dpo.py's also carries
-    labels: its pairs do, these do not.)"""
-    seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), pad_id)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 def show_example(tokenizer, input_ids: list, labels: list) -> str:
     """A tokenised sequence as text, the tokens that carry the loss between [[ and ]] (for --dry_run)."""
     n = next((t for t, label in enumerate(labels) if label != -100), len(labels))
@@ -503,94 +648,97 @@ def show_example(tokenizer, input_ids: list, labels: list) -> str:
     return f"{prompt}[[{response}]]  ({len(input_ids)} tokens, {len(input_ids) - n} in [[ ]])"
 
 
-# ---------------------------------------------------------------------------------------------------
-# Model and evaluation
+def describe_model(name: str, model) -> None:
+    print(f"loaded '{name}': {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          "parameters")
 
 
-# ---------------------------------------------------------------------------------------------------
-
-
-def set_verbosity(verbose: bool) -> None:
-    """Unless --verbose, transformers' per-load reports and progress bars are hidden: load_model says
-    what it loaded in one line instead (and refuses what would have been a warning in the report)."""
+def setup(args) -> tuple:
+    """Seeds, device (cuda when present) and compute dtype (bf16 autocast on CUDA, fp32 elsewhere);
+    transformers' per-load reports and progress bars hidden unless --verbose. (device, dtype, autocast)"""
     import datasets
     import transformers
 
-    if not verbose:
+    if not args.verbose:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         datasets.disable_progress_bars()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                          else args.device)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    return device, dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
 
 
-def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
-    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
-    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
-    reward model, whose score head would be random."""
-    from transformers import AutoConfig
-
-    try:
-        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "model", e)
-    found = found.architectures or []
-    if found and not any(a.endswith(wanted) for a in found):
-        kind = ("a causal LM (...ForCausalLM)" if wanted == "ForCausalLM"
-                else "a reward model (...ForSequenceClassification)")
-        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
-
-
-def describe_model(name: str, model) -> None:
-    n = sum(p.numel() for p in model.parameters())
-    print(f"loaded '{name}': {type(model).__name__}, {n / 1e6:.1f}M parameters")
+def start_training(models: list, args, total_steps: int, schedule: str, floor: float = 0.0,
+                   eps: float = 1e-8) -> tuple:
+    """The models in train mode (with gradient checkpointing if asked), one fused AdamW over all their
+    parameters (one kernel for all tensors), and warmup then `schedule` (lr_factor). (optimizer, scheduler)"""
+    for model in models:
+        model.train()
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+    params = [p for model in models for p in model.parameters()]
+    fused = params[0].device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=args.adam_betas, eps=eps,
+                                  weight_decay=args.weight_decay, fused=fused)
+    warmup = int(args.warmup_ratio * total_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, schedule, floor))
 
 
-def load_reward_model(name: str, pad_token_id: int, trust_remote_code: bool):
-    """AutoModelForSequenceClassification with one output; a new score head starts at std
-    1/sqrt(hidden_size + 1), small enough that initial rewards are near 0 whatever the backbone."""
-    from transformers import AutoModelForSequenceClassification
-
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            locate(name, "model"), num_labels=1, dtype=torch.float32, output_loading_info=True,
-            trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "model", e)
-    describe_model(name, model)
-    model.config.pad_token_id = pad_token_id
-    hidden = model.config.get_text_config().hidden_size
-    for param_name, param in model.named_parameters():
-        if param_name in info["missing_keys"]:  # the new head
-            with torch.no_grad():
-                param.normal_(0.0, 1.0 / math.sqrt(hidden + 1)) if param.dim() > 1 else param.zero_()
-    return model
+def optimizer_step(optimizer, scheduler, max_grad_norm: float, loss: float, when: str) -> float:
+    """Clips the gradient norm, steps and zeroes the gradients, unless the loss or the gradient is not
+    finite: then the run stops before the update, saying `when`. Returns the norm before clipping."""
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: the loss became {loss} {when}; stopping before the update (the last "
+                         "checkpoint, if any, is in --output_dir). Try a lower --learning_rate.")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    if not math.isfinite(grad_norm):  # a finite loss, a non-finite gradient: an overflow
+        raise SystemExit(f"error: the gradient norm became {grad_norm} {when} (the loss was finite); "
+                         "stopping before the update. Try a lower --learning_rate or float32.")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
-@torch.no_grad()
-def evaluate(model, pairs: list, batch_size: int, pad_id: int, device, autocast) -> dict:
-    """Pairwise accuracy, mean margin, loss and the rewards' mean and std over `pairs`."""
-    model.eval()
-    chosen, rejected = [], []
-    for i in range(0, len(pairs), batch_size):
-        batch = {k: v.to(device) for k, v in collate_pairs(pairs[i : i + batch_size], pad_id).items()}
-        with autocast:
-            rewards = score(model, batch["input_ids"], batch["attention_mask"])
-        n = rewards.shape[0] // 2
-        chosen.append(rewards[:n].cpu())
-        rejected.append(rewards[n:].cpu())
-    model.train()
-    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
-    both = torch.cat([chosen, rejected])
-    return {"eval/accuracy": (chosen > rejected).float().mean().item(),
-            "eval/margin": (chosen - rejected).mean().item(),
-            "eval/loss": bradley_terry_loss(chosen, rejected).mean().item(),
-            "eval/reward_mean": both.mean().item(), "eval/reward_std": both.std().item()}
+def tally(window: dict, sums: dict, n: int) -> None:
+    """Adds metric sums over n rows (or tokens) to a log window; `means` divides them at the log step."""
+    for k, v in sums.items():
+        window[k] = window.get(k, 0.0) + v
+    window["n"] = window.get("n", 0) + n
 
 
-# ---------------------------------------------------------------------------------------------------
-# Runs: the output dir, checkpoints, resuming
+def means(window: dict) -> dict:
+    """The window's means; the window is emptied."""
+    n = window.pop("n")
+    result = {k: v / n for k, v in window.items()}
+    window.clear()
+    return result
 
 
-# ---------------------------------------------------------------------------------------------------
+def train_record(step: int, window: dict, grad_norm: float, scheduler, progress: dict) -> dict:
+    """A log step's record: the window's means, the last gradient norm, the learning rate, throughput."""
+    return {"step": step, **means(window), "train/grad_norm": grad_norm,
+            "train/lr": scheduler.get_last_lr()[0],
+            "perf/tokens_per_s": progress["tokens"] / progress["time"]}
+
+
+def write_jsonl(path: Path, rows: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def log(out: Path, record: dict) -> None:
+    """One record appended to out/metrics.jsonl, and the same as one printed line."""
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
 
 def run_info(device, dtype: str) -> dict:
@@ -645,12 +793,9 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
     arguments, then under "run" the versions, device, dtype and git commit). A resumed run keeps the
     metrics logged up to its checkpoint and drops the later ones, which the run will log again."""
     if resume_step is not None:
-        log = out / "metrics.jsonl"
-        records = [json.loads(line) for line in open(log)] if log.exists() else []
-        with open(log, "w") as f:
-            for r in records:
-                if r.get("step", 0) <= resume_step:
-                    f.write(json.dumps(r) + "\n")
+        log_file = out / "metrics.jsonl"
+        records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
+        write_jsonl(log_file, [r for r in records if r.get("step", 0) <= resume_step])
         return
     if out.exists():
         shutil.rmtree(out)
@@ -681,29 +826,21 @@ def save_model(model, tokenizer, out: Path) -> None:
     tmp.rmdir()
 
 
-def random_states() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_random_states(states: dict) -> None:
-    random.setstate(states["python"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None:
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(model, tokenizer, out: Path, step: int, state: dict) -> None:
-    """A periodic checkpoint, out/checkpoint-<step>: the model (loadable as it is) and trainer_state.pt
-    (optimiser, scheduler, progress, random states). It is written complete to a temporary folder and
-    renamed into place in one step, and older checkpoints are removed only then: a kill at any moment
-    leaves at least one complete checkpoint."""
-    check_finite(model, f"at step {step}")
+def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Optional[dict]) -> None:
+    """A periodic checkpoint, out/checkpoint-<step>: each model in its subfolder ("." for the trained
+    one, loadable as it is) and trainer_state.pt (optimiser, scheduler, progress, random states) unless
+    `state` is None. It is written complete to a temporary folder and renamed into place in one step,
+    and older checkpoints are removed only then: a kill at any moment leaves one complete checkpoint."""
     final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, **state, "random": random_states()}, tmp / "trainer_state.pt")
+    for folder, model in models.items():
+        check_finite(model, f"at step {step}")
+        model.save_pretrained(tmp / folder)
+        tokenizer.save_pretrained(tmp / folder)  # each folder loads on its own
+    if state is not None:
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save({"step": step, **state, "random": rng}, tmp / "trainer_state.pt")
     os.replace(tmp, final)
     for old in out.glob("checkpoint-*"):
         if old != final:
@@ -715,172 +852,48 @@ def last_checkpoint(out: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def restore(checkpoint: Path, optimizer, scheduler) -> tuple:
+    """--resume: the optimiser, the schedule and the random states as they were at the checkpoint.
+    Returns (step, progress)."""
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["random"]["python"])
+    torch.set_rng_state(state["random"]["torch"])
+    if state["random"]["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["random"]["cuda"])
+    print(f"resuming from {checkpoint} (step {state['step']})")
+    return state["step"], state["progress"]
+
+
+def finish(out: Path, results: dict) -> dict:
+    """eval.json ends a run: its resumable checkpoints are removed, as nothing is left to resume (a
+    checkpoint without trainer_state.pt, PPO's, is models to start from, and stays)."""
+    with open(out / "eval.json", "w") as f:
+        json.dump(results, f, indent=2)
+    for checkpoint in out.glob("checkpoint-*"):
+        if (checkpoint / "trainer_state.pt").exists():
+            shutil.rmtree(checkpoint)
+    print(f"\nsaved to {out}: " + json.dumps(results, indent=1))
+    return results
+
+
 def describe_run(output_dir: Optional[str]) -> str:
     """What a stopped run left behind, in one line (printed on Ctrl-C)."""
     out = Path(output_dir) if output_dir else None
     if out is None or not (out / "args.json").exists():
         return "nothing was written"
-    log = out / "metrics.jsonl"
-    records = [json.loads(line) for line in open(log)] if log.exists() else []
+    log_file = out / "metrics.jsonl"
+    records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
     steps = [r.get("step", r.get("iteration")) for r in records]
-    kept = f"args.json, metrics.jsonl ({len(records)} records"
-    kept += f", last at step {steps[-1]})" if steps else ")"
+    last = f", last at step {steps[-1]}" if steps else ""
+    kept = f"args.json, metrics.jsonl ({len(records)} records{last})"
     checkpoint = last_checkpoint(out)
     kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
-    resumable = "resume" in json.load(open(out / "args.json"))
-    if not resumable:
-        hint = f"--overwrite --output_dir {out} starts over"
-    else:
-        hint = f"--resume --output_dir {out} " + ("continues it" if checkpoint else "starts it again")
-    return f"kept in {out}: {kept}; {hint}"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------
-def main(args: Args) -> dict:
-    # setup: every argument and the output dir checked before anything loads
-    check_args(args)
-    set_verbosity(args.verbose)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
-    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
-    if not args.dry_run:
-        out = check_output_dir(args, "reward_model", [args.model], resume=args.resume)
-
-    # data
-    needs = [("chosen", "rejected")]
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    train_data, eval_data = load_splits(args.dataset, args.train_split, args.eval_split, needs,
-                                        args.eval_fraction, args.seed)
-    if args.max_train_samples:
-        train_data = train_data.select(range(min(args.max_train_samples, len(train_data))))
-    stop_ids = stop_token_ids(tokenizer, args.model)
-    train = build_pairs(train_data, tokenizer, args.max_length, stop_ids,
-                        f"'{args.dataset}' {args.train_split}")
-    evals = []
-    if eval_data is not None:
-        if args.max_eval_samples:
-            eval_data = eval_data.select(range(min(args.max_eval_samples, len(eval_data))))
-        evals = build_pairs(eval_data, tokenizer, args.max_length, stop_ids, f"'{args.dataset}' eval")
-    total_steps = count_steps(len(train), args)
-    if args.dry_run:  # the score is read at the last token of each sequence, which is what [[ ]] marks
-        for side in ("chosen", "rejected"):
-            ids = train[0][side]
-            print(f"{side + ':':10}" + show_example(tokenizer, ids, [-100] * (len(ids) - 1) + ids[-1:]))
-        print(f"dry run: {len(train)} train / {len(evals)} eval pairs, {total_steps} optimiser steps of "
-              f"{args.batch_size * args.gradient_accumulation_steps} pairs; no model loaded, nothing written")
-        return {"train/pairs": len(train), "eval/pairs": len(evals), "train/steps": total_steps}
-    checkpoint = last_checkpoint(out) if args.resume else None
-
-    # model and optimiser
-    model = load_reward_model(str(checkpoint or args.model), tokenizer.pad_token_id,
-                              args.trust_remote_code).to(device)
-    model.train()
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=args.adam_betas,
-                                  weight_decay=args.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
-    warmup = int(args.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, "linear", args.final_lr_ratio))
-    start_step, train_time, tokens_seen, pairs_seen, eval_metrics = 0, 0.0, 0, 0, {}
-    window = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "n": 0}
-    if checkpoint:  # --resume: the optimiser, schedule, data position and random state where they were
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_random_states(state["random"])
-        start_step = state["step"]
-        train_time, tokens_seen, pairs_seen, eval_metrics, window = state["progress"]
-        print(f"resuming from {checkpoint} (step {start_step} of {total_steps})")
-    create_output_dir(out, args, device, dtype, resume_step=start_step if checkpoint else None)
-    print(f"reward_model: {len(train)} train / {len(evals)} eval pairs, {total_steps} steps, "
-          f"device {device}, {dtype}")
-
-    lengths = [max(len(p["chosen"]), len(p["rejected"])) for p in train]
-
-    def batches(skip: int):  # endless stream of shuffled micro-batches of pairs, epoch after epoch
-        g, n = torch.Generator().manual_seed(args.seed), 0
-        while True:
-            order = epoch_order(lengths, args.batch_size, args.group_by_length, g)
-            for i in range(0, len(order), args.batch_size):
-                n += 1
-                if n > skip:  # a resumed run skips the micro-batches already trained on
-                    yield collate_pairs([train[j] for j in order[i : i + args.batch_size]],
-                                        tokenizer.pad_token_id)
-
-    metrics_file = open(out / "metrics.jsonl", "a")
-
-    def log(record: dict) -> None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in record.items()))
-
-    stream = batches(skip=start_step * args.gradient_accumulation_steps)
-    for step in tqdm(range(start_step + 1, total_steps + 1), desc="reward_model", dynamic_ncols=True,
-                     disable=None):
-        step_start = time.time()
-        micro = [next(stream) for _ in range(args.gradient_accumulation_steps)]
-        n_pairs = sum(mb["input_ids"].shape[0] // 2 for mb in micro)
-        for mb in micro:
-            mb = {k: v.to(device) for k, v in mb.items()}
-            with autocast:
-                rewards = score(model, mb["input_ids"], mb["attention_mask"])  # (2B,): chosen, then rejected
-            chosen_rewards, rejected_rewards = rewards.chunk(2)
-            losses = bradley_terry_loss(chosen_rewards, rejected_rewards)
-            (losses.sum() / n_pairs).backward()  # mean over the pairs of the whole optimiser step
-            tokens_seen += mb["attention_mask"].sum().item()
-            window["loss"] += losses.sum().item()
-            window["accuracy"] += (chosen_rewards > rejected_rewards).sum().item()
-            window["margin"] += (chosen_rewards - rejected_rewards).sum().item()
-            window["n"] += losses.shape[0]
-        if not math.isfinite(window["loss"]):
-            raise SystemExit(f"error: the loss became {window['loss']} at step {step}; stopping before the "
-                             f"update (the last checkpoint, if any, is in {out}). Try a lower "
-                             "--learning_rate.")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
-        if not math.isfinite(grad_norm):  # a finite loss, a non-finite gradient: an overflow
-            raise SystemExit(f"error: the gradient norm became {grad_norm} at step {step} (the loss was "
-                             "finite); stopping before the update. Try a lower --learning_rate or float32.")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_time += time.time() - step_start
-        pairs_seen += n_pairs
-
-        if step % args.log_every == 0 or step == total_steps:
-            n = window.pop("n")
-            log({"step": step, **{f"train/{k}": v / n for k, v in window.items()},
-                 "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
-                 "perf/pairs_per_s": pairs_seen / train_time, "perf/tokens_per_s": tokens_seen / train_time})
-            window = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "n": 0}
-        if evals and ((args.eval_every and step % args.eval_every == 0) or step == total_steps):
-            eval_metrics = evaluate(model, evals, 2 * args.batch_size, tokenizer.pad_token_id, device,
-                                    autocast)
-            log({"step": step, **eval_metrics})
-        if args.save_every and step % args.save_every == 0 and step < total_steps:
-            save_checkpoint(model, tokenizer, out, step, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "progress": (train_time, tokens_seen, pairs_seen, eval_metrics, window)})
-    metrics_file.close()
-
-    save_model(model, tokenizer, out)
-    results = {**eval_metrics, "train/steps": total_steps, "train/runtime_s": round(train_time, 1),
-               "perf/pairs_per_s": round(pairs_seen / max(train_time, 1e-9), 1),
-               "perf/tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1)}
-    with open(out / "eval.json", "w") as f:
-        json.dump(results, f, indent=2)
-    for checkpoint in out.glob("checkpoint-*"):  # the run is complete: nothing is left to resume
-        shutil.rmtree(checkpoint)
-    print(f"\nsaved to {out}: " + json.dumps(results))
-    return results
+    if "resume" not in json.load(open(out / "args.json")):
+        return f"kept in {out}: {kept}; --overwrite --output_dir {out} starts over"
+    again = "continues it" if checkpoint else "starts it again"
+    return f"kept in {out}: {kept}; --resume --output_dir {out} {again}"
 
 
 def cli(argv: Optional[list] = None) -> None:

@@ -153,6 +153,251 @@ def check_args(args: Args) -> None:
             raise UsageError(message)
 
 
+# ---- The method's maths ---------------------------------------------------------------------------
+
+
+def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """Summed negative log-likelihood of the labelled tokens: logsumexp minus the label's logit, in
+    fp32, `chunk` positions at a time, so that the only vocabulary-sized tensor is the logits in the
+    model's dtype (no fp32 log-softmax of the whole block).
+
+    logits: (B, K, V); labels: (B, K) with -100 on prompt and padding tokens. Position t predicts
+    token t + 1, hence the shift. Returns a scalar: divide by the token count."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    total = torch.zeros((), device=logits.device)
+    for t in range(0, labels.shape[1], chunk):
+        part, target = logits[:, t : t + chunk].float(), labels[:, t : t + chunk]
+        nll = part.logsumexp(-1) - part.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
+        total = total + (nll * (target != -100)).sum()
+    return total
+
+
+# ---- Data: demonstrations, tokenised with response-only labels ------------------------------------
+
+
+def prompt_and_completion(row: dict) -> tuple:
+    if "messages" in row:
+        return row["messages"][:-1], row["messages"][-1:]
+    return row["prompt"], row["completion"]
+
+
+def build_examples(data, tokenizer, max_length: int, stop_ids: list, where: str = "the data") -> list:
+    """Token ids and the response mask of every row; rows whose prompt fills max_length are dropped."""
+    examples, skipped = [], 0
+    for i, row in enumerate(data):
+        prompt_ids, completion_ids = tokenize_example(tokenizer, *prompt_and_completion(row), max_length,
+                                                      stop_ids, check=(i == 0))
+        if not completion_ids:
+            skipped += 1
+            continue
+        examples.append({"input_ids": prompt_ids + completion_ids,
+                         "labels": [-100] * len(prompt_ids) + completion_ids})
+    report_dropped(len(examples), skipped, max_length, where)
+    return examples
+
+
+def load_examples(args, tokenizer, stop_ids: list) -> tuple:
+    """(train examples, held-out examples, held-out rows): [] and [] without an eval split."""
+    needs = [("messages",), ("prompt", "completion")]
+    train_data, eval_data = load_splits(args.dataset, args.train_split, args.eval_split, needs,
+                                        args.eval_fraction, args.seed)
+    train = build_examples(first(train_data, args.max_train_samples), tokenizer, args.max_length, stop_ids,
+                           f"'{args.dataset}' {args.train_split}")
+    if eval_data is None:
+        return train, [], []
+    eval_data = first(eval_data, args.max_eval_samples)
+    evals = build_examples(eval_data, tokenizer, args.max_length, stop_ids, f"'{args.dataset}' eval")
+    return train, evals, list(eval_data)
+
+
+def collate(examples: list, pad_id: int) -> dict:
+    """A batch in which every response starts at the same column: prompts left-padded to the longest
+    prompt P, responses right-padded to the longest response R. The loss then needs the logits of the
+    last R + 1 positions only (`logits_to_keep`; position P - 1 predicts the first response token),
+    not those of the prompts and their padding. Positions count from each row's first token, so the
+    padding changes no number. input_ids, attention_mask, position_ids: (B, P + R); labels: (B, R + 1),
+    aligned with the kept logits: the response tokens in the last R columns, -100 elsewhere."""
+    # a response with no prompt before it: its first token has no position to be predicted from
+    split = [e["labels"].count(-100) or 1 for e in examples]  # the prompt's length
+    P = max(split)
+    R = max(len(e["input_ids"]) - n for e, n in zip(examples, split))
+    ids = torch.full((len(examples), P + R), pad_id)
+    mask = torch.zeros((len(examples), P + R), dtype=torch.long)
+    labels = torch.full((len(examples), R + 1), -100)
+    for i, (e, n) in enumerate(zip(examples, split)):
+        prompt, response = e["input_ids"][:n], e["input_ids"][n:]
+        ids[i, P - n : P + len(response)] = torch.tensor(prompt + response)
+        mask[i, P - n : P + len(response)] = 1
+        labels[i, 1 : 1 + len(response)] = torch.tensor(response, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
+            "labels": labels}
+
+
+# ---- The model: loading, the loss's logits, evaluation, sampling ----------------------------------
+
+
+def load_model(name: str, trust_remote_code: bool):
+    """The other scripts' load_model, plus one case only SFT needs: a directory with a config and no
+    weights gives a randomly initialised model (how the toy's pi_sft starts)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_architecture(name, trust_remote_code, "ForCausalLM")
+    path = locate(name, "model")
+    weights = list(Path(path).glob("*.safetensors")) + list(Path(path).glob("*.bin"))
+    try:
+        if Path(path).is_dir() and not weights:
+            print(f"note: '{name}' has a config but no weights: random initialisation")
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                         trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    describe_model(name, model)
+    return model
+
+
+def forward_logits(model, batch: dict, autocast) -> torch.Tensor:
+    """The logits at the positions that predict a response token (and one more), (B, R + 1, V)."""
+    with autocast:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     position_ids=batch["position_ids"], logits_to_keep=batch["labels"].shape[1]).logits
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list, batch_size: int, pad_id: int, device, autocast) -> float:
+    """Mean negative log-likelihood per response token over `examples`."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+        total += sft_loss_sum(forward_logits(model, batch, autocast), batch["labels"]).item()
+        count += (batch["labels"][:, 1:] != -100).sum().item()
+    model.train()
+    return total / max(1, count)
+
+
+def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
+    """Pure sampling from softmax(logits / T), stopping on any stop id: no top-k, no top-p, no penalty."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                            max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stop_ids)
+
+
+def generate(model, batch: dict, config):
+    """model.generate with `config` and nothing else (KV-cached). transformers fills every field a
+    config leaves unset from the checkpoint's generation_config.json (a repetition penalty, min_p,
+    suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
+    checkpoint_config, model.generation_config = model.generation_config, config
+    try:
+        return model.generate(**batch, generation_config=config)
+    finally:
+        model.generation_config = checkpoint_config
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, device,
+           stop_ids: list) -> list:
+    """One response per prompt sampled from softmax(logits / T) (no top-k, no top-p), batched,
+    left-padded, stopping on any stop id."""
+    texts = [format_prompt(tokenizer, p) for p in prompts]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True,
+                      add_special_tokens=not isinstance(prompts[0], list)).to(device)
+    model.eval()
+    config = sampling_config(temperature, max_new_tokens, tokenizer.pad_token_id, stop_ids)
+    out = generate(model, batch, config)
+    model.train()
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+# ---- Training -------------------------------------------------------------------------------------
+
+
+def dry_run(tokenizer, train: list, evals: list, total_steps: int, args) -> dict:
+    """--dry_run: one tokenised example and the counts, before any model loads."""
+    print("example: " + show_example(tokenizer, **train[0]))
+    print(f"dry run: {len(train)} train / {len(evals)} eval examples, {total_steps} optimiser steps of "
+          f"{args.batch_size * args.gradient_accumulation_steps} examples; no model loaded, nothing written")
+    return {"train/examples": len(train), "eval/examples": len(evals), "train/steps": total_steps}
+
+
+def show_samples(model, tokenizer, eval_rows: list, args, device, stop_ids: list, out: Path) -> None:
+    """A few held-out prompts answered by the trained model, printed and saved to samples.jsonl."""
+    prompts = [prompt_and_completion(r)[0] for r in eval_rows[: args.num_samples]]
+    responses = sample(model, tokenizer, prompts, args.max_new_tokens, args.temperature, device, stop_ids)
+    write_jsonl(out / "samples.jsonl", [{"prompt": p, "response": r} for p, r in zip(prompts, responses)])
+    for prompt, response in zip(prompts, responses):
+        print(f"\n> {prompt[-1]['content'] if isinstance(prompt, list) else prompt}\n{response}")
+
+
+def main(args: Args) -> dict:
+    # set-up: every argument and the output dir checked before anything loads
+    check_args(args)
+    device, dtype, autocast = setup(args)
+    out = None if args.dry_run else check_output_dir(args, "sft", [args.model], resume=args.resume)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    stop_ids, pad_id = stop_token_ids(tokenizer, args.model), tokenizer.pad_token_id
+    train, evals, eval_rows = load_examples(args, tokenizer, stop_ids)
+    total_steps = count_steps(len(train), args)
+    if args.dry_run:
+        return dry_run(tokenizer, train, evals, total_steps, args)
+    checkpoint = last_checkpoint(out) if args.resume else None
+
+    # the model and its optimiser
+    model = load_model(str(checkpoint or args.model), args.trust_remote_code).to(device)
+    optimizer, scheduler = start_training([model], args, total_steps, args.lr_schedule)
+    start_step, progress = 0, {"time": 0.0, "tokens": 0, "window": {}, "eval_loss": None}
+    if checkpoint:  # --resume: the optimiser, schedule, data position and random state where they were
+        start_step, progress = restore(checkpoint, optimizer, scheduler)
+    create_output_dir(out, args, device, dtype, resume_step=start_step if checkpoint else None)
+    print(f"sft: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train)} train / "
+          f"{len(evals)} eval examples, {total_steps} steps, device {device}, {dtype}")
+
+    # the loop: the response tokens' negative log-likelihood, averaged over the optimiser step's tokens
+    stream = micro_batches(train, [len(e["input_ids"]) for e in train], args,
+                           skip=start_step * args.gradient_accumulation_steps)
+    window = progress["window"]
+    for step in tqdm(range(start_step + 1, total_steps + 1), desc="sft", dynamic_ncols=True, disable=None):
+        step_start = time.time()
+        micro = [collate(next(stream), pad_id) for _ in range(args.gradient_accumulation_steps)]
+        n_tokens = sum((mb["labels"][:, 1:] != -100).sum().item() for mb in micro)
+        loss_sum = 0.0
+        for mb in micro:
+            mb = {k: v.to(device) for k, v in mb.items()}
+            loss = sft_loss_sum(forward_logits(model, mb, autocast), mb["labels"]) / n_tokens  # token mean
+            loss.backward()
+            loss_sum += loss.item()
+            progress["tokens"] += mb["attention_mask"].sum().item()
+        grad_norm = optimizer_step(optimizer, scheduler, args.max_grad_norm, loss_sum, f"at step {step}")
+        progress["time"] += time.time() - step_start
+        tally(window, {"train/loss": loss_sum * n_tokens}, n_tokens)
+
+        if step % args.log_every == 0 or step == total_steps:
+            log(out, train_record(step, window, grad_norm, scheduler, progress))
+        if evals and ((args.eval_every and step % args.eval_every == 0) or step == total_steps):
+            progress["eval_loss"] = evaluate_loss(model, evals, args.batch_size, pad_id, device, autocast)
+            log(out, {"step": step, "eval/loss": progress["eval_loss"]})
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            save_checkpoint({".": model}, tokenizer, out, step, {"optimizer": optimizer.state_dict(),
+                                                                 "scheduler": scheduler.state_dict(),
+                                                                 "progress": progress})
+    save_model(model, tokenizer, out)
+    if args.num_samples and eval_rows:
+        show_samples(model, tokenizer, eval_rows, args, device, stop_ids, out)
+    elapsed = max(progress["time"], 1e-9)
+    return finish(out, {"eval/loss": progress["eval_loss"], "train/steps": total_steps,
+                        "train/runtime_s": round(elapsed, 1),
+                        "perf/tokens_per_s": round(progress["tokens"] / elapsed, 1)})
+
+
+# ---- Plumbing --------------------------------------------------------------------------------------
+# The same text in every script that uses it (tests/test_twins.py): arguments, data files, tokenizers,
+# loading models, the run's folder, logs and checkpoints. Safe to skip on a first reading.
+
+
 class UsageError(SystemExit):
     """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
     for a malformed command line (str() gives the message, for code that calls main directly)."""
@@ -199,29 +444,6 @@ def count_steps(n_rows: int, args) -> int:
     return micro // args.gradient_accumulation_steps
 
 
-# ---------------------------------------------------------------------------------------------------
-# The method's maths
-
-
-# ---------------------------------------------------------------------------------------------------
-
-
-def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 128) -> torch.Tensor:
-    """Summed negative log-likelihood of the labelled tokens: logsumexp minus the label's logit, in
-    fp32, `chunk` positions at a time, so that the only vocabulary-sized tensor is the logits in the
-    model's dtype (no fp32 log-softmax of the whole block).
-
-    logits: (B, K, V); labels: (B, K) with -100 on prompt and padding tokens. Position t predicts
-    token t + 1, hence the shift. Returns a scalar: divide by the token count."""
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    total = torch.zeros((), device=logits.device)
-    for t in range(0, labels.shape[1], chunk):
-        part, target = logits[:, t : t + chunk].float(), labels[:, t : t + chunk]
-        nll = part.logsumexp(-1) - part.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
-        total = total + (nll * (target != -100)).sum()
-    return total
-
-
 def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
     """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`, or
     (schedule "constant") the peak rate from then on."""
@@ -234,11 +456,32 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 
     return floor + (1.0 - floor) * decay
 
 
-# ---------------------------------------------------------------------------------------------------
-# Data
+def epoch_order(lengths: list, batch_size: int, group_by_length: bool, generator) -> list:
+    """One epoch's order of the rows: a shuffle. With group_by_length, the shuffle regrouped so that
+    each micro-batch holds rows of similar length (less padding): rows sorted by length within
+    windows of 64 micro-batches, then all the micro-batches shuffled. Every row is still seen once
+    per epoch and every loss here is a mean over the micro-batch's rows, so an epoch optimises the
+    same objective; only which rows share a step changes (and with it the step's noise)."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if not group_by_length:
+        return order
+    window, steps = 64 * batch_size, []
+    for w in range(0, len(order), window):
+        part = sorted(order[w : w + window], key=lambda i: lengths[i])
+        steps += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    return [i for s in torch.randperm(len(steps), generator=generator).tolist() for i in steps[s]]
 
 
-# ---------------------------------------------------------------------------------------------------
+def micro_batches(rows: list, lengths: list, args, skip: int):
+    """Endless stream of shuffled micro-batches of rows, epoch after epoch (the same order for a seed);
+    a resumed run skips the `skip` micro-batches it already trained on."""
+    g, n = torch.Generator().manual_seed(args.seed), 0
+    while True:
+        order = epoch_order(lengths, args.batch_size, args.group_by_length, g)
+        for i in range(0, len(order), args.batch_size):
+            n += 1
+            if n > skip:
+                yield [rows[j] for j in order[i : i + args.batch_size]]
 
 
 def resolve(path: str) -> str:
@@ -249,10 +492,6 @@ def resolve(path: str) -> str:
     return str(here) if not Path(path).exists() and here.exists() else path
 
 
-def looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
-
-
 def locate(name: str, what: str) -> str:
     """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
     a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
@@ -260,7 +499,8 @@ def locate(name: str, what: str) -> str:
     path = resolve(name)
     if Path(path).exists():
         return path
-    if looks_local(name) or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()):
+    if (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
+            or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir())):
         raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
     return path
 
@@ -280,11 +520,9 @@ def field_problem(value) -> Optional[str]:
     """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
     if value is None:
         return "is missing"
-    if isinstance(value, str):
-        return None
-    if isinstance(value, list) and value and all(
+    if isinstance(value, str) or (isinstance(value, list) and value and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value):
+            for m in value)):
         return None
     return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
             "{role, content} messages")
@@ -340,6 +578,11 @@ def load_splits(name: str, train_split: str, eval_split: Optional[str], needs: l
     print(f"note: '{name}' is one file: {len(parts['train'])} rows to train on, {len(parts['test'])} held "
           f"out for evaluation (--eval_fraction {eval_fraction})")
     return parts["train"], parts["test"]
+
+
+def first(data, n: Optional[int]):
+    """The first n rows of a dataset (all of them when n is None)."""
+    return data.select(range(min(n, len(data)))) if n else data
 
 
 def report_dropped(kept: int, dropped: int, max_length: int, where: str) -> None:
@@ -434,97 +677,11 @@ def tokenize_example(tokenizer, prompt, completion, max_length: int, stop_ids: l
     return prompt_ids, completion_ids[: max(0, max_length - len(prompt_ids))]
 
 
-def prompt_and_completion(row: dict) -> tuple:
-    if "messages" in row:
-        return row["messages"][:-1], row["messages"][-1:]
-    return row["prompt"], row["completion"]
-
-
-def build_examples(data, tokenizer, max_length: int, stop_ids: list, where: str = "the data") -> list:
-    """Token ids and the response mask of every row; rows whose prompt fills max_length are dropped."""
-    examples, skipped = [], 0
-    for i, row in enumerate(data):
-        prompt_ids, completion_ids = tokenize_example(tokenizer, *prompt_and_completion(row), max_length,
-                                                      stop_ids, check=(i == 0))
-        if not completion_ids:
-            skipped += 1
-            continue
-        examples.append({"input_ids": prompt_ids + completion_ids,
-                         "labels": [-100] * len(prompt_ids) + completion_ids})
-    report_dropped(len(examples), skipped, max_length, where)
-    return examples
-
-
-def epoch_order(lengths: list, batch_size: int, group_by_length: bool, generator) -> list:
-    """One epoch's order of the rows: a shuffle. With group_by_length, the shuffle regrouped so that
-    each micro-batch holds rows of similar length (less padding): rows sorted by length within
-    windows of 64 micro-batches, then all the micro-batches shuffled. Every row is still seen once
-    per epoch and every loss here is a mean over the micro-batch's rows, so an epoch optimises the
-    same objective; only which rows share a step changes (and with it the step's noise)."""
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    if not group_by_length:
-        return order
-    window, steps = 64 * batch_size, []
-    for w in range(0, len(order), window):
-        part = sorted(order[w : w + window], key=lambda i: lengths[i])
-        steps += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
-    return [i for s in torch.randperm(len(steps), generator=generator).tolist() for i in steps[s]]
-
-
-def collate(examples: list, pad_id: int) -> dict:
-    """A batch in which every response starts at the same column: prompts left-padded to the longest
-    prompt P, responses right-padded to the longest response R. The loss then needs the logits of the
-    last R + 1 positions only (`logits_to_keep`; position P - 1 predicts the first response token),
-    not those of the prompts and their padding. Positions count from each row's first token, so the
-    padding changes no number. input_ids, attention_mask, position_ids: (B, P + R); labels: (B, R + 1),
-    aligned with the kept logits: the response tokens in the last R columns, -100 elsewhere."""
-    # a response with no prompt before it: its first token has no position to be predicted from
-    split = [e["labels"].count(-100) or 1 for e in examples]  # the prompt's length
-    P = max(split)
-    R = max(len(e["input_ids"]) - n for e, n in zip(examples, split))
-    ids = torch.full((len(examples), P + R), pad_id)
-    mask = torch.zeros((len(examples), P + R), dtype=torch.long)
-    labels = torch.full((len(examples), R + 1), -100)
-    for i, (e, n) in enumerate(zip(examples, split)):
-        prompt, response = e["input_ids"][:n], e["input_ids"][n:]
-        ids[i, P - n : P + len(response)] = torch.tensor(prompt + response)
-        mask[i, P - n : P + len(response)] = 1
-        labels[i, 1 : 1 + len(response)] = torch.tensor(response, dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
-            "labels": labels}
-
-
-def forward_logits(model, batch: dict, autocast) -> torch.Tensor:
-    """The logits at the positions that predict a response token (and one more), (B, R + 1, V)."""
-    with autocast:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     position_ids=batch["position_ids"], logits_to_keep=batch["labels"].shape[1]).logits
-
-
 def show_example(tokenizer, input_ids: list, labels: list) -> str:
     """A tokenised sequence as text, the tokens that carry the loss between [[ and ]] (for --dry_run)."""
     n = next((t for t, label in enumerate(labels) if label != -100), len(labels))
     prompt, response = tokenizer.decode(input_ids[:n]), tokenizer.decode(input_ids[n:])
     return f"{prompt}[[{response}]]  ({len(input_ids)} tokens, {len(input_ids) - n} in [[ ]])"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Models, evaluation, sampling
-
-
-# ---------------------------------------------------------------------------------------------------
-
-
-def set_verbosity(verbose: bool) -> None:
-    """Unless --verbose, transformers' per-load reports and progress bars are hidden: load_model says
-    what it loaded in one line instead (and refuses what would have been a warning in the report)."""
-    import datasets
-    import transformers
-
-    if not verbose:
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
 
 
 def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
@@ -545,85 +702,96 @@ def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
 
 
 def describe_model(name: str, model) -> None:
-    n = sum(p.numel() for p in model.parameters())
-    print(f"loaded '{name}': {type(model).__name__}, {n / 1e6:.1f}M parameters")
+    print(f"loaded '{name}': {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          "parameters")
 
 
-def load_model(name: str, trust_remote_code: bool):
-    """The other scripts' load_model, plus one case only SFT needs: a directory with a config and no
-    weights gives a randomly initialised model (how the toy's pi_sft starts)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def setup(args) -> tuple:
+    """Seeds, device (cuda when present) and compute dtype (bf16 autocast on CUDA, fp32 elsewhere);
+    transformers' per-load reports and progress bars hidden unless --verbose. (device, dtype, autocast)"""
+    import datasets
+    import transformers
 
-    check_architecture(name, trust_remote_code, "ForCausalLM")
-    path = locate(name, "model")
-    weights = list(Path(path).glob("*.safetensors")) + list(Path(path).glob("*.bin"))
-    try:
-        if Path(path).is_dir() and not weights:
-            print(f"note: '{name}' has a config but no weights: random initialisation")
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                         trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "model", e)
-    describe_model(name, model)
-    return model
+    if not args.verbose:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                          else args.device)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    return device, dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
 
 
-@torch.no_grad()
-def evaluate_loss(model, examples: list, batch_size: int, pad_id: int, device, autocast) -> float:
-    """Mean negative log-likelihood per response token over `examples`."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
-        total += sft_loss_sum(forward_logits(model, batch, autocast), batch["labels"]).item()
-        count += (batch["labels"][:, 1:] != -100).sum().item()
-    model.train()
-    return total / max(1, count)
+def start_training(models: list, args, total_steps: int, schedule: str, floor: float = 0.0,
+                   eps: float = 1e-8) -> tuple:
+    """The models in train mode (with gradient checkpointing if asked), one fused AdamW over all their
+    parameters (one kernel for all tensors), and warmup then `schedule` (lr_factor). (optimizer, scheduler)"""
+    for model in models:
+        model.train()
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+    params = [p for model in models for p in model.parameters()]
+    fused = params[0].device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=args.adam_betas, eps=eps,
+                                  weight_decay=args.weight_decay, fused=fused)
+    warmup = int(args.warmup_ratio * total_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, schedule, floor))
 
 
-def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
-    """Pure sampling from softmax(logits / T), stopping on any stop id: no top-k, no top-p, no penalty."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                            max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stop_ids)
-
-
-def generate(model, batch: dict, config):
-    """model.generate with `config` and nothing else (KV-cached). transformers fills every field a
-    config leaves unset from the checkpoint's generation_config.json (a repetition penalty, min_p,
-    suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
-    checkpoint_config, model.generation_config = model.generation_config, config
-    try:
-        return model.generate(**batch, generation_config=config)
-    finally:
-        model.generation_config = checkpoint_config
+def optimizer_step(optimizer, scheduler, max_grad_norm: float, loss: float, when: str) -> float:
+    """Clips the gradient norm, steps and zeroes the gradients, unless the loss or the gradient is not
+    finite: then the run stops before the update, saying `when`. Returns the norm before clipping."""
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: the loss became {loss} {when}; stopping before the update (the last "
+                         "checkpoint, if any, is in --output_dir). Try a lower --learning_rate.")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    if not math.isfinite(grad_norm):  # a finite loss, a non-finite gradient: an overflow
+        raise SystemExit(f"error: the gradient norm became {grad_norm} {when} (the loss was finite); "
+                         "stopping before the update. Try a lower --learning_rate or float32.")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
-@torch.no_grad()
-def sample(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, device,
-           stop_ids: list) -> list:
-    """One response per prompt sampled from softmax(logits / T) (no top-k, no top-p), batched,
-    left-padded, stopping on any stop id."""
-    texts = [format_prompt(tokenizer, p) for p in prompts]
-    tokenizer.padding_side = "left"
-    batch = tokenizer(texts, return_tensors="pt", padding=True,
-                      add_special_tokens=not isinstance(prompts[0], list)).to(device)
-    model.eval()
-    config = sampling_config(temperature, max_new_tokens, tokenizer.pad_token_id, stop_ids)
-    out = generate(model, batch, config)
-    model.train()
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+def tally(window: dict, sums: dict, n: int) -> None:
+    """Adds metric sums over n rows (or tokens) to a log window; `means` divides them at the log step."""
+    for k, v in sums.items():
+        window[k] = window.get(k, 0.0) + v
+    window["n"] = window.get("n", 0) + n
 
 
-# ---------------------------------------------------------------------------------------------------
-# Runs: the output dir, checkpoints, resuming
+def means(window: dict) -> dict:
+    """The window's means; the window is emptied."""
+    n = window.pop("n")
+    result = {k: v / n for k, v in window.items()}
+    window.clear()
+    return result
 
 
-# ---------------------------------------------------------------------------------------------------
+def train_record(step: int, window: dict, grad_norm: float, scheduler, progress: dict) -> dict:
+    """A log step's record: the window's means, the last gradient norm, the learning rate, throughput."""
+    return {"step": step, **means(window), "train/grad_norm": grad_norm,
+            "train/lr": scheduler.get_last_lr()[0],
+            "perf/tokens_per_s": progress["tokens"] / progress["time"]}
+
+
+def write_jsonl(path: Path, rows: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def log(out: Path, record: dict) -> None:
+    """One record appended to out/metrics.jsonl, and the same as one printed line."""
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
 
 def run_info(device, dtype: str) -> dict:
@@ -678,12 +846,9 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
     arguments, then under "run" the versions, device, dtype and git commit). A resumed run keeps the
     metrics logged up to its checkpoint and drops the later ones, which the run will log again."""
     if resume_step is not None:
-        log = out / "metrics.jsonl"
-        records = [json.loads(line) for line in open(log)] if log.exists() else []
-        with open(log, "w") as f:
-            for r in records:
-                if r.get("step", 0) <= resume_step:
-                    f.write(json.dumps(r) + "\n")
+        log_file = out / "metrics.jsonl"
+        records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
+        write_jsonl(log_file, [r for r in records if r.get("step", 0) <= resume_step])
         return
     if out.exists():
         shutil.rmtree(out)
@@ -714,29 +879,21 @@ def save_model(model, tokenizer, out: Path) -> None:
     tmp.rmdir()
 
 
-def random_states() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_random_states(states: dict) -> None:
-    random.setstate(states["python"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None:
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(model, tokenizer, out: Path, step: int, state: dict) -> None:
-    """A periodic checkpoint, out/checkpoint-<step>: the model (loadable as it is) and trainer_state.pt
-    (optimiser, scheduler, progress, random states). It is written complete to a temporary folder and
-    renamed into place in one step, and older checkpoints are removed only then: a kill at any moment
-    leaves at least one complete checkpoint."""
-    check_finite(model, f"at step {step}")
+def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Optional[dict]) -> None:
+    """A periodic checkpoint, out/checkpoint-<step>: each model in its subfolder ("." for the trained
+    one, loadable as it is) and trainer_state.pt (optimiser, scheduler, progress, random states) unless
+    `state` is None. It is written complete to a temporary folder and renamed into place in one step,
+    and older checkpoints are removed only then: a kill at any moment leaves one complete checkpoint."""
     final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, **state, "random": random_states()}, tmp / "trainer_state.pt")
+    for folder, model in models.items():
+        check_finite(model, f"at step {step}")
+        model.save_pretrained(tmp / folder)
+        tokenizer.save_pretrained(tmp / folder)  # each folder loads on its own
+    if state is not None:
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save({"step": step, **state, "random": rng}, tmp / "trainer_state.pt")
     os.replace(tmp, final)
     for old in out.glob("checkpoint-*"):
         if old != final:
@@ -748,167 +905,48 @@ def last_checkpoint(out: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def restore(checkpoint: Path, optimizer, scheduler) -> tuple:
+    """--resume: the optimiser, the schedule and the random states as they were at the checkpoint.
+    Returns (step, progress)."""
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["random"]["python"])
+    torch.set_rng_state(state["random"]["torch"])
+    if state["random"]["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["random"]["cuda"])
+    print(f"resuming from {checkpoint} (step {state['step']})")
+    return state["step"], state["progress"]
+
+
+def finish(out: Path, results: dict) -> dict:
+    """eval.json ends a run: its resumable checkpoints are removed, as nothing is left to resume (a
+    checkpoint without trainer_state.pt, PPO's, is models to start from, and stays)."""
+    with open(out / "eval.json", "w") as f:
+        json.dump(results, f, indent=2)
+    for checkpoint in out.glob("checkpoint-*"):
+        if (checkpoint / "trainer_state.pt").exists():
+            shutil.rmtree(checkpoint)
+    print(f"\nsaved to {out}: " + json.dumps(results, indent=1))
+    return results
+
+
 def describe_run(output_dir: Optional[str]) -> str:
     """What a stopped run left behind, in one line (printed on Ctrl-C)."""
     out = Path(output_dir) if output_dir else None
     if out is None or not (out / "args.json").exists():
         return "nothing was written"
-    log = out / "metrics.jsonl"
-    records = [json.loads(line) for line in open(log)] if log.exists() else []
+    log_file = out / "metrics.jsonl"
+    records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
     steps = [r.get("step", r.get("iteration")) for r in records]
-    kept = f"args.json, metrics.jsonl ({len(records)} records"
-    kept += f", last at step {steps[-1]})" if steps else ")"
+    last = f", last at step {steps[-1]}" if steps else ""
+    kept = f"args.json, metrics.jsonl ({len(records)} records{last})"
     checkpoint = last_checkpoint(out)
     kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
-    resumable = "resume" in json.load(open(out / "args.json"))
-    if not resumable:
-        hint = f"--overwrite --output_dir {out} starts over"
-    else:
-        hint = f"--resume --output_dir {out} " + ("continues it" if checkpoint else "starts it again")
-    return f"kept in {out}: {kept}; {hint}"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------
-def main(args: Args) -> dict:
-    # setup: every argument and the output dir checked before anything loads
-    check_args(args)
-    set_verbosity(args.verbose)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
-    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
-    if not args.dry_run:
-        out = check_output_dir(args, "sft", [args.model], resume=args.resume)
-
-    # data
-    needs = [("messages",), ("prompt", "completion")]
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    train_data, eval_data = load_splits(args.dataset, args.train_split, args.eval_split, needs,
-                                        args.eval_fraction, args.seed)
-    if args.max_train_samples:
-        train_data = train_data.select(range(min(args.max_train_samples, len(train_data))))
-    stop_ids = stop_token_ids(tokenizer, args.model)
-    train = build_examples(train_data, tokenizer, args.max_length, stop_ids,
-                           f"'{args.dataset}' {args.train_split}")
-    eval_rows, evals = [], []
-    if eval_data is not None:
-        if args.max_eval_samples:
-            eval_data = eval_data.select(range(min(args.max_eval_samples, len(eval_data))))
-        eval_rows = list(eval_data)
-        evals = build_examples(eval_data, tokenizer, args.max_length, stop_ids, f"'{args.dataset}' eval")
-    total_steps = count_steps(len(train), args)
-    if args.dry_run:
-        print("example: " + show_example(tokenizer, train[0]["input_ids"], train[0]["labels"]))
-        print(f"dry run: {len(train)} train / {len(evals)} eval examples, {total_steps} optimiser steps of "
-              f"{args.batch_size * args.gradient_accumulation_steps} examples; no model loaded, nothing "
-              "written")
-        return {"train/examples": len(train), "eval/examples": len(evals), "train/steps": total_steps}
-    checkpoint = last_checkpoint(out) if args.resume else None
-
-    # model and optimiser
-    model = load_model(str(checkpoint or args.model), args.trust_remote_code).to(device)
-    model.train()
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=args.adam_betas,
-                                  weight_decay=args.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
-    warmup = int(args.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, args.lr_schedule))
-    start_step, train_time, tokens_seen, eval_loss, window_loss, window_tokens = 0, 0.0, 0, None, 0.0, 0
-    if checkpoint:  # --resume: the optimiser, schedule, data position and random state where they were
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_random_states(state["random"])
-        start_step = state["step"]
-        train_time, tokens_seen, eval_loss, window_loss, window_tokens = state["progress"]
-        print(f"resuming from {checkpoint} (step {start_step} of {total_steps})")
-    create_output_dir(out, args, device, dtype, resume_step=start_step if checkpoint else None)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"sft: {n_params / 1e6:.2f}M parameters, {len(train)} train / {len(evals)} eval examples, "
-          f"{total_steps} steps, device {device}, {dtype}")
-
-    lengths = [len(e["input_ids"]) for e in train]
-
-    def batches(skip: int):  # endless stream of shuffled micro-batches, epoch after epoch
-        g, n = torch.Generator().manual_seed(args.seed), 0
-        while True:
-            order = epoch_order(lengths, args.batch_size, args.group_by_length, g)
-            for i in range(0, len(order), args.batch_size):
-                n += 1
-                if n > skip:  # a resumed run skips the micro-batches already trained on
-                    yield collate([train[j] for j in order[i : i + args.batch_size]], tokenizer.pad_token_id)
-
-    metrics_file = open(out / "metrics.jsonl", "a")
-
-    def log(record: dict) -> None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in record.items()))
-
-    stream = batches(skip=start_step * args.gradient_accumulation_steps)
-    for step in tqdm(range(start_step + 1, total_steps + 1), desc="sft", dynamic_ncols=True, disable=None):
-        step_start = time.time()
-        micro = [next(stream) for _ in range(args.gradient_accumulation_steps)]
-        n_tokens = sum((mb["labels"][:, 1:] != -100).sum().item() for mb in micro)
-        loss_sum = 0.0
-        for mb in micro:
-            mb = {k: v.to(device) for k, v in mb.items()}
-            loss = sft_loss_sum(forward_logits(model, mb, autocast), mb["labels"]) / n_tokens  # token mean
-            loss.backward()
-            loss_sum += loss.item()
-            tokens_seen += mb["attention_mask"].sum().item()
-        if not math.isfinite(loss_sum):
-            raise SystemExit(f"error: the loss became {loss_sum} at step {step}; stopping before the update "
-                             f"(the last checkpoint, if any, is in {out}). Try a lower --learning_rate.")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
-        if not math.isfinite(grad_norm):  # a finite loss, a non-finite gradient: an overflow
-            raise SystemExit(f"error: the gradient norm became {grad_norm} at step {step} (the loss was "
-                             "finite); stopping before the update. Try a lower --learning_rate or float32.")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_time += time.time() - step_start
-        window_loss, window_tokens = window_loss + loss_sum * n_tokens, window_tokens + n_tokens
-
-        if step % args.log_every == 0 or step == total_steps:
-            log({"step": step, "train/loss": window_loss / window_tokens, "train/grad_norm": grad_norm,
-                 "train/lr": scheduler.get_last_lr()[0], "perf/tokens_per_s": tokens_seen / train_time})
-            window_loss, window_tokens = 0.0, 0
-        if evals and ((args.eval_every and step % args.eval_every == 0) or step == total_steps):
-            eval_loss = evaluate_loss(model, evals, args.batch_size, tokenizer.pad_token_id, device, autocast)
-            log({"step": step, "eval/loss": eval_loss})
-        if args.save_every and step % args.save_every == 0 and step < total_steps:
-            save_checkpoint(model, tokenizer, out, step, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "progress": (train_time, tokens_seen, eval_loss, window_loss, window_tokens)})
-    metrics_file.close()
-
-    save_model(model, tokenizer, out)
-    results = {"eval/loss": eval_loss, "train/steps": total_steps, "train/runtime_s": round(train_time, 1),
-               "perf/tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1)}
-    if args.num_samples and eval_rows:
-        prompts = [prompt_and_completion(r)[0] for r in eval_rows[: args.num_samples]]
-        responses = sample(model, tokenizer, prompts, args.max_new_tokens, args.temperature, device, stop_ids)
-        with open(out / "samples.jsonl", "w") as f:
-            for prompt, response in zip(prompts, responses):
-                f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
-                shown = prompt[-1]["content"] if isinstance(prompt, list) else prompt
-                print(f"\n> {shown}\n{response}")
-    with open(out / "eval.json", "w") as f:
-        json.dump(results, f, indent=2)
-    for checkpoint in out.glob("checkpoint-*"):  # the run is complete: nothing is left to resume
-        shutil.rmtree(checkpoint)
-    print(f"\nsaved to {out}: " + json.dumps(results))
-    return results
+    if "resume" not in json.load(open(out / "args.json")):
+        return f"kept in {out}: {kept}; --overwrite --output_dir {out} starts over"
+    again = "continues it" if checkpoint else "starts it again"
+    return f"kept in {out}: {kept}; --resume --output_dir {out} {again}"
 
 
 def cli(argv: Optional[list] = None) -> None:

@@ -199,57 +199,7 @@ def check_args(args: Args) -> None:
             raise UsageError(message)
 
 
-class UsageError(SystemExit):
-    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
-    for a malformed command line (str() gives the message, for code that calls main directly)."""
-
-    def __init__(self, message: str):
-        super().__init__(2)
-        self.message = f"error: {message}"
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def training_problems(args) -> list:
-    """The checks every trainer shares, as (is_bad, message) pairs for check_args."""
-    return [
-        (args.num_epochs < 1, f"--num_epochs must be at least 1 (got {args.num_epochs})"),
-        (args.max_steps is not None and args.max_steps < 1,
-         f"--max_steps must be at least 1 (got {args.max_steps}); leave it unset to train --num_epochs"),
-        (args.batch_size < 1, f"--batch_size must be at least 1 (got {args.batch_size})"),
-        (args.gradient_accumulation_steps < 1,
-         f"--gradient_accumulation_steps must be at least 1 (got {args.gradient_accumulation_steps})"),
-        (args.learning_rate <= 0, f"--learning_rate must be positive (got {args.learning_rate})"),
-        (not 0 <= args.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1) (got {args.warmup_ratio})"),
-        (args.max_grad_norm <= 0, f"--max_grad_norm must be positive (got {args.max_grad_norm})"),
-        (args.max_length < 2,
-         f"--max_length must leave room for a prompt and a response (got {args.max_length})"),
-        (args.log_every < 1, f"--log_every must be at least 1 (got {args.log_every})"),
-        (args.save_every < 0, f"--save_every must be 0 (no checkpoints) or more (got {args.save_every})"),
-        (args.resume and args.overwrite, "--resume continues a run and --overwrite replaces it: pass one"),
-        (args.resume and not args.output_dir, "--resume needs the --output_dir of the run to continue"),
-    ]
-
-
-def count_steps(n_rows: int, args) -> int:
-    """Optimiser steps of the run: --max_steps, else the epochs' micro-batches over the accumulation."""
-    if args.max_steps:
-        return args.max_steps
-    micro = args.num_epochs * math.ceil(n_rows / args.batch_size)
-    if micro < args.gradient_accumulation_steps:
-        raise UsageError(f"{n_rows} training rows make {micro} micro-batches of --batch_size "
-                         f"{args.batch_size} in {args.num_epochs} epoch(s), fewer than one optimiser step "
-                         f"of --gradient_accumulation_steps {args.gradient_accumulation_steps}: lower it, or "
-                         "set --max_steps")
-    return micro // args.gradient_accumulation_steps
-
-
-# ---------------------------------------------------------------------------------------------------
-# The method's maths
-
-
-# ---------------------------------------------------------------------------------------------------
+# ---- The method's maths ---------------------------------------------------------------------------
 
 
 def var_weights(rewards: torch.Tensor, beta: float, normalizer: str = "reward",
@@ -304,215 +254,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     return total
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
-    """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`, or
-    (schedule "constant") the peak rate from then on."""
-    if step < warmup:
-        return step / max(1, warmup)
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return floor + (1.0 - floor) * decay
-
-
-# ---------------------------------------------------------------------------------------------------
-# Data
-
-
-# ---------------------------------------------------------------------------------------------------
-
-
-def resolve(path: str) -> str:
-    """A relative path that is not under the working directory but is next to this script (the toy
-    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder; `~` is expanded."""
-    path = os.path.expanduser(path)
-    here = Path(__file__).resolve().parent / path
-    return str(here) if not Path(path).exists() and here.exists() else path
-
-
-def looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
-
-
-def locate(name: str, what: str) -> str:
-    """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
-    a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
-    fails at once, instead of after a minute of trying the hub."""
-    path = resolve(name)
-    if Path(path).exists():
-        return path
-    if looks_local(name) or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()):
-        raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
-    return path
-
-
-def load_failure(name: str, what: str, error: Exception) -> SystemExit:
-    """One line for a name that could not be loaded, naming HF_HUB_OFFLINE when that is the reason."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    if offline and not Path(resolve(name)).exists():
-        return SystemExit(f"error: {what} '{name}' is not a local path and not in the Hugging Face cache, "
-                          "and HF_HUB_OFFLINE=1 forbids downloading it: pass a local directory, or run "
-                          "once online")
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return SystemExit(f"error: could not load {what} '{name}': {reason}")
-
-
-def field_problem(value) -> Optional[str]:
-    """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
-    if value is None:
-        return "is missing"
-    if isinstance(value, str):
-        return None
-    if isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value):
-        return None
-    return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
-            "{role, content} messages")
-
-
-def load_split(name: str, split: str, needs: list):
-    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (its rows
-    are the split "train", so train[:100] slices it; load_splits holds some out for evaluation).
-    `needs` lists alternatives: each a tuple of columns that together suffice. Every row's fields are
-    checked here, so a bad row fails with its number, not deep inside."""
-    from datasets import load_dataset
-
-    path = locate(name, "dataset")
-    one_file = path.endswith((".json", ".jsonl"))
-    where = f"dataset '{name}'" if one_file else f"split '{split}' of dataset '{name}'"
-    file = Path(path) if one_file else Path(path) / f"{split.split('[')[0]}.jsonl"
-    if file.is_file() and not any(line.strip() for line in open(file)):
-        raise SystemExit(f"error: {where} is empty: {file} has no rows")
-    try:
-        data = (load_dataset("json", data_files=path, split=split if split.startswith("train") else "train")
-                if one_file else load_dataset(path, split=split))  # a file's rows are its split "train"
-    except Exception as e:  # datasets raises many types; all mean the same to a user
-        raise load_failure(name, f"split '{split}' of dataset", e)
-    columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
-    if columns is None:
-        wanted = " or ".join("+".join(cols) for cols in needs)
-        raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
-    if len(data) == 0:
-        raise SystemExit(f"error: {where} has no rows")
-    columns = list(dict.fromkeys([c for c in ("prompt",) if c in data.column_names] + list(columns)))
-    for i, row in enumerate(data.select_columns(columns)):
-        for column in columns:
-            problem = field_problem(row[column])
-            if problem and not (column == "prompt" and row[column] == ""):
-                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' {problem}")
-    return data
-
-
-def report_dropped(kept: int, dropped: int, max_length: int, where: str) -> None:
-    """Rows whose prompt leaves no room for a response token carry no loss: they are dropped, and said."""
-    if dropped:
-        print(f"note: {where}: dropped {dropped} of {kept + dropped} rows whose prompt fills --max_length "
-              f"{max_length} (no response token left)")
-    if not kept:
-        raise SystemExit(f"error: {where}: every prompt fills --max_length {max_length}; raise it")
-
-
-# Used only for a tokenizer without a chat template; documented in the README.
-PLAIN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
-)
-
-
-def load_tokenizer(name: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "the tokenizer of", e)
-    if tokenizer.pad_token is None:
-        print(f"note: the tokenizer of '{name}' has no pad token; using its EOS token for padding "
-              "(padding is masked everywhere, so this changes no result)")
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
-        print(f"note: the tokenizer of '{name}' has no chat template; conversations are formatted as "
-              "'role: content<eos>' lines (PLAIN_CHAT_TEMPLATE)")
-        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
-    return tokenizer
-
-
-def check_same_tokenizer(tokenizer, other, name: str) -> None:
-    """Models that exchange token ids must share vocabulary and chat template, or scores are noise."""
-    if other.get_vocab() != tokenizer.get_vocab():
-        raise SystemExit(f"error: '{name}' has a different vocabulary than the policy "
-                         f"({len(other)} vs {len(tokenizer)} tokens); use models with the same tokenizer")
-    if other.chat_template != tokenizer.chat_template:
-        raise SystemExit(f"error: '{name}' has a different chat template than the policy; "
-                         "it would read prompts and responses formatted differently from its training")
-
-
-def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: bool) -> None:
-    """Each other model's tokenizer checked against `tokenizer` (loaded from own_name), each distinct
-    name loaded once: a name that resolves to own_name is the same tokenizer."""
-    for name in dict.fromkeys(names):
-        if Path(resolve(name)).resolve() != Path(resolve(own_name)).resolve():
-            check_same_tokenizer(tokenizer, load_tokenizer(name, trust_remote_code), name)
-
-
-def stop_token_ids(tokenizer, name: str) -> list:
-    """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
-    generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
-    and end-of-text tokens, and generation stops on any of them)."""
-    from transformers import GenerationConfig
-
-    try:
-        listed = GenerationConfig.from_pretrained(resolve(name)).eos_token_id
-    except OSError:  # no generation_config.json
-        listed = None
-    listed = [listed] if isinstance(listed, int) else list(listed or [])
-    return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
-
-
-def format_prompt(tokenizer, prompt) -> str:
-    """A message list through the chat template, ending in the generation prompt; a string as it is."""
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-
-
-def format_example(tokenizer, prompt, completion) -> tuple:
-    """(prompt_text, completion_text, templated): the response is what the template adds after the
-    prompt, so it carries the template's end-of-turn token (and whatever the template writes after it,
-    which tokenize_example cuts off)."""
-    if isinstance(prompt, str):
-        return prompt, completion, False
-    prompt_text = format_prompt(tokenizer, prompt)
-    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise SystemExit("error: the chat template does not render the prompt as a prefix of the full "
-                         f"conversation, so the response cannot be located:\n{prompt_text!r}\n{full_text!r}")
-    return prompt_text, full_text[len(prompt_text):], True
-
-
-def tokenize_example(tokenizer, prompt, completion, max_length: int, stop_ids: list,
-                     check: bool = False) -> tuple:
-    """(prompt_ids, completion_ids). The response is what the policy emits: its tokens up to and
-    including the first stop id. Template text after the end-of-turn token (ChatML's newline after
-    <|im_end|>) is not part of it; a response with no stop id gets the tokenizer's EOS. Prompt and
-    response are tokenised apart and concatenated, so the response mask is exact; `check` warns when
-    that differs from tokenising the joined text (a BPE merge across the boundary, or special tokens
-    added twice): the model is then trained on a tokenisation that it would not see at inference."""
-    prompt_text, completion_text, templated = format_example(tokenizer, prompt, completion)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=not templated)["input_ids"]
-    completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
-    ends = [t for t, token in enumerate(completion_ids) if token in stop_ids]
-    completion_ids = completion_ids[: ends[0] + 1] if ends else completion_ids + [tokenizer.eos_token_id]
-    if check:
-        joined = tokenizer(prompt_text + completion_text, add_special_tokens=not templated)["input_ids"]
-        apart = prompt_ids + completion_ids
-        n = min(len(joined), len(apart))  # the joined text may go on past the stop; apart may add EOS
-        if joined[:n] != apart[:n]:
-            print(f"warning: prompt and response tokenise differently apart than together:\n"
-                  f"  apart:    {apart}\n  together: {joined}")
-    return prompt_ids, completion_ids[: max(0, max_length - len(prompt_ids))]
+# ---- Data: examples in fixed groups of whole rows -------------------------------------------------
 
 
 def split_pair(row: dict) -> tuple:
@@ -560,11 +302,15 @@ def make_groups(units: list, batch_size: int, seed: int) -> list:
     return [examples[i : i + batch_size] for i in range(0, len(examples) - batch_size + 1, batch_size)]
 
 
-def show_example(tokenizer, input_ids: list, labels: list) -> str:
-    """A tokenised sequence as text, the tokens that carry the loss between [[ and ]] (for --dry_run)."""
-    n = next((t for t, label in enumerate(labels) if label != -100), len(labels))
-    prompt, response = tokenizer.decode(input_ids[:n]), tokenizer.decode(input_ids[n:])
-    return f"{prompt}[[{response}]]  ({len(input_ids)} tokens, {len(input_ids) - n} in [[ ]])"
+def group_stream(n_groups: int, seed: int, skip: int):
+    """Endless stream of group indices, reshuffled every epoch; a resumed run skips the `skip` already
+    trained on."""
+    g, n = torch.Generator().manual_seed(seed + 1), 0
+    while True:
+        for k in torch.randperm(n_groups, generator=g).tolist():
+            n += 1
+            if n > skip:
+                yield k
 
 
 def collate_sequences(samples: list, pad_id: int) -> dict:
@@ -589,83 +335,7 @@ def collate_sequences(samples: list, pad_id: int) -> dict:
             "labels": labels}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Models: the frozen B x B work, log-probs, sampling
-# ---------------------------------------------------------------------------------------------------
-def set_verbosity(verbose: bool) -> None:
-    """Unless --verbose, transformers' per-load reports and progress bars are hidden: load_model says
-    what it loaded in one line instead (and refuses what would have been a warning in the report)."""
-    import datasets
-    import transformers
-
-    if not verbose:
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-
-
-def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
-    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
-    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
-    reward model, whose score head would be random."""
-    from transformers import AutoConfig
-
-    try:
-        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "model", e)
-    found = found.architectures or []
-    if found and not any(a.endswith(wanted) for a in found):
-        kind = ("a causal LM (...ForCausalLM)" if wanted == "ForCausalLM"
-                else "a reward model (...ForSequenceClassification)")
-        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
-
-
-def describe_model(name: str, model) -> None:
-    n = sum(p.numel() for p in model.parameters())
-    print(f"loaded '{name}': {type(model).__name__}, {n / 1e6:.1f}M parameters")
-
-
-def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
-
-    check_architecture(name, trust_remote_code, "ForCausalLM")
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            locate(name, "model"), dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
-    except Exception as e:
-        raise load_failure(name, "model", e)
-    if info["missing_keys"]:
-        raise SystemExit(f"error: '{name}' lacks weights a causal LM needs "
-                         f"({sorted(info['missing_keys'])[:3]}); is it the right checkpoint?")
-    describe_model(name, model)
-    return model
-
-
-def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32,
-                      new_head: bool = False):
-    """A reward (or value) model: AutoModelForSequenceClassification with one output. A checkpoint with
-    no trained score head (a causal LM) is refused unless `new_head` (a value model may start from one).
-    A config without pad_token_id gets the tokenizer's (transformers refuses padded batches without
-    one); `score` reads the reward at the index the attention mask gives, whatever the pad id."""
-    from transformers import AutoModelForSequenceClassification
-
-    if not new_head:
-        check_architecture(name, trust_remote_code, "ForSequenceClassification")
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            locate(name, "model"), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
-            output_loading_info=True)
-    except Exception as e:
-        raise load_failure(name, "reward model", e)
-    if info["missing_keys"] and not new_head:
-        raise SystemExit(f"error: '{name}' has no trained score head ({sorted(info['missing_keys'])[:3]} "
-                         "missing): train a reward model on it first (reward_model.py)")
-    describe_model(name, model)
-    if model.config.pad_token_id is None:
-        print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
-        model.config.pad_token_id = pad_token_id
-    return model
+# ---- Models: the frozen B x B work, log-probs, sampling -------------------------------------------
 
 
 def disable_dropout(model) -> None:
@@ -690,26 +360,6 @@ def batch_logps(model, batch: dict, autocast, temperature: float = 1.0) -> torch
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"], logits_to_keep=batch["labels"].shape[1]).logits
     return sequence_logps(logits, batch["labels"], temperature)
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last attended token, with left or right padding. (B, T) -> (B,)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask).argmax(1)
-
-
-def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The reward of each sequence: the score head at its last attended token, the EOS that ends
-    prompt + response. The index comes from the attention mask, never from pad_token_id:
-    transformers' own pooling reads the last token that is not pad, which with pad == eos (common in
-    chat checkpoints) is the token before the EOS. Positions count from the first attended token, so
-    left and right padding give the same score. input_ids, attention_mask: (B, T). Returns (B,), fp32."""
-    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=positions).last_hidden_state
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-    return model.score(last).squeeze(-1).float()
 
 
 @torch.no_grad()
@@ -783,17 +433,42 @@ def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, tempe
     return results
 
 
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last attended token, with left or right padding. (B, T) -> (B,)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(1)
+
+
+def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reward of each sequence: the score head at its last attended token, the EOS that ends
+    prompt + response. The index comes from the attention mask, never from pad_token_id:
+    transformers' own pooling reads the last token that is not pad, which with pad == eos (common in
+    chat checkpoints) is the token before the EOS. Positions count from the first attended token, so
+    left and right padding give the same score. input_ids, attention_mask: (B, T). Returns (B,), fp32."""
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=positions).last_hidden_state
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    return model.score(last).squeeze(-1).float()
+
+
 @torch.no_grad()
 def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device,
-                     autocast, stop_ids: list) -> tuple:
-    """Samples the policy at args.temperature, then scores each response with the reward model and
-    measures log pi_T(y|x) - log pi_ref,T(y|x) (both from logits / T), whose mean over samples
-    estimates KL(pi_T || pi_ref,T): the KL of what was sampled (at T = 1, of the models themselves)."""
-    samples = sample_responses(policy, tokenizer, prompts, args.max_new_tokens, args.temperature,
-                               4 * args.batch_size, device, stop_ids)
+                     autocast, stop_ids: list, path: Path) -> dict:
+    """Samples the policy at args.temperature (the same prompts and seed at every call; the caller's
+    random state is left as it was), then scores each response with the reward model and measures
+    log pi_T(y|x) - log pi_ref,T(y|x) (both from logits / T), whose mean over samples estimates
+    KL(pi_T || pi_ref,T): the KL of what was sampled (at T = 1, of the models themselves). The samples
+    go to `path` (jsonl), the metrics are returned."""
+    training, batch_size = policy.training, 4 * args.batch_size
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        samples = sample_responses(policy, tokenizer, prompts, args.max_new_tokens, args.temperature,
+                                   batch_size, device, stop_ids)
     rows = []
-    for i in range(0, len(samples), 4 * args.batch_size):
-        chunk = samples[i : i + 4 * args.batch_size]
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
         batch = {k: v.to(device) for k, v in collate_sequences(chunk, tokenizer.pad_token_id).items()}
         logratios = (batch_logps(policy, batch, autocast, args.temperature)
                      - batch_logps(ref_model, batch, autocast, args.temperature))
@@ -802,20 +477,539 @@ def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, 
         for (p, r, finished), s, lr in zip(chunk, scores.tolist(), logratios.tolist()):
             rows.append({"response": tokenizer.decode(r, skip_special_tokens=True), "score": s,
                          "logratio": lr, "length": len(r), "finished": finished})
-    n = len(rows)
-    scores = torch.tensor([r["score"] for r in rows])
-    metrics = {"eval/score": scores.mean().item(), "eval/score_se": (scores.std() / math.sqrt(n)).item(),
-               "eval/kl": sum(r["logratio"] for r in rows) / n,
-               "eval/length": sum(r["length"] for r in rows) / n,
-               "eval/eos_rate": sum(r["finished"] for r in rows) / n}
-    return metrics, [{"prompt": p, **r} for p, r in zip(prompts, rows)]
+    policy.train(training)
+    write_jsonl(path, [{"prompt": p, **r} for p, r in zip(prompts, rows)])
+    n, scores = len(rows), torch.tensor([r["score"] for r in rows])
+    return {"eval/score": scores.mean().item(), "eval/score_se": (scores.std() / math.sqrt(n)).item(),
+            **{f"eval/{k}": sum(r[key] for r in rows) / n
+               for k, key in (("kl", "logratio"), ("length", "length"), ("eos_rate", "finished"))}}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Runs: the output dir, checkpoints, resuming
+# ---- Training -------------------------------------------------------------------------------------
 
 
-# ---------------------------------------------------------------------------------------------------
+def dry_run(tokenizer, groups: list, total_steps: int, args) -> dict:
+    """--dry_run: one tokenised example and the counts, before any model loads."""
+    prompt_ids, response_ids = groups[0][0]
+    labels = [-100] * len(prompt_ids) + response_ids
+    print("example: " + show_example(tokenizer, prompt_ids + response_ids, labels))
+    print(f"dry run: {len(groups)} groups of {args.batch_size} examples, {total_steps} optimiser steps "
+          f"of {args.gradient_accumulation_steps} group(s); no model loaded, nothing written")
+    return {"train/groups": len(groups), "train/steps": total_steps}
+
+
+def main(args: Args) -> dict:
+    # set-up: every argument, the output dir and every tokenizer checked before any model loads
+    check_args(args)
+    device, dtype, autocast = setup(args)
+    ref_name = args.ref or args.model
+    out = None if args.dry_run else check_output_dir(args, "var", [args.model, ref_name, args.reward_model],
+                                                     resume=args.resume)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    stop_ids, pad_id = stop_token_ids(tokenizer, args.model), tokenizer.pad_token_id
+    check_tokenizers(tokenizer, args.model, [ref_name, args.reward_model], args.trust_remote_code)
+    needs = [("chosen", "rejected"), ("messages",), ("prompt", "completion")]
+    units = build_units(load_split(args.dataset, args.train_split, needs), tokenizer, args.responses,
+                        args.max_length, stop_ids, f"'{args.dataset}' {args.train_split}")
+    groups = make_groups(units, args.batch_size, args.seed)
+    if not groups:
+        raise UsageError(f"{sum(map(len, units))} training examples are fewer than one group of --batch_size "
+                         f"{args.batch_size}; lower it")
+    total_steps = count_steps(len(groups) * args.batch_size, args)  # one group per micro-batch
+    prompts = None
+    if args.eval_prompts.lower() != "none":
+        prompts = first(load_split(args.eval_prompts, args.eval_prompts_split, [("prompt",)]),
+                        args.num_eval_prompts)["prompt"]
+    if args.dry_run:
+        return dry_run(tokenizer, groups, total_steps, args)
+    checkpoint = last_checkpoint(out) if args.resume else None
+
+    # models: the policy trains; the reference and the reward model are frozen
+    policy = load_model(str(checkpoint or args.model), args.trust_remote_code).to(device)
+    if not args.dropout:
+        disable_dropout(policy)
+    ref_model = load_model(ref_name, args.trust_remote_code).to(device).eval().requires_grad_(False)
+    reward_model = load_scalar_model(args.reward_model, pad_id, args.trust_remote_code).to(device).eval()
+    optimizer, scheduler = start_training([policy], args, total_steps, "cosine")
+    start_step, progress = 0, {"time": 0.0, "tokens": 0, "window": {}}
+    if checkpoint:  # --resume: the optimiser, schedule, data position, random state and weights as they were
+        start_step, progress = restore(checkpoint, optimizer, scheduler)
+    create_output_dir(out, args, device, dtype, resume_step=start_step if checkpoint else None)
+
+    # the frozen work, once per fixed group (B^2 reward-model passes each, but for the batch normaliser)
+    start = time.time()
+    if "frozen" not in progress:
+        progress["frozen"] = [group_weights(g, ref_model, reward_model, args, pad_id, device, autocast)
+                              for g in tqdm(groups, desc="weights", leave=False, disable=None)]
+    frozen_time = time.time() - start
+    weights, rewards = zip(*progress["frozen"])
+    all_weights = torch.cat(weights)
+    print(f"var: {len(groups)} groups of {args.batch_size}, {args.normalizer} normaliser, beta {args.beta}: "
+          f"weights in {frozen_time:.1f}s (mean {all_weights.mean():.3f}, max {all_weights.max():.3f}, "
+          f"ESS per group {torch.stack([effective_sample_size(w) for w in weights]).mean():.2f})")
+    if prompts is not None and args.sample_every and start_step == 0:  # the starting point too
+        metrics = evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts, args, device,
+                                   autocast, stop_ids, samples_path(out, 0))
+        log(out, {"step": 0, **metrics})
+
+    # the loop: one group per micro-batch, its fixed weights on the policy's sequence log-probs
+    stream = group_stream(len(groups), args.seed, skip=start_step * args.gradient_accumulation_steps)
+    window = progress["window"]
+    for step in tqdm(range(start_step + 1, total_steps + 1), desc="var", dynamic_ncols=True, disable=None):
+        step_start = time.time()
+        for _ in range(args.gradient_accumulation_steps):
+            k = next(stream)
+            batch = {key: v.to(device) for key, v in collate_sequences(groups[k], pad_id).items()}
+            loss = var_loss(batch_logps(policy, batch, autocast), weights[k].to(device))  # Eq. 21
+            (loss / args.gradient_accumulation_steps).backward()
+            tally(window, {"train/loss": loss.item(), "weights/mean": weights[k].mean().item(),
+                           "weights/max": weights[k].max().item(),
+                           "weights/ess": effective_sample_size(weights[k]).item(),
+                           "train/data_reward": rewards[k].mean().item()}, 1)
+            progress["tokens"] += batch["attention_mask"].sum().item()
+        grad_norm = optimizer_step(optimizer, scheduler, args.max_grad_norm, window["train/loss"],
+                                   f"at step {step}")
+        progress["time"] += time.time() - step_start
+
+        if step % args.log_every == 0 or step == total_steps:
+            log(out, train_record(step, window, grad_norm, scheduler, progress))
+        if prompts is not None and args.sample_every and step % args.sample_every == 0 and step < total_steps:
+            metrics = evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts, args, device,
+                                       autocast, stop_ids, samples_path(out, step))
+            log(out, {"step": step, **metrics})
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            save_checkpoint({".": policy}, tokenizer, out, step, {"optimizer": optimizer.state_dict(),
+                                                                  "scheduler": scheduler.state_dict(),
+                                                                  "progress": progress})
+    save_model(policy, tokenizer, out)
+
+    elapsed = max(progress["time"], 1e-9)
+    results = {"train/steps": total_steps, "train/runtime_s": round(elapsed, 1),
+               "perf/frozen_s": round(frozen_time, 1),
+               "perf/tokens_per_s": round(progress["tokens"] / elapsed, 1),
+               "perf/tokens_per_s_with_frozen": round(progress["tokens"] / (elapsed + frozen_time), 1),
+               "weights/mean": all_weights.mean().item(), "weights/max": all_weights.max().item()}
+    if prompts is not None:
+        results.update(evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts, args, device,
+                                        autocast, stop_ids, out / "samples.jsonl"))
+    return finish(out, results)
+
+
+# ---- Plumbing --------------------------------------------------------------------------------------
+# The same text in every script that uses it (tests/test_twins.py): arguments, data files, tokenizers,
+# loading models, the run's folder, logs and checkpoints. Safe to skip on a first reading.
+
+
+class UsageError(SystemExit):
+    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
+    for a malformed command line (str() gives the message, for code that calls main directly)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = f"error: {message}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def training_problems(args) -> list:
+    """The checks every trainer shares, as (is_bad, message) pairs for check_args."""
+    return [
+        (args.num_epochs < 1, f"--num_epochs must be at least 1 (got {args.num_epochs})"),
+        (args.max_steps is not None and args.max_steps < 1,
+         f"--max_steps must be at least 1 (got {args.max_steps}); leave it unset to train --num_epochs"),
+        (args.batch_size < 1, f"--batch_size must be at least 1 (got {args.batch_size})"),
+        (args.gradient_accumulation_steps < 1,
+         f"--gradient_accumulation_steps must be at least 1 (got {args.gradient_accumulation_steps})"),
+        (args.learning_rate <= 0, f"--learning_rate must be positive (got {args.learning_rate})"),
+        (not 0 <= args.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1) (got {args.warmup_ratio})"),
+        (args.max_grad_norm <= 0, f"--max_grad_norm must be positive (got {args.max_grad_norm})"),
+        (args.max_length < 2,
+         f"--max_length must leave room for a prompt and a response (got {args.max_length})"),
+        (args.log_every < 1, f"--log_every must be at least 1 (got {args.log_every})"),
+        (args.save_every < 0, f"--save_every must be 0 (no checkpoints) or more (got {args.save_every})"),
+        (args.resume and args.overwrite, "--resume continues a run and --overwrite replaces it: pass one"),
+        (args.resume and not args.output_dir, "--resume needs the --output_dir of the run to continue"),
+    ]
+
+
+def count_steps(n_rows: int, args) -> int:
+    """Optimiser steps of the run: --max_steps, else the epochs' micro-batches over the accumulation."""
+    if args.max_steps:
+        return args.max_steps
+    micro = args.num_epochs * math.ceil(n_rows / args.batch_size)
+    if micro < args.gradient_accumulation_steps:
+        raise UsageError(f"{n_rows} training rows make {micro} micro-batches of --batch_size "
+                         f"{args.batch_size} in {args.num_epochs} epoch(s), fewer than one optimiser step "
+                         f"of --gradient_accumulation_steps {args.gradient_accumulation_steps}: lower it, or "
+                         "set --max_steps")
+    return micro // args.gradient_accumulation_steps
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`, or
+    (schedule "constant") the peak rate from then on."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1.0 - floor) * decay
+
+
+def resolve(path: str) -> str:
+    """A relative path that is not under the working directory but is next to this script (the toy
+    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder; `~` is expanded."""
+    path = os.path.expanduser(path)
+    here = Path(__file__).resolve().parent / path
+    return str(here) if not Path(path).exists() and here.exists() else path
+
+
+def locate(name: str, what: str) -> str:
+    """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
+    a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
+    fails at once, instead of after a minute of trying the hub."""
+    path = resolve(name)
+    if Path(path).exists():
+        return path
+    if (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
+            or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir())):
+        raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
+    return path
+
+
+def load_failure(name: str, what: str, error: Exception) -> SystemExit:
+    """One line for a name that could not be loaded, naming HF_HUB_OFFLINE when that is the reason."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline and not Path(resolve(name)).exists():
+        return SystemExit(f"error: {what} '{name}' is not a local path and not in the Hugging Face cache, "
+                          "and HF_HUB_OFFLINE=1 forbids downloading it: pass a local directory, or run "
+                          "once online")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return SystemExit(f"error: could not load {what} '{name}': {reason}")
+
+
+def field_problem(value) -> Optional[str]:
+    """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
+    if value is None:
+        return "is missing"
+    if isinstance(value, str) or (isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value)):
+        return None
+    return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
+            "{role, content} messages")
+
+
+def load_split(name: str, split: str, needs: list):
+    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (its rows
+    are the split "train", so train[:100] slices it; load_splits holds some out for evaluation).
+    `needs` lists alternatives: each a tuple of columns that together suffice. Every row's fields are
+    checked here, so a bad row fails with its number, not deep inside."""
+    from datasets import load_dataset
+
+    path = locate(name, "dataset")
+    one_file = path.endswith((".json", ".jsonl"))
+    where = f"dataset '{name}'" if one_file else f"split '{split}' of dataset '{name}'"
+    file = Path(path) if one_file else Path(path) / f"{split.split('[')[0]}.jsonl"
+    if file.is_file() and not any(line.strip() for line in open(file)):
+        raise SystemExit(f"error: {where} is empty: {file} has no rows")
+    try:
+        data = (load_dataset("json", data_files=path, split=split if split.startswith("train") else "train")
+                if one_file else load_dataset(path, split=split))  # a file's rows are its split "train"
+    except Exception as e:  # datasets raises many types; all mean the same to a user
+        raise load_failure(name, f"split '{split}' of dataset", e)
+    columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
+    if columns is None:
+        wanted = " or ".join("+".join(cols) for cols in needs)
+        raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
+    if len(data) == 0:
+        raise SystemExit(f"error: {where} has no rows")
+    columns = list(dict.fromkeys([c for c in ("prompt",) if c in data.column_names] + list(columns)))
+    for i, row in enumerate(data.select_columns(columns)):
+        for column in columns:
+            problem = field_problem(row[column])
+            if problem and not (column == "prompt" and row[column] == ""):
+                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' {problem}")
+    return data
+
+
+def first(data, n: Optional[int]):
+    """The first n rows of a dataset (all of them when n is None)."""
+    return data.select(range(min(n, len(data)))) if n else data
+
+
+def report_dropped(kept: int, dropped: int, max_length: int, where: str) -> None:
+    """Rows whose prompt leaves no room for a response token carry no loss: they are dropped, and said."""
+    if dropped:
+        print(f"note: {where}: dropped {dropped} of {kept + dropped} rows whose prompt fills --max_length "
+              f"{max_length} (no response token left)")
+    if not kept:
+        raise SystemExit(f"error: {where}: every prompt fills --max_length {max_length}; raise it")
+
+
+# Used only for a tokenizer without a chat template; documented in the README.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "the tokenizer of", e)
+    if tokenizer.pad_token is None:
+        print(f"note: the tokenizer of '{name}' has no pad token; using its EOS token for padding "
+              "(padding is masked everywhere, so this changes no result)")
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        print(f"note: the tokenizer of '{name}' has no chat template; conversations are formatted as "
+              "'role: content<eos>' lines (PLAIN_CHAT_TEMPLATE)")
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: bool) -> None:
+    """Models that exchange token ids must share vocabulary and chat template, or scores are noise: each
+    other model's tokenizer is checked against `tokenizer` (of own_name), each distinct name loaded once."""
+    for name in dict.fromkeys(names):
+        if Path(resolve(name)).resolve() == Path(resolve(own_name)).resolve():
+            continue
+        other = load_tokenizer(name, trust_remote_code)
+        if other.get_vocab() != tokenizer.get_vocab():
+            raise SystemExit(f"error: '{name}' has a different vocabulary than the policy ({len(other)} vs "
+                             f"{len(tokenizer)} tokens); use models with the same tokenizer")
+        if other.chat_template != tokenizer.chat_template:
+            raise SystemExit(f"error: '{name}' has a different chat template than the policy; "
+                             "it would read prompts and responses formatted differently from its training")
+
+
+def stop_token_ids(tokenizer, name: str) -> list:
+    """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
+    generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
+    and end-of-text tokens, and generation stops on any of them)."""
+    from transformers import GenerationConfig
+
+    try:
+        listed = GenerationConfig.from_pretrained(resolve(name)).eos_token_id
+    except OSError:  # no generation_config.json
+        listed = None
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
+
+
+def format_prompt(tokenizer, prompt) -> str:
+    """A message list through the chat template, ending in the generation prompt; a string as it is."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def format_example(tokenizer, prompt, completion) -> tuple:
+    """(prompt_text, completion_text, templated): the response is what the template adds after the
+    prompt, so it carries the template's end-of-turn token (and whatever the template writes after it,
+    which tokenize_example cuts off)."""
+    if isinstance(prompt, str):
+        return prompt, completion, False
+    prompt_text = format_prompt(tokenizer, prompt)
+    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise SystemExit("error: the chat template does not render the prompt as a prefix of the full "
+                         f"conversation, so the response cannot be located:\n{prompt_text!r}\n{full_text!r}")
+    return prompt_text, full_text[len(prompt_text):], True
+
+
+def tokenize_example(tokenizer, prompt, completion, max_length: int, stop_ids: list,
+                     check: bool = False) -> tuple:
+    """(prompt_ids, completion_ids). The response is what the policy emits: its tokens up to and
+    including the first stop id. Template text after the end-of-turn token (ChatML's newline after
+    <|im_end|>) is not part of it; a response with no stop id gets the tokenizer's EOS. Prompt and
+    response are tokenised apart and concatenated, so the response mask is exact; `check` warns when
+    that differs from tokenising the joined text (a BPE merge across the boundary, or special tokens
+    added twice): the model is then trained on a tokenisation that it would not see at inference."""
+    prompt_text, completion_text, templated = format_example(tokenizer, prompt, completion)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=not templated)["input_ids"]
+    completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+    ends = [t for t, token in enumerate(completion_ids) if token in stop_ids]
+    completion_ids = completion_ids[: ends[0] + 1] if ends else completion_ids + [tokenizer.eos_token_id]
+    if check:
+        joined = tokenizer(prompt_text + completion_text, add_special_tokens=not templated)["input_ids"]
+        apart = prompt_ids + completion_ids
+        n = min(len(joined), len(apart))  # the joined text may go on past the stop; apart may add EOS
+        if joined[:n] != apart[:n]:
+            print(f"warning: prompt and response tokenise differently apart than together:\n"
+                  f"  apart:    {apart}\n  together: {joined}")
+    return prompt_ids, completion_ids[: max(0, max_length - len(prompt_ids))]
+
+
+def show_example(tokenizer, input_ids: list, labels: list) -> str:
+    """A tokenised sequence as text, the tokens that carry the loss between [[ and ]] (for --dry_run)."""
+    n = next((t for t, label in enumerate(labels) if label != -100), len(labels))
+    prompt, response = tokenizer.decode(input_ids[:n]), tokenizer.decode(input_ids[n:])
+    return f"{prompt}[[{response}]]  ({len(input_ids)} tokens, {len(input_ids) - n} in [[ ]])"
+
+
+def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
+    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
+    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
+    reward model, whose score head would be random."""
+    from transformers import AutoConfig
+
+    try:
+        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    found = found.architectures or []
+    if found and not any(a.endswith(wanted) for a in found):
+        kind = ("a causal LM (...ForCausalLM)" if wanted == "ForCausalLM"
+                else "a reward model (...ForSequenceClassification)")
+        raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
+
+
+def describe_model(name: str, model) -> None:
+    print(f"loaded '{name}': {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          "parameters")
+
+
+def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    check_architecture(name, trust_remote_code, "ForCausalLM")
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            locate(name, "model"), dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
+    except Exception as e:
+        raise load_failure(name, "model", e)
+    if info["missing_keys"]:
+        raise SystemExit(f"error: '{name}' lacks weights a causal LM needs "
+                         f"({sorted(info['missing_keys'])[:3]}); is it the right checkpoint?")
+    describe_model(name, model)
+    return model
+
+
+def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32,
+                      new_head: bool = False):
+    """A reward (or value) model: AutoModelForSequenceClassification with one output. A checkpoint with
+    no trained score head (a causal LM) is refused unless `new_head` (a value model may start from one).
+    A config without pad_token_id gets the tokenizer's (transformers refuses padded batches without
+    one); `score` reads the reward at the index the attention mask gives, whatever the pad id."""
+    from transformers import AutoModelForSequenceClassification
+
+    if not new_head:
+        check_architecture(name, trust_remote_code, "ForSequenceClassification")
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            locate(name, "model"), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
+            output_loading_info=True)
+    except Exception as e:
+        raise load_failure(name, "reward model", e)
+    if info["missing_keys"] and not new_head:
+        raise SystemExit(f"error: '{name}' has no trained score head ({sorted(info['missing_keys'])[:3]} "
+                         "missing): train a reward model on it first (reward_model.py)")
+    if info["missing_keys"]:
+        print(f"note: '{name}' has no trained score head: it starts random, and only training moves it")
+    describe_model(name, model)
+    if model.config.pad_token_id is None:
+        print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def setup(args) -> tuple:
+    """Seeds, device (cuda when present) and compute dtype (bf16 autocast on CUDA, fp32 elsewhere);
+    transformers' per-load reports and progress bars hidden unless --verbose. (device, dtype, autocast)"""
+    import datasets
+    import transformers
+
+    if not args.verbose:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                          else args.device)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    return device, dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
+
+
+def start_training(models: list, args, total_steps: int, schedule: str, floor: float = 0.0,
+                   eps: float = 1e-8) -> tuple:
+    """The models in train mode (with gradient checkpointing if asked), one fused AdamW over all their
+    parameters (one kernel for all tensors), and warmup then `schedule` (lr_factor). (optimizer, scheduler)"""
+    for model in models:
+        model.train()
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+    params = [p for model in models for p in model.parameters()]
+    fused = params[0].device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=args.adam_betas, eps=eps,
+                                  weight_decay=args.weight_decay, fused=fused)
+    warmup = int(args.warmup_ratio * total_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, schedule, floor))
+
+
+def optimizer_step(optimizer, scheduler, max_grad_norm: float, loss: float, when: str) -> float:
+    """Clips the gradient norm, steps and zeroes the gradients, unless the loss or the gradient is not
+    finite: then the run stops before the update, saying `when`. Returns the norm before clipping."""
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: the loss became {loss} {when}; stopping before the update (the last "
+                         "checkpoint, if any, is in --output_dir). Try a lower --learning_rate.")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    if not math.isfinite(grad_norm):  # a finite loss, a non-finite gradient: an overflow
+        raise SystemExit(f"error: the gradient norm became {grad_norm} {when} (the loss was finite); "
+                         "stopping before the update. Try a lower --learning_rate or float32.")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def tally(window: dict, sums: dict, n: int) -> None:
+    """Adds metric sums over n rows (or tokens) to a log window; `means` divides them at the log step."""
+    for k, v in sums.items():
+        window[k] = window.get(k, 0.0) + v
+    window["n"] = window.get("n", 0) + n
+
+
+def means(window: dict) -> dict:
+    """The window's means; the window is emptied."""
+    n = window.pop("n")
+    result = {k: v / n for k, v in window.items()}
+    window.clear()
+    return result
+
+
+def train_record(step: int, window: dict, grad_norm: float, scheduler, progress: dict) -> dict:
+    """A log step's record: the window's means, the last gradient norm, the learning rate, throughput."""
+    return {"step": step, **means(window), "train/grad_norm": grad_norm,
+            "train/lr": scheduler.get_last_lr()[0],
+            "perf/tokens_per_s": progress["tokens"] / progress["time"]}
+
+
+def samples_path(out: Path, step: int) -> Path:
+    return out / "samples" / f"step_{step:06d}.jsonl"
+
+
+def write_jsonl(path: Path, rows: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def log(out: Path, record: dict) -> None:
+    """One record appended to out/metrics.jsonl, and the same as one printed line."""
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
 
 def run_info(device, dtype: str) -> dict:
@@ -870,12 +1064,9 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
     arguments, then under "run" the versions, device, dtype and git commit). A resumed run keeps the
     metrics logged up to its checkpoint and drops the later ones, which the run will log again."""
     if resume_step is not None:
-        log = out / "metrics.jsonl"
-        records = [json.loads(line) for line in open(log)] if log.exists() else []
-        with open(log, "w") as f:
-            for r in records:
-                if r.get("step", 0) <= resume_step:
-                    f.write(json.dumps(r) + "\n")
+        log_file = out / "metrics.jsonl"
+        records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
+        write_jsonl(log_file, [r for r in records if r.get("step", 0) <= resume_step])
         return
     if out.exists():
         shutil.rmtree(out)
@@ -906,29 +1097,21 @@ def save_model(model, tokenizer, out: Path) -> None:
     tmp.rmdir()
 
 
-def random_states() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_random_states(states: dict) -> None:
-    random.setstate(states["python"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None:
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(model, tokenizer, out: Path, step: int, state: dict) -> None:
-    """A periodic checkpoint, out/checkpoint-<step>: the model (loadable as it is) and trainer_state.pt
-    (optimiser, scheduler, progress, random states). It is written complete to a temporary folder and
-    renamed into place in one step, and older checkpoints are removed only then: a kill at any moment
-    leaves at least one complete checkpoint."""
-    check_finite(model, f"at step {step}")
+def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Optional[dict]) -> None:
+    """A periodic checkpoint, out/checkpoint-<step>: each model in its subfolder ("." for the trained
+    one, loadable as it is) and trainer_state.pt (optimiser, scheduler, progress, random states) unless
+    `state` is None. It is written complete to a temporary folder and renamed into place in one step,
+    and older checkpoints are removed only then: a kill at any moment leaves one complete checkpoint."""
     final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, **state, "random": random_states()}, tmp / "trainer_state.pt")
+    for folder, model in models.items():
+        check_finite(model, f"at step {step}")
+        model.save_pretrained(tmp / folder)
+        tokenizer.save_pretrained(tmp / folder)  # each folder loads on its own
+    if state is not None:
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save({"step": step, **state, "random": rng}, tmp / "trainer_state.pt")
     os.replace(tmp, final)
     for old in out.glob("checkpoint-*"):
         if old != final:
@@ -940,201 +1123,48 @@ def last_checkpoint(out: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def restore(checkpoint: Path, optimizer, scheduler) -> tuple:
+    """--resume: the optimiser, the schedule and the random states as they were at the checkpoint.
+    Returns (step, progress)."""
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["random"]["python"])
+    torch.set_rng_state(state["random"]["torch"])
+    if state["random"]["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["random"]["cuda"])
+    print(f"resuming from {checkpoint} (step {state['step']})")
+    return state["step"], state["progress"]
+
+
+def finish(out: Path, results: dict) -> dict:
+    """eval.json ends a run: its resumable checkpoints are removed, as nothing is left to resume (a
+    checkpoint without trainer_state.pt, PPO's, is models to start from, and stays)."""
+    with open(out / "eval.json", "w") as f:
+        json.dump(results, f, indent=2)
+    for checkpoint in out.glob("checkpoint-*"):
+        if (checkpoint / "trainer_state.pt").exists():
+            shutil.rmtree(checkpoint)
+    print(f"\nsaved to {out}: " + json.dumps(results, indent=1))
+    return results
+
+
 def describe_run(output_dir: Optional[str]) -> str:
     """What a stopped run left behind, in one line (printed on Ctrl-C)."""
     out = Path(output_dir) if output_dir else None
     if out is None or not (out / "args.json").exists():
         return "nothing was written"
-    log = out / "metrics.jsonl"
-    records = [json.loads(line) for line in open(log)] if log.exists() else []
+    log_file = out / "metrics.jsonl"
+    records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
     steps = [r.get("step", r.get("iteration")) for r in records]
-    kept = f"args.json, metrics.jsonl ({len(records)} records"
-    kept += f", last at step {steps[-1]})" if steps else ")"
+    last = f", last at step {steps[-1]}" if steps else ""
+    kept = f"args.json, metrics.jsonl ({len(records)} records{last})"
     checkpoint = last_checkpoint(out)
     kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
-    resumable = "resume" in json.load(open(out / "args.json"))
-    if not resumable:
-        hint = f"--overwrite --output_dir {out} starts over"
-    else:
-        hint = f"--resume --output_dir {out} " + ("continues it" if checkpoint else "starts it again")
-    return f"kept in {out}: {kept}; {hint}"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------
-def main(args: Args) -> dict:
-    # setup: every argument and the output dir checked before anything loads
-    check_args(args)
-    set_verbosity(args.verbose)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
-    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
-    ref_name = args.ref or args.model
-    if not args.dry_run:
-        out = check_output_dir(args, "var", [args.model, ref_name, args.reward_model], resume=args.resume)
-
-    # data, and every tokenizer checked against the policy's before any compute
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    stop_ids = stop_token_ids(tokenizer, args.model)
-    check_tokenizers(tokenizer, args.model, [ref_name, args.reward_model], args.trust_remote_code)
-    needs = [("chosen", "rejected"), ("messages",), ("prompt", "completion")]
-    train_data = load_split(args.dataset, args.train_split, needs)
-    units = build_units(train_data, tokenizer, args.responses, args.max_length, stop_ids,
-                        f"'{args.dataset}' {args.train_split}")
-    groups = make_groups(units, args.batch_size, args.seed)
-    if not groups:
-        raise UsageError(f"{sum(map(len, units))} training examples are fewer than one group of --batch_size "
-                          f"{args.batch_size}; lower it")
-    total_steps = count_steps(len(groups) * args.batch_size, args)  # one group per micro-batch
-    prompts = None
-    if args.eval_prompts.lower() != "none":
-        prompts = load_split(args.eval_prompts, args.eval_prompts_split, [("prompt",)])["prompt"]
-        prompts = prompts[: args.num_eval_prompts] if args.num_eval_prompts else prompts
-    if args.dry_run:
-        prompt_ids, response_ids = groups[0][0]
-        print("example: " + show_example(tokenizer, prompt_ids + response_ids,
-                                         [-100] * len(prompt_ids) + response_ids))
-        print(f"dry run: {len(groups)} groups of {args.batch_size} examples, {total_steps} optimiser steps "
-              f"of {args.gradient_accumulation_steps} group(s); no model loaded, nothing written")
-        return {"train/groups": len(groups), "train/steps": total_steps}
-    checkpoint = last_checkpoint(out) if args.resume else None
-    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False) if checkpoint else None
-
-    # models: the policy trains; the reference and the reward model are frozen
-    policy = load_model(str(checkpoint or args.model), args.trust_remote_code).to(device)
-    if not args.dropout:
-        disable_dropout(policy)
-    ref_model = load_model(ref_name, args.trust_remote_code).to(device).eval().requires_grad_(False)
-    pad_id = tokenizer.pad_token_id
-    reward_model = load_scalar_model(args.reward_model, pad_id, args.trust_remote_code).to(device).eval()
-    create_output_dir(out, args, device, dtype, resume_step=state["step"] if state else None)
-
-    # the frozen work, once per fixed group (B^2 reward-model passes each, but for the batch normaliser);
-    # a resumed run reads it from its checkpoint
-    start = time.time()
-    if state:
-        weights, rewards = state["frozen"]
-    else:
-        weights, rewards = zip(*[group_weights(g, ref_model, reward_model, args, pad_id, device, autocast)
-                                 for g in tqdm(groups, desc="weights", leave=False, disable=None)])
-    frozen_time = time.time() - start
-    all_weights = torch.cat(weights)
-    print(f"var: {len(groups)} groups of {args.batch_size}, {args.normalizer} normaliser, beta {args.beta}: "
-          f"weights in {frozen_time:.1f}s (mean {all_weights.mean():.3f}, max {all_weights.max():.3f}, "
-          f"ESS per group {torch.stack([effective_sample_size(w) for w in weights]).mean():.2f})")
-
-    policy.train()
-    if args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-        policy.config.use_cache = False
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=args.adam_betas,
-                                  weight_decay=args.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
-    warmup = int(args.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, "cosine"))
-    start_step, train_time, tokens_seen = 0, 0.0, 0
-    window = {"loss": 0.0, "mean": 0.0, "max": 0.0, "ess": 0.0, "reward": 0.0, "n": 0}
-    if state:  # --resume: the optimiser, schedule, data position and random state where they were
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_random_states(state["random"])
-        start_step = state["step"]
-        train_time, tokens_seen, window = state["progress"]
-        print(f"resuming from {checkpoint} (step {start_step} of {total_steps})")
-
-    def batches(skip: int):  # endless stream of group indices, reshuffled every epoch
-        g, n = torch.Generator().manual_seed(args.seed + 1), 0
-        while True:
-            for k in torch.randperm(len(groups), generator=g).tolist():
-                n += 1
-                if n > skip:  # a resumed run skips the groups already trained on
-                    yield k
-
-    metrics_file = open(out / "metrics.jsonl", "a")
-
-    def log(record: dict) -> None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in record.items()))
-
-    def sample_and_score(path: Path) -> dict:  # the same prompts and sampling seed every time
-        with torch.random.fork_rng():  # training's random state is left as it was
-            torch.manual_seed(args.seed)
-            metrics, samples = evaluate_samples(policy.eval(), ref_model, reward_model, tokenizer, prompts,
-                                                args, device, autocast, stop_ids)
-        policy.train()
-        path.parent.mkdir(exist_ok=True)
-        with open(path, "w") as f:
-            for row in samples:
-                f.write(json.dumps(row) + "\n")
-        return metrics
-
-    if prompts is not None and args.sample_every and start_step == 0:
-        log({"step": 0, **sample_and_score(out / "samples" / "step_000000.jsonl")})
-    stream = batches(skip=start_step * args.gradient_accumulation_steps)
-    for step in tqdm(range(start_step + 1, total_steps + 1), desc="var", dynamic_ncols=True, disable=None):
-        step_start = time.time()
-        for _ in range(args.gradient_accumulation_steps):
-            k = next(stream)
-            batch = {key: v.to(device) for key, v in collate_sequences(
-                [(p, r, True) for p, r in groups[k]], pad_id).items()}
-            loss = var_loss(batch_logps(policy, batch, autocast), weights[k].to(device))
-            (loss / args.gradient_accumulation_steps).backward()
-            tokens_seen += batch["attention_mask"].sum().item()
-            for key, v in [("loss", loss.item()), ("mean", weights[k].mean().item()),
-                           ("max", weights[k].max().item()),
-                           ("ess", effective_sample_size(weights[k]).item()),
-                           ("reward", rewards[k].mean().item())]:
-                window[key] += v
-            window["n"] += 1
-        if not math.isfinite(window["loss"]):
-            raise SystemExit(f"error: the loss became {window['loss']} at step {step}; stopping before the "
-                             f"update (the last checkpoint, if any, is in {out}). Try a lower "
-                             "--learning_rate or a larger --beta.")
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
-        if not math.isfinite(grad_norm):  # a finite loss, a non-finite gradient: an overflow
-            raise SystemExit(f"error: the gradient norm became {grad_norm} at step {step} (the loss was "
-                             "finite); stopping before the update. Try a lower --learning_rate or float32.")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_time += time.time() - step_start
-
-        if step % args.log_every == 0 or step == total_steps:
-            n = window.pop("n")
-            log({"step": step, "train/loss": window["loss"] / n, "weights/mean": window["mean"] / n,
-                 "weights/max": window["max"] / n, "weights/ess": window["ess"] / n,
-                 "train/data_reward": window["reward"] / n, "train/grad_norm": grad_norm,
-                 "train/lr": scheduler.get_last_lr()[0], "perf/tokens_per_s": tokens_seen / train_time})
-            window = {"loss": 0.0, "mean": 0.0, "max": 0.0, "ess": 0.0, "reward": 0.0, "n": 0}
-        if prompts is not None and args.sample_every and step % args.sample_every == 0 and step < total_steps:
-            log({"step": step, **sample_and_score(out / "samples" / f"step_{step:06d}.jsonl")})
-        if args.save_every and step % args.save_every == 0 and step < total_steps:
-            save_checkpoint(policy, tokenizer, out, step, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "progress": (train_time, tokens_seen, window), "frozen": (weights, rewards)})
-    metrics_file.close()
-    save_model(policy, tokenizer, out)
-
-    results = {"train/steps": total_steps, "train/runtime_s": round(train_time, 1),
-               "perf/frozen_s": round(frozen_time, 1),
-               "perf/tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
-               "perf/tokens_per_s_with_frozen": round(tokens_seen / (train_time + frozen_time), 1),
-               "weights/mean": all_weights.mean().item(), "weights/max": all_weights.max().item()}
-    if prompts is not None:
-        results.update(sample_and_score(out / "samples.jsonl"))
-    with open(out / "eval.json", "w") as f:
-        json.dump(results, f, indent=2)
-    for checkpoint in out.glob("checkpoint-*"):  # the run is complete: nothing is left to resume
-        shutil.rmtree(checkpoint)
-    print(f"\nsaved to {out}: " + json.dumps(results, indent=1))
-    return results
+    if "resume" not in json.load(open(out / "args.json")):
+        return f"kept in {out}: {kept}; --overwrite --output_dir {out} starts over"
+    again = "continues it" if checkpoint else "starts it again"
+    return f"kept in {out}: {kept}; --resume --output_dir {out} {again}"
 
 
 def cli(argv: Optional[list] = None) -> None:

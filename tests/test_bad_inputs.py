@@ -253,7 +253,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
         next(model.parameters()).view(-1)[0] = float("nan")
     tokenizer = dpo.load_tokenizer(str(TOY / "sft"), False)
     fails(lambda: dpo.save_model(model, tokenizer, tmp_path), "non-finite")
-    fails(lambda: dpo.save_checkpoint(model, tokenizer, tmp_path, 1, {}), "non-finite")
+    fails(lambda: dpo.save_checkpoint({".": model}, tokenizer, tmp_path, 1, {}), "non-finite")
     assert not list(tmp_path.iterdir())
 
 
@@ -320,7 +320,7 @@ def test_a_checkpoint_save_that_dies_leaves_the_previous_one_whole(tmp_path, mon
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", killed)
     with pytest.raises(KeyboardInterrupt):
-        dpo.save_checkpoint(model, tokenizer, out, 4, {})
+        dpo.save_checkpoint({".": model}, tokenizer, out, 4, {})
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-000002"]
     assert (out / "checkpoint-000002" / "trainer_state.pt").exists()
     monkeypatch.undo()

@@ -48,7 +48,7 @@ def test_head_only_logps_equal_the_full_logits_formula(toy):
         assert torch.allclose(dpo.batch_logps(model, dpo.collate_pairs(pairs, tok.pad_token_id), NO_AUTOCAST),
                               expected, atol=1e-5)
         samples = [(p, r, True) for p, r in sequences]
-        for script in (var, ppo, expo, dpo):
+        for script in (var, expo, dpo):  # ppo.py: test_ppo_token_logprobs_equal_the_full_logits_formula
             batch = script.collate_sequences(samples, tok.pad_token_id)
             assert batch["labels"].shape[1] < batch["input_ids"].shape[1]  # the head skips the prompts
             got = script.batch_logps(model, batch, NO_AUTOCAST, temperature=0.7)

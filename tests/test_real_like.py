@@ -62,10 +62,11 @@ def test_one_scoring_position_in_training_ppo_and_evaluation(tier, pad):
         ppo_rm = ppo.load_scalar_model(paths["rm"], tok.pad_token_id, False).eval()
         _, ppo_scores = ppo.values_and_scores(ppo_rm, mb, NO_AUTOCAST)
 
-        # evaluation: each script's scorer on (prompt_ids, response_ids, finished) samples
+        # evaluation: each script's scorer on (prompt_ids, response_ids, finished) samples (ppo.py
+        # evaluates with values_and_scores, above)
         samples = [(prompt_ids, response, True), (long_ids, response[:2], False)]
         evaluated = {}
-        for script in (dpo, var, ppo, expo):
+        for script in (dpo, var, expo):
             batch = script.collate_sequences(samples, tok.pad_token_id)
             evaluated[script.__name__] = script.score(rm, batch["input_ids"], batch["attention_mask"])[0]
         evaluated["dera"] = torch.tensor(dera.score_samples(rm, samples, tok.pad_token_id, 2, CPU)[0])
