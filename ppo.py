@@ -235,6 +235,12 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
+def eos_trick(scores: torch.Tensor, finished: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The EOS trick (Table 10): a response that never produced a stop token scores exactly `penalty`
+    (-10) in place of the reward model's score; a finished one keeps its score. scores, finished: (B,)."""
+    return torch.where(finished, scores, torch.full_like(scores, penalty))
+
+
 def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                          mask: torch.Tensor, beta: float) -> torch.Tensor:
     """Token-level rewards of Eq. 4: -beta (log pi - log pi_ref) at every response token, plus the
@@ -411,15 +417,6 @@ def load_models(args, pad_id: int, device) -> tuple:
     return policy, ref_model, reward_model, value_model
 
 
-def prompt_stream(prompts: list, batch_size: int, seed: int):
-    """Endless stream of shuffled batches of prompts, epoch after epoch (an epoch's remainder is dropped)."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(prompts), generator=g).tolist()
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield [prompts[j] for j in order[i : i + batch_size]]
-
-
 def ppo_update(policy, value_model, mb: dict, old: dict, args, autocast) -> dict:
     """One epoch of step 5 on a minibatch: the clipped policy and value losses (Eq. 5, 6), L_pi + alpha
     L_V, accumulated over --gradient_accumulation_steps slices; the caller steps the optimiser.
@@ -441,12 +438,6 @@ def ppo_update(policy, value_model, mb: dict, old: dict, args, autocast) -> dict
                        "ppo/vf_clipfrac": vf_clipfrac, "ppo/approx_kl": approx_kl,
                        "ppo/entropy": masked_mean(entropy, mask)})
     return stats
-
-
-def append(stats: dict, values: dict) -> None:
-    """Appends each value (a float or a 0-d tensor) to its list in `stats`."""
-    for k, v in values.items():
-        stats.setdefault(k, []).append(v.item() if torch.is_tensor(v) else v)
 
 
 @torch.no_grad()
@@ -540,11 +531,9 @@ def main(args: Args) -> dict:
             mask = mb["mask"].float()
             policy.eval(), value_model.eval()  # "old" quantities without dropout, whatever --dropout says
             with torch.no_grad():
-                # 2. score with the current models (App. G: per minibatch); the EOS trick for responses
-                # that never ended: a fixed penalty in place of their score
+                # 2. score with the current models (App. G: per minibatch), with the EOS trick
                 _, scores = values_and_scores(reward_model, mb, autocast)
-                scores = torch.where(mb["finished"], scores,
-                                     torch.full_like(scores, args.missing_eos_penalty))
+                scores = eos_trick(scores, mb["finished"], args.missing_eos_penalty)
                 old_logprobs, _ = policy_logprobs(policy, mb, args.temperature, autocast)
                 ref_logprobs, _ = policy_logprobs(ref_model, mb, args.temperature, autocast)
                 old_values, _ = values_and_scores(value_model, mb, autocast)
@@ -620,6 +609,21 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return floor + (1.0 - floor) * decay
+
+
+def prompt_stream(prompts: list, batch_size: int, seed: int):
+    """Endless stream of shuffled batches of prompts, epoch after epoch (an epoch's remainder is dropped)."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(prompts), generator=g).tolist()
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield [prompts[j] for j in order[i : i + batch_size]]
+
+
+def append(stats: dict, values: dict) -> None:
+    """Appends each value (a float or a 0-d tensor) to its list in `stats`."""
+    for k, v in values.items():
+        stats.setdefault(k, []).append(v.item() if torch.is_tensor(v) else v)
 
 
 def resolve(path: str) -> str:
