@@ -1010,10 +1010,11 @@ def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Option
     one, loadable as it is) and trainer_state.pt (optimiser, scheduler, progress, random states) unless
     `state` is None. It is written complete to a temporary folder and renamed into place in one step,
     and older checkpoints are removed only then: a kill at any moment leaves one complete checkpoint."""
+    for model in models.values():  # all checked before anything is written
+        check_finite(model, f"at step {step}")
     final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     for folder, model in models.items():
-        check_finite(model, f"at step {step}")
         model.save_pretrained(tmp / folder)
         tokenizer.save_pretrained(tmp / folder)  # each folder loads on its own
     if state is not None:

@@ -831,10 +831,11 @@ def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Option
     one, loadable as it is) and trainer_state.pt (optimiser, scheduler, progress, random states) unless
     `state` is None. It is written complete to a temporary folder and renamed into place in one step,
     and older checkpoints are removed only then: a kill at any moment leaves one complete checkpoint."""
+    for model in models.values():  # all checked before anything is written
+        check_finite(model, f"at step {step}")
     final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     for folder, model in models.items():
-        check_finite(model, f"at step {step}")
         model.save_pretrained(tmp / folder)
         tokenizer.save_pretrained(tmp / folder)  # each folder loads on its own
     if state is not None:
@@ -856,6 +857,9 @@ def restore(checkpoint: Path, optimizer, scheduler) -> tuple:
     """--resume: the optimiser, the schedule and the random states as they were at the checkpoint.
     Returns (step, progress)."""
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    if not isinstance(state.get("progress"), dict):
+        raise SystemExit(f"error: {checkpoint} was written by an older version of this script, which "
+                         "this one cannot continue: resume with that version, or start over (--overwrite)")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     random.setstate(state["random"]["python"])

@@ -38,6 +38,9 @@ CHECKS: list = []
 
 def check(method: str, level: int, points: int):
     """Registers the decorated function as a check; its docstring's first line is its name."""
+    if level not in LEVELS:
+        raise ValueError(f"check level {level} is not one of {sorted(LEVELS)}")
+
     def register(fn):
         CHECKS.append(Check(method, level, (fn.__doc__ or fn.__name__).strip().splitlines()[0], points, fn))
         return fn
@@ -58,7 +61,8 @@ def toy_args(m, **changes):
             return str(ROOT / value)
         return [absolute(v) for v in value] if isinstance(value, list) else value
     defaults = {f.name: absolute(getattr(m.Args(), f.name)) for f in dataclasses.fields(m.Args)}
-    return m.Args(**{**defaults, **changes})
+    # the thresholds come from fp32 runs on a CPU: a GPU's bf16 would move them
+    return m.Args(**{**defaults, "device": "cpu", "dtype": "float32", **changes})
 
 
 def gold(rows: list) -> float:
@@ -96,7 +100,9 @@ def random_lm_batch(B=3, K=9, V=13, seed=0):
 def sft_loss_matches_the_formula(m, tmp):
     """sft_loss_sum: the summed NLL of the labelled tokens, position t predicting token t + 1"""
     logits, labels = random_lm_batch()
-    close(m.sft_loss_sum(logits, labels), -plain_sequence_logps(logits, labels).sum(), what="loss")
+    expected = -plain_sequence_logps(logits, labels).sum()
+    close(m.sft_loss_sum(logits, labels), expected, what="loss")
+    close(m.sft_loss_sum(logits, labels, chunk=4), expected, what="loss with chunk=4")
 
 
 @check("sft", 1, 2)
@@ -104,7 +110,7 @@ def sft_loss_is_fp32_from_bf16_logits(m, tmp):
     """sft_loss_sum: a scalar in fp32, also from bf16 logits"""
     logits, labels = random_lm_batch()
     loss = m.sft_loss_sum(logits.bfloat16(), labels)
-    assert loss.dtype == torch.float32 and loss.dim() == 0, (loss.dtype, loss.shape)
+    assert loss.dtype in (torch.float32, torch.float64) and loss.dim() == 0, (loss.dtype, loss.shape)
     close(loss, -plain_sequence_logps(logits.bfloat16().float(), labels).sum(), tol=1e-4)
 
 
@@ -209,6 +215,8 @@ def sequence_logps_matches_the_formula(m, tmp):
     """sequence_logps: summed log-probs of the labelled tokens, under logits / T, per sequence"""
     logits, labels = random_lm_batch()
     close(m.sequence_logps(logits, labels), plain_sequence_logps(logits, labels), what="logps")
+    close(m.sequence_logps(logits, labels, chunk=4), plain_sequence_logps(logits, labels),
+          what="logps with chunk=4")
     close(m.sequence_logps(logits, labels, temperature=0.7), plain_sequence_logps(logits, labels, 0.7),
           what="logps at T = 0.7")
 
@@ -220,7 +228,7 @@ def sequence_logps_sums_and_skips_padding(m, tmp):
     moved = logits.clone()
     moved[:, :2] -= 7.0  # positions that predict a -100 label
     got = m.sequence_logps(moved.bfloat16(), labels)
-    assert got.dtype == torch.float32, got.dtype
+    assert got.dtype in (torch.float32, torch.float64), got.dtype
     close(got, plain_sequence_logps(logits.bfloat16().float(), labels), tol=1e-4)
 
 
@@ -292,18 +300,32 @@ def gae_does_not_bootstrap_past_the_end(m, tmp):
     close(advantages * mask, clean * mask, what="advantages with garbage after the end")
 
 
-@check("ppo", 1, 4)
-def policy_loss_matches_eq_5(m, tmp):
-    """ppo_policy_loss: -E_t min(nu A, clip(nu, 1 - eps, 1 + eps) A), nu = pi / pi_old; the clip fraction"""
+def clipped_case():
     mask, logprobs, old, _, _ = episodes()
     old = logprobs + 0.3 * old  # ratios on both sides of the clip range
-    advantages = torch.randn(3, 6, generator=torch.Generator().manual_seed(5))
+    return mask, logprobs, old, torch.randn(3, 6, generator=torch.Generator().manual_seed(5))
+
+
+@check("ppo", 1, 4)
+def policy_loss_matches_eq_5(m, tmp):
+    """ppo_policy_loss: -E_t min(nu A, clip(nu, 1 - eps, 1 + eps) A), nu = pi / pi_old, over tokens"""
+    mask, logprobs, old, advantages = clipped_case()
     ratio = torch.exp(logprobs - old)
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(0.8, 1.2))
-    loss, clipfrac = m.ppo_policy_loss(logprobs, old, advantages, mask, 0.2)
+    loss, _ = m.ppo_policy_loss(logprobs, old, advantages, mask, 0.2)
     close(loss, (losses * mask).sum() / mask.sum(), what="loss")
-    clipped = (-advantages * ratio.clamp(0.8, 1.2) > -advantages * ratio).float()
-    close(clipfrac, (clipped * mask).sum() / mask.sum(), what="clip fraction")
+
+
+@check("ppo", 1, 1)
+def policy_loss_clip_fraction(m, tmp):
+    """ppo_policy_loss: the fraction of response tokens where the clipped branch is taken"""
+    mask, logprobs, old, advantages = clipped_case()
+    ratio = torch.exp(logprobs - old)
+    taken = (-advantages * ratio.clamp(0.8, 1.2) > -advantages * ratio).float()
+    outside = ((ratio - 1).abs() > 0.2).float()  # TRL's reading: any ratio outside the range
+    _, clipfrac = m.ppo_policy_loss(logprobs, old, advantages, mask, 0.2)
+    fractions = [(x * mask).sum() / mask.sum() for x in (taken, outside)]
+    assert any(abs(clipfrac - f) < 1e-6 for f in fractions), (float(clipfrac), [float(f) for f in fractions])
 
 
 @check("ppo", 2, 2)
@@ -317,7 +339,7 @@ def policy_loss_ignores_padding(m, tmp):
 
 @check("ppo", 1, 4)
 def value_loss_matches_eq_6(m, tmp):
-    """ppo_value_loss: 1/2 max((V - G)^2, (clip(V, V_old -+ eps) - G)^2), masked mean; clip fraction"""
+    """ppo_value_loss: 1/2 max((V - G)^2, (clip(V, V_old -+ eps) - G)^2), a mean over response tokens"""
     mask, values, old_values, returns, _ = episodes()
     clipped_values = old_values + (values - old_values).clamp(-0.2, 0.2)
     per_token = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
@@ -373,8 +395,10 @@ def var_weights_normalise_over_responses(m, tmp):
 @check("var", 2, 2)
 def var_weights_do_not_overflow(m, tmp):
     """var_weights: finite at r / beta = 1000 (exp overflows; a log-space softmax does not)"""
-    weights = m.var_weights(reward_matrix() * 100, 0.1, "reward")
-    assert torch.isfinite(weights).all(), weights
+    R = reward_matrix() * 100
+    for normalizer in ("reward", "batch", "ref"):
+        weights = m.var_weights(R, 0.1, normalizer, torch.full((4, 4), -3.0))
+        assert torch.isfinite(weights).all(), (normalizer, weights)
 
 
 @check("var", 3, 6)
@@ -404,7 +428,7 @@ def realigned_logits_match_eq_9(m, tmp):
     """realigned_logits: (1 - lambda) h_ref + lambda h_aligned, in fp32 (Eq. 9)"""
     h_ref, h_al = two_logits()
     got = m.realigned_logits(h_ref.bfloat16(), h_al.bfloat16(), 0.7)
-    assert got.dtype == torch.float32, got.dtype
+    assert got.dtype in (torch.float32, torch.float64), got.dtype
     close(got, 0.3 * h_ref.bfloat16().float() + 0.7 * h_al.bfloat16().float(), tol=1e-5)
 
 

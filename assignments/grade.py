@@ -46,10 +46,12 @@ def why(error: BaseException) -> str:
     """One line: what failed and where, for the table."""
     if isinstance(error, NotImplementedError):
         return "not implemented"
-    where = traceback.extract_tb(error.__traceback__)[-1]
+    if isinstance(error, SystemExit):
+        return str(error).strip().splitlines()[0] if str(error).strip() else f"exit {error.code}"
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return (f"{type(error).__name__}{': ' + text if text else ''} "
-            f"(line {where.lineno} of {Path(where.filename).name})")
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (line {frames[-1].lineno} of {Path(frames[-1].filename).name})" if frames else ""
+    return f"{type(error).__name__}{': ' + text if text else ''}{where}"
 
 
 def run_checks(method: str, module, levels=(1, 2, 3)) -> list:
@@ -64,7 +66,7 @@ def run_checks(method: str, module, levels=(1, 2, 3)) -> list:
             try:
                 c.run(module, Path(tmp))
                 results.append((c, True, "", time.time() - start))
-            except Exception as e:  # a wrong answer, or any error in the student's code
+            except (Exception, SystemExit) as e:  # a wrong answer, any error (the scripts exit on bad input)
                 results.append((c, False, why(e), time.time() - start))
     return results
 
@@ -102,7 +104,14 @@ def main(argv=None) -> int:
         return 0
     if not args.file:
         parser.error("give the file to grade (or --list)")
-    module = load(Path(args.file))
+    try:
+        module = load(Path(args.file))
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # a syntax error, a failing import: every check fails, saying why
+        checks = [c for c in CHECKS if c.method == args.method and c.level in args.levels]
+        report(args.method, [(c, False, f"could not import the file: {why(e)}", 0.0) for c in checks])
+        return 1
     got, total = report(args.method, run_checks(args.method, module, args.levels))
     return 0 if got == total else 1
 

@@ -1,14 +1,18 @@
 """The algorithms wired right inside main, not just their helpers: tests on the quantities a broken
 wiring changes (issue 19). PPO runs two tiny iterations with its helpers wrapped to record what main
-feeds them; the reward model's new head is checked at its initialisation."""
+feeds them; the reward model's new head is checked at its initialisation; DPO's and SFT's loops are
+checked on what they feed the loss and what they log."""
 
+import json
 import math
 
 import pytest
 import torch
 
+import dpo
 import ppo
 import reward_model
+import sft
 from conftest import TOY
 
 
@@ -106,3 +110,41 @@ def test_reward_head_starts_at_std_one_over_sqrt_hidden():
     weight = model.score.weight
     assert weight.std().item() == pytest.approx(1 / math.sqrt(hidden + 1), rel=0.25)
     assert weight.std().item() > 2 * model.config.initializer_range  # not transformers' default init
+
+
+def test_dpo_main_feeds_dpo_loss_the_arguments(tmp_path, monkeypatch):
+    """main passes --beta, --label_smoothing and --loss_type to dpo_loss, and logs the mean of the losses
+    it returns (a hard-coded beta in the loop would still learn, and pass every other test)."""
+    calls, real = [], dpo.dpo_loss
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append((args, kwargs, out[0].detach().mean().item()))
+        return out
+    monkeypatch.setattr(dpo, "dpo_loss", recording)
+    out = tmp_path / "dpo"
+    dpo.main(dpo.Args(max_steps=2, batch_size=4, max_train_samples=8, eval_split=None, reward_model="none",
+                      beta=0.37, label_smoothing=0.1, log_every=1, output_dir=str(out)))
+    assert len(calls) == 2
+    for args, kwargs, _ in calls:
+        assert args[4:] == (0.37, 0.1, "sigmoid") and not kwargs, (args[4:], kwargs)
+    logged = [json.loads(line)["train/loss"] for line in open(out / "metrics.jsonl")]
+    assert logged == pytest.approx([mean for *_, mean in calls], abs=1e-6)
+
+
+@pytest.mark.parametrize("batch_size,accumulation", [(8, 1), (4, 2)])
+def test_sft_step_loss_is_the_token_mean_over_the_whole_step(batch_size, accumulation, tmp_path):
+    """The first step's logged loss is the mean NLL per response token of the step's 8 rows, with or
+    without gradient accumulation (a mean per micro-batch, or a sum, would differ)."""
+    out = tmp_path / "sft"
+    sft.main(sft.Args(model=str(TOY / "sft"), max_steps=1, batch_size=batch_size,
+                      gradient_accumulation_steps=accumulation, max_train_samples=8, eval_split=None,
+                      num_samples=0, log_every=1, output_dir=str(out)))
+    tok = sft.load_tokenizer(str(TOY / "sft"), False)
+    rows = [json.loads(line) for line in open(TOY / "data" / "sft" / "train.jsonl")][:8]
+    examples = sft.build_examples(rows, tok, 1024, sft.stop_token_ids(tok, str(TOY / "sft")))
+    model = sft.load_model(str(TOY / "sft"), False)
+    expected = sft.evaluate_loss(model, examples, 8, tok.pad_token_id, torch.device("cpu"),
+                                 torch.autocast("cpu", enabled=False))
+    logged = json.loads(open(out / "metrics.jsonl").readline())["train/loss"]
+    assert logged == pytest.approx(expected, rel=1e-5)
