@@ -51,7 +51,10 @@ def points_table(method: str) -> str:
     rows = [c for c in CHECKS if c.method == method]
     lines = ["| level | check | points |", "|---|---|---|"]
     lines += [f"| {c.level} ({LEVELS[c.level]}) | {c.name} | {c.points} |" for c in rows]
-    lines.append(f"| | **total** | **{sum(c.points for c in rows)}** |")
+    total = sum(c.points for c in rows)
+    lines.append(f"| | **total** | **{total}** |")
+    lines.append(f"\nA correct file passes every row, and the grader ends with "
+                 f"`{method}: {total} / {total} points` (exit code 0).")
     return "\n".join(lines)
 
 
