@@ -328,25 +328,6 @@ def batch_logps(model, batch: dict, autocast, temperature: float = 1.0) -> torch
     return sequence_logps(logits, batch["labels"], temperature)
 
 
-def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
-    """Pure sampling from softmax(logits / T), stopping on any stop id: no top-k, no top-p, no penalty."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                            max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stop_ids)
-
-
-def generate(model, batch: dict, config):
-    """model.generate with `config` and nothing else (KV-cached). transformers fills every field a
-    config leaves unset from the checkpoint's generation_config.json (a repetition penalty, min_p,
-    suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
-    checkpoint_config, model.generation_config = model.generation_config, config
-    try:
-        return model.generate(**batch, generation_config=config)
-    finally:
-        model.generation_config = checkpoint_config
-
-
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float,
                      batch_size: int, device, stop_ids: list) -> list:
@@ -753,6 +734,25 @@ def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dty
         print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
         model.config.pad_token_id = pad_token_id
     return model
+
+
+def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
+    """Pure sampling from softmax(logits / T), stopping on any stop id: no top-k, no top-p, no penalty."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                            max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stop_ids)
+
+
+def generate(model, batch: dict, config):
+    """model.generate with `config` and nothing else (KV-cached). transformers fills every field a
+    config leaves unset from the checkpoint's generation_config.json (a repetition penalty, min_p,
+    suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
+    checkpoint_config, model.generation_config = model.generation_config, config
+    try:
+        return model.generate(**batch, generation_config=config)
+    finally:
+        model.generation_config = checkpoint_config
 
 
 def setup(args) -> tuple:

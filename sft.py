@@ -278,25 +278,6 @@ def evaluate_loss(model, examples: list, batch_size: int, pad_id: int, device, a
     return total / max(1, count)
 
 
-def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
-    """Pure sampling from softmax(logits / T), stopping on any stop id: no top-k, no top-p, no penalty."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                            max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stop_ids)
-
-
-def generate(model, batch: dict, config):
-    """model.generate with `config` and nothing else (KV-cached). transformers fills every field a
-    config leaves unset from the checkpoint's generation_config.json (a repetition penalty, min_p,
-    suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
-    checkpoint_config, model.generation_config = model.generation_config, config
-    try:
-        return model.generate(**batch, generation_config=config)
-    finally:
-        model.generation_config = checkpoint_config
-
-
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, device,
            stop_ids: list) -> list:
@@ -704,6 +685,25 @@ def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
 def describe_model(name: str, model) -> None:
     print(f"loaded '{name}': {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           "parameters")
+
+
+def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
+    """Pure sampling from softmax(logits / T), stopping on any stop id: no top-k, no top-p, no penalty."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                            max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stop_ids)
+
+
+def generate(model, batch: dict, config):
+    """model.generate with `config` and nothing else (KV-cached). transformers fills every field a
+    config leaves unset from the checkpoint's generation_config.json (a repetition penalty, min_p,
+    suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
+    checkpoint_config, model.generation_config = model.generation_config, config
+    try:
+        return model.generate(**batch, generation_config=config)
+    finally:
+        model.generation_config = checkpoint_config
 
 
 def setup(args) -> tuple:

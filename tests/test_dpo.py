@@ -98,8 +98,13 @@ def run_small(tmp_path, name, **kw):
 
 
 def test_precomputed_and_on_the_fly_reference_agree(tmp_path):
+    """... and --eval_every (held-out metrics at step 3) leaves the training exactly as it was."""
     a, log_a = run_small(tmp_path, "pre", precompute_ref=True)
-    b, log_b = run_small(tmp_path, "fly", precompute_ref=False)
+    b, log_b = run_small(tmp_path, "fly", precompute_ref=False, eval_every=3)
+    held_out = [r for r in log_b if "eval/loss" in r]
+    assert [r["step"] for r in held_out] == [3] and held_out[0]["eval/loss"] < math.log(2)
+    log_b = [r for r in log_b if "train/loss" in r]
+    assert len(log_a) == len(log_b) == 6
     for ra, rb in zip(log_a, log_b):
         for key in ["train/loss", "rewards/chosen", "rewards/rejected", "logps/chosen"]:
             assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), key

@@ -77,7 +77,7 @@ class Args:
     train_split: str = "train[:4096]"
     """split to train on; datasets' slicing syntax selects part of one (the toy's default: a third)"""
     eval_split: Optional[str] = "test"
-    """split for the end-of-run implicit-reward metrics (None: skip)"""
+    """split for the implicit-reward metrics, at the end and every --eval_every steps (None: skip)"""
     eval_fraction: float = 0.05
     """for a --dataset that is one .jsonl file (no splits): the fraction of its rows held out for
     evaluation, never trained on"""
@@ -144,6 +144,8 @@ class Args:
     """length limit of the sampled responses"""
     temperature: float = 1.0
     """sampling temperature (1.0: the policy itself, so the KL estimate is unbiased)"""
+    eval_every: Optional[int] = None
+    """also compute the held-out DPO loss and implicit rewards every N optimiser steps (None: at the end)"""
     sample_every: Optional[int] = None
     """also sample and score before training and every N optimiser steps, to follow the score and KL
     over training (None: only at the end); the samples go to samples/step_<N>.jsonl"""
@@ -191,6 +193,8 @@ def check_args(args: Args) -> None:
         (args.temperature <= 0, f"--temperature must be positive (got {args.temperature}); this script "
                                 "samples, and its KL estimate needs the sampled distribution"),
         (args.max_new_tokens < 1, f"--max_new_tokens must be at least 1 (got {args.max_new_tokens})"),
+        (args.eval_every is not None and (args.eval_every < 1 or not args.eval_split),
+         "--eval_every needs a positive number of steps and an --eval_split"),
         (args.sample_every is not None and (args.sample_every < 1 or args.reward_model.lower() == "none"),
          "--sample_every needs a positive number of steps and a --reward_model to score the samples"),
         *training_problems(args),
@@ -376,25 +380,6 @@ def disable_dropout(model) -> None:
                 setattr(module, name, 0.0)
 
 
-def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
-    """Pure sampling from softmax(logits / T), stopping on any stop id: no top-k, no top-p, no penalty."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                            max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stop_ids)
-
-
-def generate(model, batch: dict, config):
-    """model.generate with `config` and nothing else (KV-cached). transformers fills every field a
-    config leaves unset from the checkpoint's generation_config.json (a repetition penalty, min_p,
-    suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
-    checkpoint_config, model.generation_config = model.generation_config, config
-    try:
-        return model.generate(**batch, generation_config=config)
-    finally:
-        model.generation_config = checkpoint_config
-
-
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float,
                      batch_size: int, device, stop_ids: list) -> list:
@@ -559,6 +544,8 @@ def main(args: Args) -> dict:
 
         if step % args.log_every == 0 or step == total_steps:
             log(out, train_record(step, window, grad_norm, scheduler, progress))
+        if args.eval_every and step % args.eval_every == 0 and step < total_steps:  # --eval_every
+            log(out, {"step": step, **evaluate_pairs(policy, evals, args, pad_id, device, autocast)})
         if reward_model and step % args.sample_every == 0 and step < total_steps:  # --sample_every
             metrics = evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts, args, device,
                                        autocast, stop_ids, samples_path(out, step))
@@ -952,6 +939,25 @@ def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dty
         print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
         model.config.pad_token_id = pad_token_id
     return model
+
+
+def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
+    """Pure sampling from softmax(logits / T), stopping on any stop id: no top-k, no top-p, no penalty."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                            max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stop_ids)
+
+
+def generate(model, batch: dict, config):
+    """model.generate with `config` and nothing else (KV-cached). transformers fills every field a
+    config leaves unset from the checkpoint's generation_config.json (a repetition penalty, min_p,
+    suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
+    checkpoint_config, model.generation_config = model.generation_config, config
+    try:
+        return model.generate(**batch, generation_config=config)
+    finally:
+        model.generation_config = checkpoint_config
 
 
 def setup(args) -> tuple:
