@@ -1,7 +1,10 @@
-"""Tables and plots from the runs that benchmark/run.py wrote: benchmark/results/results.md, one .png per
-study and summary.json (every number in the tables).
+"""summary.json and the tables, from the runs that benchmark/run.py wrote: benchmark/results/summary.json
+(every number a table shows, and the curves the plots draw), benchmark/results/results.md, and the same
+tables in the README between their <!-- benchmark:<name> --> markers. No matplotlib: the plots are
+benchmark/plots.py's, drawn from summary.json.
 
-    python benchmark/report.py
+    python benchmark/report.py             # summarise the runs, render the tables, update the README
+    python benchmark/report.py --no-readme # leave the README alone
 
 Gold reward and grammaticality are the toy world's own (toy/make.py), computed here on every run's
 samples; KL is the samples' mean log pi(y|x) - log pi_ref(y|x), each script's eval/kl; score is toy/rm's.
@@ -15,21 +18,21 @@ alpha on dev prompts).
 
 import json
 import math
+import re
 import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import tyro  # noqa: E402
+import tyro
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmark.run import ALPHAS, BETA, DPO_PAIRS, FRACTIONS, LAMBDAS, PPO_BETAS  # noqa: E402
+from benchmark.run import (ALPHAS, BETA, CONVERGED_LR, EVAL_EVERY, FRACTIONS, LAMBDAS,  # noqa: E402
+                           PPO_BETAS, TRAIN_PAIRS)
 from toy.make import gold_reward, is_grammatical  # noqa: E402
+
+SECTIONS = ["probes", "convergence", "dera", "expo", "methods", "stability", "stability_peak", "speed"]
 
 
 @dataclass
@@ -37,11 +40,13 @@ class Args:
     runs_dir: str = "benchmark/runs"
     """the runs written by benchmark/run.py"""
     results_dir: str = "benchmark/results"
-    """where the tables and plots go"""
+    """where summary.json and results.md go (and results_dir/probes/*.jsonl are read from)"""
+    readme: bool = True
+    """also write the tables into README.md (only from benchmark/runs into benchmark/results)"""
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reading runs
+# Summarising: the runs -> summary.json (every number below comes from here)
 # ---------------------------------------------------------------------------------------------------
 def read_jsonl(path: Path) -> list[dict]:
     with open(path) as f:
@@ -61,7 +66,7 @@ def sample_stats(rows: list[dict]) -> dict:
             "usable": sum(g for g, ok in zip(gold, grammatical) if ok) / n,
             "kl": sum(r["logratio"] for r in rows) / n,
             "score": sum(r["score"] for r in rows) / n,
-            "length": sum(r["length"] for r in rows) / n}
+            "length": sum(r["length"] for r in rows) / n, "samples": n}
 
 
 def seed_dirs(runs: Path, config: str) -> list[Path]:
@@ -69,15 +74,15 @@ def seed_dirs(runs: Path, config: str) -> list[Path]:
     return sorted(d for d in (runs / config).glob("seed*") if (d / "eval.json").exists())
 
 
+def mean_se(values: list[float]) -> list:
+    """[mean, standard error]; the error is None for a single value."""
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    return [statistics.mean(values), se]
+
+
 def over_seeds(per_seed: list[dict]) -> dict:
-    """{metric: (mean, standard error)} over seeds; the error is nan with a single seed."""
-    out = {}
-    for key in per_seed[0]:
-        values = [s[key] for s in per_seed]
-        se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-        out[key] = (statistics.mean(values), se)
-    out["seeds"] = len(per_seed)
-    return out
+    """{metric: [mean, standard error]} over seeds, and the number of seeds."""
+    return {**{key: mean_se([s[key] for s in per_seed]) for key in per_seed[0]}, "seeds": len(per_seed)}
 
 
 def config_stats(runs: Path, config: str, file: str = "samples.jsonl", where: tuple = None) -> dict | None:
@@ -92,10 +97,182 @@ def config_stats(runs: Path, config: str, file: str = "samples.jsonl", where: tu
     return over_seeds(per_seed) if per_seed else None
 
 
-def fmt(stat: tuple, digits: int = 2, percent: bool = False) -> str:
+def run_args(run: Path) -> dict:
+    return json.loads((run / "args.json").read_text())
+
+
+def pairs_trained(run: Path) -> int:
+    """How many preference pairs a DPO run trained on, from its args.json."""
+    args = run_args(run)
+    split = args["train_split"]
+    n = TRAIN_PAIRS if split == "train" else int(split.removeprefix("train[:").removesuffix("]"))
+    return min(n, args["max_train_samples"] or n)
+
+
+def eval_curve(run: Path) -> list[dict]:
+    """A DPO run's held-out metrics over training: every --eval_every record, then the end of the run."""
+    total = json.loads((run / "eval.json").read_text())
+    points = [r for r in read_jsonl(run / "metrics.jsonl") if "eval/loss" in r]
+    end = {k: v for k, v in total.items() if k.startswith("eval/")}
+    return points + [{"step": total["train/steps"], **end}]
+
+
+def retrained_betas() -> list[float]:
+    return [BETA / lam for lam in LAMBDAS if lam > 0]
+
+
+def summarise_probes(probes: Path) -> dict | None:
+    """The probes that chose study 1's schedule (results/probes/*.jsonl: the command, then the held-out
+    records of one run, kept because the runs themselves are not committed)."""
+    out = {}
+    for path in sorted(probes.glob("*.jsonl")):
+        head, *points = read_jsonl(path)
+        out[path.stem] = {"command": head["command"], "steps": [p["step"] for p in points],
+                          **{key: [p[f"eval/{key}"] for p in points] for key in ("loss", "rewards/margin")}}
+    return out or None
+
+
+def summarise_convergence(runs: Path) -> dict | None:
+    """Study 1's retrained models: held-out DPO loss, margin and accuracy over training, per beta."""
+    out = {}
+    for beta in retrained_betas():
+        dirs = seed_dirs(runs, f"dera/retrained/beta{beta:g}")
+        if not dirs:
+            return None
+        curves = [eval_curve(d) for d in dirs]
+        curve = {"steps": [p["step"] for p in curves[0]], "seeds": len(curves),
+                 "held_out_pairs": run_args(dirs[0])["max_eval_samples"] or 512,  # the toy's test split
+                 "pairs": pairs_trained(dirs[0])}
+        for key in ("loss", "rewards/margin", "rewards/accuracy"):
+            curve[key] = [mean_se([c[i][f"eval/{key}"] for c in curves]) for i in range(len(curve["steps"]))]
+        out[f"{beta:g}"] = curve
+    return out
+
+
+def summarise_dera(runs: Path) -> dict | None:
+    """DeRa at lambda against DPO retrained at beta / lambda (DeRa Sec. 5.2, Fig. 2)."""
+    dera = {lam: config_stats(runs, "dera/realigned", where=("lambda", f"{lam:g}")) for lam in LAMBDAS}
+    retrained = {lam: config_stats(runs, f"dera/retrained/beta{BETA / lam:g}") if lam > 0 else dera[0.0]
+                 for lam in LAMBDAS}  # lambda 0: beta infinite, the SFT model itself
+    if any(v is None for v in [*dera.values(), *retrained.values()]):
+        return None
+    return {"beta": BETA, "lambdas": {f"{lam:g}": {"dera": dera[lam], "retrained": retrained[lam]}
+                                      for lam in LAMBDAS}}
+
+
+def summarise_expo(runs: Path) -> dict | None:
+    """DPO trained on fractions of the pairs, each extrapolated (ExPO Table 2, Fig. 6)."""
+    out = {}
+    for f in FRACTIONS:
+        by_alpha = {a: config_stats(runs, f"expo/frac{f:g}", where=("alpha", a)) for a in ALPHAS}
+        if any(s is None for s in by_alpha.values()):
+            return None
+        # the paper's procedure: the reward model picks alpha on the dev prompts (per seed), gold judges it
+        alphas, chosen = [], []
+        for d in seed_dirs(runs, f"expo/frac{f:g}"):
+            alphas.append(json.loads((d / "eval.json").read_text())["best_alpha"])
+            samples = read_jsonl(d / "samples.jsonl")
+            chosen.append(sample_stats([r for r in samples if r["alpha"] == alphas[-1]]))
+        # the oracle: the alpha with the best mean usable gold, which no method could know
+        oracle = max(ALPHAS, key=lambda a: by_alpha[a]["usable"][0])
+        aligned = Path(run_args(seed_dirs(runs, f"expo/frac{f:g}")[0])["aligned"])
+        out[f"{f:g}"] = {"pairs": pairs_trained(aligned if aligned.is_absolute() else ROOT / aligned),
+                         "by_alpha": {f"{a:g}": by_alpha[a] for a in ALPHAS},
+                         "rm_alphas": alphas, "rm_selected": over_seeds(chosen), "oracle_alpha": oracle,
+                         "oracle_gain": by_alpha[oracle]["usable"][0] - by_alpha[0.0]["usable"][0]}
+    return out
+
+
+def seconds_per_run(timings: dict, config: str) -> float | None:
+    values = [t["seconds"] for k, t in timings.items() if re.fullmatch(re.escape(config) + r"/seed\d+", k)]
+    return statistics.mean(values) if values else None
+
+
+def summarise_methods(runs: Path, timings: dict) -> dict | None:
+    """PPO vs DPO vs VAR from one SFT model (Tulu 2.5 Table 2); the plot's frontier adds study 1's DPO
+    across beta and DeRa across lambda."""
+    var_runs = seed_dirs(runs, "var/default")
+    if not var_runs:
+        return None
+    configs = [("SFT (toy/sft)", "sft", "dera/realigned", ("lambda", "0")),
+               (f"DPO, β {BETA:g}", "dpo", f"dpo/beta{BETA:g}", None),
+               (f"VAR, β {run_args(var_runs[0])['beta']:g} (its default)", "var", "var/default", None)]
+    configs += [(f"PPO, β {b:g}", "ppo", f"ppo/beta{b:g}", None) for b in PPO_BETAS]
+    rows = {}
+    for name, family, config, where in configs:
+        stats = config_stats(runs, config, where=where)
+        if stats is None:
+            return None
+        seconds = None if where else seconds_per_run(timings, config)
+        rows[name] = {**stats, "family": family, "minutes": seconds and seconds / 60}
+    return rows
+
+
+def training_curve(run: Path) -> list[tuple[float, dict]]:
+    """(fraction of training, sample_stats) at every --sample_every point of one run, and at its end."""
+    total = json.loads((run / "eval.json").read_text())["train/steps"]
+    files = [(int(p.stem.split("_")[1]), p) for p in (run / "samples").glob("step_*.jsonl")]
+    return sorted((step / total, sample_stats(read_jsonl(path)))
+                  for step, path in files + [(total, run / "samples.jsonl")])
+
+
+def summarise_stability(runs: Path) -> dict | None:
+    """Held-out reward over LONGER x the default training, DPO vs VAR (VAR Fig. 2), and per method the
+    fall from each seed's best point to its last (score and gold)."""
+    out = {}
+    for name in ("dpo", "var"):
+        curves = [training_curve(d) for d in seed_dirs(runs, f"stability/{name}")]
+        if not curves:
+            return None
+        falls = [{f"{key}_fall": max(s[key] for _, s in c) - c[-1][1][key] for key in ("score", "gold")}
+                 for c in curves]
+        out[name.upper()] = {"fractions": [f for f, _ in curves[0]],
+                             "points": [over_seeds([c[i][1] for c in curves]) for i in range(len(curves[0]))],
+                             "peak_to_final": over_seeds(falls)}
+    return out
+
+
+def summarise_speed(runs: Path, timings: dict) -> dict:
+    """Each script's own throughput log (perf/*, mean over seeds) and the mean wall time of its runs."""
+    def perf(config: str, key: str) -> float | None:
+        values = [json.loads((d / "eval.json").read_text()).get(key) for d in seed_dirs(runs, config)]
+        values = [v for v in values if v is not None]
+        return statistics.mean(values) if values else None
+
+    tokens = [("perf/tokens_per_s", "tokens/s")]
+    rows = [(f"dpo.py (β {BETA:g}, the default run, sampling 9 times)", f"dpo/beta{BETA:g}", tokens),
+            (f"dpo.py (study 1: {TRAIN_PAIRS:,} pairs at lr {CONVERGED_LR:g}, held-out eval every "
+             f"{EVAL_EVERY} steps)", f"dera/retrained/beta{BETA:g}", tokens),
+            ("var.py (the default run, sampling 9 times)", "var/default",
+             [("perf/tokens_per_s", "tokens/s in the SFT steps"),
+              ("perf/tokens_per_s_with_frozen", "with the B×B frozen work")]),
+            (f"ppo.py (β {PPO_BETAS[0]:g})", f"ppo/beta{PPO_BETAS[0]:g}",
+             [("perf/episodes_per_s", "episodes/s")]),
+            (f"dera.py ({len(LAMBDAS)} lambdas × 256 prompts)", "dera/realigned",
+             [("perf/tokens_per_s", "tokens/s decoding two models"),
+              ("perf/tokens_per_s_one_model", "one model")]),
+            (f"expo.py ({len(ALPHAS)} alphas × 128 prompts)", f"expo/frac{FRACTIONS[-1]:g}", [])]
+    return {name: {"throughput": [[perf(config, key), unit] for key, unit in keys],
+                   "wall_s": seconds_per_run(timings, config)} for name, config, keys in rows}
+
+
+def summarise(runs: Path, timings: dict, probes: Path) -> dict:
+    """Everything the tables and plots show; a study whose runs are missing is None."""
+    return {"runs": len(timings), "minutes": sum(t["seconds"] for t in timings.values()) / 60,
+            "probes": summarise_probes(probes), "convergence": summarise_convergence(runs),
+            "dera": summarise_dera(runs), "expo": summarise_expo(runs),
+            "methods": summarise_methods(runs, timings),
+            "stability": summarise_stability(runs), "speed": summarise_speed(runs, timings),
+            "timings_s": {k: t["seconds"] for k, t in timings.items()}}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rendering: summary.json -> markdown tables (pure functions of the summary: the test re-renders them)
+# ---------------------------------------------------------------------------------------------------
+def fmt(stat, digits: int = 2, percent: bool = False) -> str:
     mean, se = stat
     scale, unit = (100, "%") if percent else (1, "")
-    if math.isnan(se):
+    if se is None:
         return f"{scale * mean:.{digits}f}{unit}"
     return f"{scale * mean:.{digits}f} ± {scale * se:.{digits}f}{unit}"
 
@@ -109,222 +286,151 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def errorbar(ax, xs, stats, key, **kw):
-    errors = [0 if math.isnan(s[key][1]) else s[key][1] for s in stats]  # one seed: no error bar
-    ax.errorbar(xs, [s[key][0] for s in stats], yerr=errors, capsize=3, **kw)
+def quarters(steps: list) -> list[int]:
+    """Indices of the evaluation points nearest to 25, 50, 75 and 100% of training."""
+    return [min(range(len(steps)), key=lambda i: abs(steps[i] - f * steps[-1])) for f in (0.25, 0.5, 0.75, 1)]
 
 
-# ---------------------------------------------------------------------------------------------------
-# The four studies: each returns its markdown and saves its plot
-# ---------------------------------------------------------------------------------------------------
-def study_dera(runs: Path, results: Path, summary: dict) -> str:
-    """DeRa at lambda against DPO retrained at beta / lambda (DeRa Sec. 5.2, Fig. 2)."""
-    dera = {lam: config_stats(runs, "dera", where=("lambda", f"{lam:g}")) for lam in LAMBDAS}
-    retrained = {lam: config_stats(runs, f"dpo/beta{BETA / lam:g}") if lam > 0 else dera[0.0]
-                 for lam in LAMBDAS}  # lambda 0: beta infinite, the SFT model itself
-    if any(v is None for v in [*dera.values(), *retrained.values()]):
-        return "## 1. DeRa vs retrained DPO\n\n(runs missing)\n"
-    summary["dera"] = {f"{lam:g}": {"dera": dera[lam], "retrained": retrained[lam]} for lam in LAMBDAS}
-    rows = [[f"{lam:g}", "∞ (SFT)" if lam == 0 else f"{BETA / lam:g}",
-             fmt(dera[lam]["gold"]), fmt(retrained[lam]["gold"]), fmt(dera[lam]["usable"]),
-             fmt(retrained[lam]["usable"]), fmt(dera[lam]["kl"]), fmt(retrained[lam]["kl"]),
-             fmt(dera[lam]["grammatical"], 0, True), fmt(retrained[lam]["grammatical"], 0, True)]
-            for lam in LAMBDAS]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for ax, key, label in zip(axes, ["gold", "usable", "kl", "grammatical"],
-                              ["gold reward", "usable gold (grammatical responses)", "KL(pi || pi_sft)",
-                               "grammatical fraction"]):
-        errorbar(ax, LAMBDAS, [dera[lam] for lam in LAMBDAS], key, marker="s", label="DeRa at lambda")
-        errorbar(ax, LAMBDAS, [retrained[lam] for lam in LAMBDAS], key, marker="^", linestyle="--",
-                 label="DPO retrained at beta / lambda")
-        ax.set_xlabel(f"lambda (retrained at beta = {BETA:g} / lambda)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[2].set_yscale("symlog", linthresh=1)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"DeRa realigns DPO (beta {BETA}) at decoding time: does it predict retraining?")
-    fig.tight_layout()
-    fig.savefig(results / "dera.png", dpi=110)
-    n = dera[0.0]["seeds"]
-    return ("## 1. DeRa vs retrained DPO (DeRa Fig. 2)\n\n![DeRa](dera.png)\n\n"
-            + table(["λ", "β/λ", "gold: DeRa", "gold: retrained", "usable gold: DeRa",
-                     "usable gold: retrained", "KL: DeRa", "KL: retrained", "grammatical: DeRa",
-                     "grammatical: retrained"], rows)
-            + f"\n\n{seeds(n)}; 256 test prompts per seed; temperature 1.\n")
-
-
-def study_expo(runs: Path, results: Path, summary: dict) -> str:
-    """DPO trained on fractions of the pairs, each extrapolated (ExPO Table 2, Fig. 6)."""
-    stats = {f: {a: config_stats(runs, f"expo/frac{f:g}", where=("alpha", a)) for a in ALPHAS}
-             for f in FRACTIONS}
-    if any(s is None for per in stats.values() for s in per.values()):
-        return "## 2. ExPO on under-trained DPO models\n\n(runs missing)\n"
-    rows, summary["expo"] = [], {}
-    for f in FRACTIONS:
-        # the paper's procedure: the reward model picks alpha on the dev prompts (per seed), gold judges it
-        chosen = []
-        for d in seed_dirs(runs, f"expo/frac{f:g}"):
-            best = json.loads((d / "eval.json").read_text())["best_alpha"]
-            samples = read_jsonl(d / "samples.jsonl")
-            chosen.append({**sample_stats([r for r in samples if r["alpha"] == best]), "alpha": best})
-        picked = over_seeds(chosen)
-        # the oracle: the alpha with the best mean usable gold, which no method could know
-        oracle = max(ALPHAS, key=lambda a: stats[f][a]["usable"][0])
-        gain = stats[f][oracle]["usable"][0] - stats[f][0.0]["usable"][0]
-        summary["expo"][f"{f:g}"] = {"by_alpha": {f"{a:g}": stats[f][a] for a in ALPHAS},
-                                     "rm_selected": picked, "oracle_alpha": oracle, "oracle_gain": gain}
-        rows.append([f"{f:.0%} ({round(f * DPO_PAIRS)} pairs)", fmt(stats[f][0.0]["usable"]),
-                     ", ".join(f"{c['alpha']:g}" for c in chosen), fmt(picked["gold"]), fmt(picked["usable"]),
-                     fmt(picked["grammatical"], 0, True), f"{oracle:g}", fmt(stats[f][oracle]["usable"]),
-                     f"{gain:+.2f}"])
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for f in FRACTIONS:
-        for ax, key in zip(axes, ["usable", "gold", "score", "grammatical"]):
-            errorbar(ax, ALPHAS, [stats[f][a] for a in ALPHAS], key, marker="o",
-                     label=f"DPO on {f:.0%} of the pairs")
-    axes[1].set_yscale("symlog", linthresh=10)
-    labels = ["usable gold (grammatical responses)", "gold reward", "reward-model score (selects alpha)",
-              "grammatical fraction"]
-    for ax, label in zip(axes, labels):
-        ax.set_xscale("symlog", linthresh=0.25)
-        ax.set_xticks(ALPHAS, [f"{a:g}" for a in ALPHAS])
-        ax.set_xlabel("alpha (theta_dpo + alpha (theta_dpo - theta_sft))")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("ExPO: extrapolating DPO models trained on less data")
-    fig.tight_layout()
-    fig.savefig(results / "expo.png", dpi=110)
-    return ("## 2. ExPO on under-trained DPO models (ExPO Table 2, Fig. 6)\n\n![ExPO](expo.png)\n\n"
-            + table(["DPO data", "usable gold at α = 0", "α picked by the RM (per seed)",
-                     "gold at picked α", "usable gold at picked α", "grammatical at picked α",
-                     "best α by usable gold (oracle)", "its usable gold", "gain over α = 0"], rows)
-            + f"\n\n{seeds(stats[1.0][0.0]['seeds'])}; 128 validation prompts per seed; temperature 1.\n")
-
-
-def study_methods(runs: Path, results: Path, summary: dict, timings: dict) -> str:
-    """PPO vs DPO vs VAR from one SFT model (Tulu 2.5 Table 2), and the reward-KL frontier (DPO Fig. 2)."""
-    configs = [("SFT (toy/sft)", "dera", ("lambda", "0")), (f"DPO, β {BETA:g}", f"dpo/beta{BETA:g}", None),
-               (f"VAR, β {BETA:g}", f"var/beta{BETA:g}", None)]
-    configs += [(f"PPO, β {b:g}", f"ppo/beta{b:g}", None) for b in PPO_BETAS]
-    stats = {name: config_stats(runs, config, where=where) for name, config, where in configs}
-    if any(s is None for s in stats.values()):
-        return "## 3. PPO vs DPO vs VAR\n\n(runs missing)\n"
-    summary["methods"] = stats
+def render_probes(p: dict) -> str:
     rows = []
-    for name, config, _ in configs:
-        minutes = [t / 60 for k, t in timings.items() if k.startswith(config + "/seed") and config != "dera"]
-        s = stats[name]
-        rows.append([name, fmt(s["gold"]), fmt(s["usable"]), fmt(s["kl"]), fmt(s["grammatical"], 0, True),
-                     fmt(s["score"]),
-                     f"{s['length'][0]:.1f}", f"{statistics.mean(minutes):.1f}" if minutes else "—"])
-
-    # the frontier: every configuration's (KL, gold), with DPO across beta and DeRa across lambda
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    dpo_betas = sorted({BETA / lam for lam in LAMBDAS if lam > 0})
-    families = [("DPO across β", [config_stats(runs, f"dpo/beta{b:g}") for b in dpo_betas], "o-"),
-                ("DeRa across λ", [config_stats(runs, "dera", where=("lambda", f"{lam:g}"))
-                                   for lam in LAMBDAS], "s:"),
-                ("PPO across β", [stats[f"PPO, β {b:g}"] for b in PPO_BETAS], "D-"),
-                ("VAR", [stats[f"VAR, β {BETA:g}"]], "*"),
-                ("SFT", [stats["SFT (toy/sft)"]], "k+")]
-    for ax, key in zip(axes, ["gold", "usable"]):
-        for label, points, style in families:
-            points = sorted((p for p in points if p), key=lambda p: p["kl"][0])
-            ax.errorbar([p["kl"][0] for p in points], [p[key][0] for p in points],
-                        xerr=[0 if math.isnan(p["kl"][1]) else p["kl"][1] for p in points],
-                        yerr=[0 if math.isnan(p[key][1]) else p[key][1] for p in points],
-                        fmt=style, capsize=3, label=label, markersize=8)
-        ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlabel("KL(pi || pi_sft) of the samples (nats)")
-        ax.grid(alpha=0.3)
-    axes[0].set_yscale("symlog", linthresh=10)
-    axes[0].set_ylabel("gold reward")
-    axes[1].set_ylabel("usable gold (grammatical responses)")
-    axes[0].legend()
-    fig.suptitle("Reward against KL to the SFT model, every method sampled at temperature 1")
-    fig.tight_layout()
-    fig.savefig(results / "methods.png", dpi=110)
-    return ("## 3. PPO vs DPO vs VAR from the same SFT model (Tulu 2.5 Table 2; DPO Fig. 2)\n\n"
-            "![methods](methods.png)\n\n"
-            + table(["method", "gold", "usable gold", "KL to SFT", "grammatical", "RM score",
-                     "length (tokens)",
-                     "minutes per run"], rows)
-            + f"\n\n{seeds(stats['SFT (toy/sft)']['seeds'])}; 256 test prompts per seed; every method "
-              "sampled at temperature 1 (PPO also trained at 1).\n")
+    for probe in p.values():
+        idx = quarters(probe["steps"])
+        rows.append([f"`{probe['command']}`", str(probe["steps"][-1]),
+                     " → ".join(f"{probe['loss'][i]:.3f}" for i in idx),
+                     " → ".join(f"{probe['rewards/margin'][i]:.2f}" for i in idx)])
+    return table(["probe (seed 0)", "steps", "held-out loss at 25, 50, 75, 100%",
+                  "held-out margin, same points"], rows)
 
 
-def curve(runs: Path, config: str) -> tuple[list[float], list[dict]]:
-    """Sample stats over training, as a fraction of the run's steps, from --sample_every."""
-    per_step = {}
-    for d in seed_dirs(runs, config):
-        total = json.loads((d / "eval.json").read_text())["train/steps"]
-        files = [(int(p.stem.split("_")[1]), p) for p in (d / "samples").glob("step_*.jsonl")]
-        for step, path in files + [(total, d / "samples.jsonl")]:
-            per_step.setdefault(step / total, []).append(sample_stats(read_jsonl(path)))
-    fractions = sorted(per_step)
-    return fractions, [over_seeds(per_step[f]) for f in fractions]
+def render_convergence(c: dict) -> str:
+    rows = []
+    for beta, curve in c.items():
+        idx = quarters(curve["steps"])
+        rows.append([beta, str(curve["steps"][-1]), *[fmt(curve["loss"][i], 3) for i in idx],
+                     *[fmt(curve["rewards/margin"][i], 2) for i in idx[1:]],
+                     fmt(curve["rewards/accuracy"][idx[-1]], 0, True)])
+    first = next(iter(c.values()))
+    return (table(["β", "steps", "held-out loss at 25%", "50%", "75%", "100%", "held-out margin at 50%",
+                   "75%", "100%", "held-out accuracy"], rows)
+            + f"\n\n{seeds(first['seeds'])}; {first['pairs']:,} training pairs, {first['held_out_pairs']} "
+              "held-out pairs; the margin is β·h, the gap between chosen and rejected implicit rewards.")
 
 
-def study_stability(runs: Path, results: Path, summary: dict) -> str:
-    """Held-out reward over training, DPO vs VAR (VAR Fig. 2)."""
-    curves = {"DPO": curve(runs, f"dpo/beta{BETA:g}"), "VAR": curve(runs, f"var/beta{BETA:g}")}
-    if not all(fr for fr, _ in curves.values()):
-        return "## 4. Stability over training\n\n(runs missing)\n"
-    summary["stability"] = {k: {f"{f:.3f}": s for f, s in zip(*v)} for k, v in curves.items()}
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for name, (fractions, stats) in curves.items():
-        for ax, key in zip(axes, ["score", "gold", "kl", "grammatical"]):
-            errorbar(ax, fractions, stats, key, marker="o", label=name)
-    labels = ["reward-model score (the paper's y-axis)", "gold reward", "KL(pi || pi_sft)",
-              "grammatical fraction"]
-    for ax, label in zip(axes, labels):
-        ax.set_xlabel("fraction of training")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle("Held-out reward over training (256 test prompts, same sampling seed at every point)")
-    fig.tight_layout()
-    fig.savefig(results / "stability.png", dpi=110)
-    fractions = sorted(set(curves["DPO"][0]) & set(curves["VAR"][0]))
-    at = {name: dict(zip(*curves[name])) for name in curves}
-    rows = [[f"{f:.0%}", fmt(at["DPO"][f]["score"]), fmt(at["VAR"][f]["score"]), fmt(at["DPO"][f]["gold"]),
-             fmt(at["VAR"][f]["gold"]), fmt(at["DPO"][f]["kl"]), fmt(at["VAR"][f]["kl"])] for f in fractions]
-    return ("## 4. Held-out reward over training, DPO vs VAR (VAR Fig. 2)\n\n![stability](stability.png)\n\n"
-            + table(["training", "RM score: DPO", "RM score: VAR", "gold: DPO", "gold: VAR", "KL: DPO",
-                     "KL: VAR"], rows) + f"\n\n{seeds(curves['DPO'][1][0]['seeds'])}.\n")
+def render_dera(d: dict) -> str:
+    rows = []
+    for lam, s in d["lambdas"].items():
+        dera, ret = s["dera"], s["retrained"]
+        rows.append([lam, "∞ (SFT)" if lam == "0" else f"{d['beta'] / float(lam):g}", fmt(dera["gold"]),
+                     fmt(ret["gold"]), fmt(dera["usable"]), fmt(ret["usable"]), fmt(dera["kl"]),
+                     fmt(ret["kl"]), fmt(dera["grammatical"], 0, True), fmt(ret["grammatical"], 0, True)])
+    sft = d["lambdas"]["0"]["dera"]
+    return (table(["λ", "β/λ", "gold: DeRa", "gold: retrained", "usable gold: DeRa", "usable gold: retrained",
+                   "KL: DeRa", "KL: retrained", "grammatical: DeRa", "grammatical: retrained"], rows)
+            + f"\n\n{seeds(sft['seeds'])}; {sft['samples'][0]:.0f} test prompts per seed; temperature 1.")
 
 
-def study_speed(runs: Path, timings: dict) -> str:
-    """Each script's own throughput log (perf/*) and wall time, over the benchmark's runs."""
-    def perf(config: str, key: str) -> str:
-        values = [json.loads((d / "eval.json").read_text()).get(key) for d in seed_dirs(runs, config)]
-        values = [v for v in values if v is not None]
-        return f"{statistics.mean(values):,.0f}" if values else "—"
+def render_expo(e: dict) -> str:
+    rows = []
+    for f, s in e.items():
+        zero, oracle, picked = s["by_alpha"]["0"], s["by_alpha"][f"{s['oracle_alpha']:g}"], s["rm_selected"]
+        rows.append([f"{float(f):.0%} ({s['pairs']} pairs)", fmt(zero["usable"]),
+                     ", ".join(f"{a:g}" for a in s["rm_alphas"]), fmt(picked["gold"]), fmt(picked["usable"]),
+                     fmt(picked["grammatical"], 0, True), f"{s['oracle_alpha']:g}", fmt(oracle["usable"]),
+                     f"{s['oracle_gain']:+.2f}"])
+    zero = next(iter(e.values()))["by_alpha"]["0"]
+    return (table(["DPO data", "usable gold at α = 0", "α picked by the RM (per seed)", "gold at picked α",
+                   "usable gold at picked α", "grammatical at picked α", "best α by usable gold (oracle)",
+                   "its usable gold", "gain over α = 0"], rows)
+            + f"\n\n{seeds(zero['seeds'])}; {zero['samples'][0]:.0f} validation prompts per seed; "
+              "temperature 1.")
 
-    def wall(config: str) -> str:
-        values = [t for k, t in timings.items() if k.startswith(config + "/seed")]
-        return f"{statistics.mean(values):.0f}" if values else "—"
 
-    base = f"dpo/beta{BETA:g}"
-    other = f"dpo/beta{BETA / 2:g}"
-    rows = [[f"dpo.py (β {BETA:g}, sampling 9 times)", f"{perf(base, 'perf/tokens_per_s')} tokens/s",
-             wall(base)],
-            [f"dpo.py (β {BETA / 2:g}, sampling once)", f"{perf(other, 'perf/tokens_per_s')} tokens/s",
-             wall(other)],
-            ["var.py (cross normaliser, sampling 9 times)",
-             f"{perf(f'var/beta{BETA:g}', 'perf/tokens_per_s')} tokens/s in the SFT steps, "
-             f"{perf(f'var/beta{BETA:g}', 'perf/tokens_per_s_with_frozen')} with the B×B frozen work",
-             wall(f"var/beta{BETA:g}")],
-            [f"ppo.py (β {PPO_BETAS[0]:g})", f"{perf(f'ppo/beta{PPO_BETAS[0]:g}', 'perf/episodes_per_s')}"
-             " episodes/s", wall(f"ppo/beta{PPO_BETAS[0]:g}")],
-            [f"dera.py ({len(LAMBDAS)} lambdas × 256 prompts)",
-             f"{perf('dera', 'perf/tokens_per_s')} tokens/s decoding two models, "
-             f"{perf('dera', 'perf/tokens_per_s_one_model')} one model", wall("dera")],
-            [f"expo.py ({len(ALPHAS)} alphas × 128 prompts)", "—", wall(f"expo/frac{FRACTIONS[-1]:g}")]]
-    return ("## Speed (2 CPU cores)\n\n"
-            + table(["run", "throughput (the script's own log)", "wall s per run"], rows)
-            + "\n\nWall time includes starting Python, loading, sampling and saving.\n")
+def render_methods(m: dict) -> str:
+    rows = [[name, fmt(s["gold"]), fmt(s["usable"]), fmt(s["kl"]), fmt(s["grammatical"], 0, True),
+             fmt(s["score"]), f"{s['length'][0]:.1f}", "—" if s["minutes"] is None else f"{s['minutes']:.1f}"]
+            for name, s in m.items()]
+    first = next(iter(m.values()))
+    return (table(["method", "gold", "usable gold", "KL to SFT", "grammatical", "RM score", "length (tokens)",
+                   "minutes per run"], rows)
+            + f"\n\n{seeds(first['seeds'])}; {first['samples'][0]:.0f} test prompts per seed; every method "
+              "sampled at temperature 1 (PPO also trained at 1).")
+
+
+def render_stability(s: dict) -> str:
+    dpo, var = s["DPO"], s["VAR"]
+    assert dpo["fractions"] == var["fractions"], "DPO and VAR were sampled at different points"
+    rows = [[f"{f:.0%}", fmt(a["score"]), fmt(b["score"]), fmt(a["gold"]), fmt(b["gold"]), fmt(a["kl"]),
+             fmt(b["kl"]), fmt(a["grammatical"], 0, True), fmt(b["grammatical"], 0, True)]
+            for f, a, b in zip(dpo["fractions"], dpo["points"], var["points"])]
+    first = dpo["points"][0]
+    return (table(["training", "RM score: DPO", "RM score: VAR", "gold: DPO", "gold: VAR", "KL: DPO",
+                   "KL: VAR", "grammatical: DPO", "grammatical: VAR"], rows)
+            + f"\n\n{seeds(first['seeds'])}; {first['samples'][0]:.0f} test prompts, the same sampling seed "
+              "at every point.")
+
+
+def render_stability_peak(s: dict) -> str:
+    rows = [[name, fmt(v["peak_to_final"]["score_fall"]), fmt(v["peak_to_final"]["gold_fall"])]
+            for name, v in s.items()]
+    points = len(s["DPO"]["fractions"])
+    return table(["method", "RM score: best point − last", "gold: best point − last"], rows) + (
+        f"\n\nPer seed, the best of the {points} points minus the last one (0: the run ends at its best).")
+
+
+def render_speed(sp: dict) -> str:
+    rows = []
+    for name, s in sp.items():
+        parts = [f"{v:,.0f} {unit}" for v, unit in s["throughput"] if v is not None]
+        rows.append([name, ", ".join(parts) or "—", "—" if s["wall_s"] is None else f"{s['wall_s']:.0f}"])
+    return (table(["run", "throughput (the script's own log)", "wall s per run"], rows)
+            + "\n\nWall time includes starting Python, loading, sampling and saving.")
+
+
+def render(summary: dict) -> dict[str, str]:
+    """Each section's markdown (table and footnote), or a line saying its runs are missing."""
+    sources = {"probes": ("probes", render_probes), "convergence": ("convergence", render_convergence),
+               "dera": ("dera", render_dera), "expo": ("expo", render_expo),
+               "methods": ("methods", render_methods),
+               "stability": ("stability", render_stability),
+               "stability_peak": ("stability", render_stability_peak), "speed": ("speed", render_speed)}
+    return {name: "(runs missing)" if summary.get(key) is None else fn(summary[key])
+            for name, (key, fn) in sources.items()}
+
+
+def block(name: str, text: str) -> str:
+    return f"<!-- benchmark:{name} -->\n{text}\n<!-- /benchmark:{name} -->\n"
+
+
+def results_md(summary: dict) -> str:
+    """benchmark/results/results.md: every table, under its study's plot."""
+    t = render(summary)
+    return "\n".join([
+        "# Benchmark results\n",
+        f"Written by `python benchmark/report.py` from the runs of `python benchmark/run.py`: "
+        f"{summary['runs']} runs, {summary['minutes']:.0f} minutes of compute in all (2 CPU cores, one "
+        "run at a time). The readings are in the README.\n",
+        "## 1. DeRa vs DPO retrained to convergence (DeRa Fig. 2)\n", block("probes", t["probes"]),
+        "![convergence](convergence.png)\n", block("convergence", t["convergence"]), "![DeRa](dera.png)\n",
+        block("dera", t["dera"]),
+        "## 2. ExPO on under-trained DPO models (ExPO Table 2, Fig. 6)\n", "![ExPO](expo.png)\n",
+        block("expo", t["expo"]),
+        "## 3. PPO vs DPO vs VAR from the same SFT model (Tulu 2.5 Table 2; DPO Fig. 2)\n",
+        "![methods](methods.png)\n", block("methods", t["methods"]),
+        "## 4. Held-out reward over 4x the default training, DPO vs VAR (VAR Fig. 2)\n",
+        "![stability](stability.png)\n", block("stability", t["stability"]),
+        block("stability_peak", t["stability_peak"]),
+        "## Speed (2 CPU cores)\n", block("speed", t["speed"])])
+
+
+def blocks(text: str) -> dict[str, str]:
+    """The <!-- benchmark:<name> --> ... <!-- /benchmark:<name> --> blocks of a markdown file."""
+    return dict(re.findall(r"<!-- benchmark:(\w+) -->\n(?:(.*?)\n)?<!-- /benchmark:\1 -->", text, flags=re.S))
+
+
+def fill_blocks(text: str, tables: dict[str, str]) -> str:
+    """`text` with each of its blocks replaced by the table of that name."""
+    return re.sub(r"(<!-- benchmark:(\w+) -->\n)(?:.*?\n)?(<!-- /benchmark:\2 -->)",
+                  lambda m: m.group(1) + tables[m.group(2)] + "\n" + m.group(3), text, flags=re.S)
 
 
 def main(args: Args) -> None:
@@ -332,16 +438,15 @@ def main(args: Args) -> None:
     results.mkdir(parents=True, exist_ok=True)
     timings_file = runs / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
-    summary = {}
-    sections = [study_dera(runs, results, summary), study_expo(runs, results, summary),
-                study_methods(runs, results, summary, timings), study_stability(runs, results, summary),
-                study_speed(runs, timings)]
-    total = sum(timings.values()) / 60
-    header = (f"# Benchmark results\n\nWritten by `python benchmark/report.py` from the runs of "
-              f"`python benchmark/run.py`: {len(timings)} runs, {total:.0f} minutes of compute in all.\n")
-    (results / "results.md").write_text("\n".join([header, *sections]))
-    (results / "summary.json").write_text(json.dumps({**summary, "timings_s": timings}, indent=1))
-    print(f"wrote {results / 'results.md'} and its plots ({total:.0f} minutes of runs)")
+    summary = summarise(runs, timings, results / "probes")
+    (results / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
+    (results / "results.md").write_text(results_md(summary))
+    committed = runs == ROOT / "benchmark/runs" and results == ROOT / "benchmark/results"
+    if args.readme and committed:
+        readme = ROOT / "README.md"
+        readme.write_text(fill_blocks(readme.read_text(), render(summary)))
+    print(f"wrote {results / 'summary.json'} and {results / 'results.md'}" + (" and the README's tables" if
+          args.readme and committed else "") + f" ({summary['runs']} runs, {summary['minutes']:.0f} minutes)")
 
 
 if __name__ == "__main__":
