@@ -119,12 +119,12 @@ def plot_methods(m: dict, d: dict | None, path: Path) -> None:
 
 
 def plot_stability(s: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.6))
     for name, curve in s.items():
-        for ax, key in zip(axes, ["score", "gold", "kl", "grammatical"]):
+        for ax, key in zip(axes, ["score", "gold", "usable", "kl", "grammatical"]):
             errorbar(ax, curve["fractions"], curve["points"], key, marker="o", label=name)
-    labels = ["reward-model score (the paper's y-axis)", "gold reward", "KL(pi || pi_sft)",
-              "grammatical fraction"]
+    labels = ["reward-model score (the paper's y-axis)", "gold reward", "usable gold (grammatical responses)",
+              "KL(pi || pi_sft)", "grammatical fraction"]
     for ax, label in zip(axes, labels):
         ax.set_xlabel("fraction of training (4x the default length)")
         ax.set_ylabel(label)

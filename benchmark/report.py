@@ -218,14 +218,14 @@ def training_curve(run: Path) -> list[tuple[float, dict]]:
 
 def summarise_stability(runs: Path) -> dict | None:
     """Held-out reward over LONGER x the default training, DPO vs VAR (VAR Fig. 2), and per method the
-    fall from each seed's best point to its last (score and gold)."""
+    fall from each seed's best point to its last (score, gold and usable gold)."""
     out = {}
     for name in ("dpo", "var"):
         curves = [training_curve(d) for d in seed_dirs(runs, f"stability/{name}")]
         if not curves:
             return None
-        falls = [{f"{key}_fall": max(s[key] for _, s in c) - c[-1][1][key] for key in ("score", "gold")}
-                 for c in curves]
+        falls = [{f"{key}_fall": max(s[key] for _, s in c) - c[-1][1][key]
+                  for key in ("score", "gold", "usable")} for c in curves]
         out[name.upper()] = {"fractions": [f for f, _ in curves[0]],
                              "points": [over_seeds([c[i][1] for c in curves]) for i in range(len(curves[0]))],
                              "peak_to_final": over_seeds(falls)}
@@ -359,21 +359,24 @@ def render_methods(m: dict) -> str:
 def render_stability(s: dict) -> str:
     dpo, var = s["DPO"], s["VAR"]
     assert dpo["fractions"] == var["fractions"], "DPO and VAR were sampled at different points"
-    rows = [[f"{f:.0%}", fmt(a["score"]), fmt(b["score"]), fmt(a["gold"]), fmt(b["gold"]), fmt(a["kl"]),
-             fmt(b["kl"]), fmt(a["grammatical"], 0, True), fmt(b["grammatical"], 0, True)]
+    rows = [[f"{f:.0%}", fmt(a["score"]), fmt(b["score"]), fmt(a["gold"]), fmt(b["gold"]), fmt(a["usable"]),
+             fmt(b["usable"]), fmt(a["kl"]), fmt(b["kl"]), fmt(a["grammatical"], 0, True),
+             fmt(b["grammatical"], 0, True)]
             for f, a, b in zip(dpo["fractions"], dpo["points"], var["points"])]
     first = dpo["points"][0]
-    return (table(["training", "RM score: DPO", "RM score: VAR", "gold: DPO", "gold: VAR", "KL: DPO",
-                   "KL: VAR", "grammatical: DPO", "grammatical: VAR"], rows)
+    return (table(["training", "RM score: DPO", "RM score: VAR", "gold: DPO", "gold: VAR",
+                   "usable gold: DPO", "usable gold: VAR", "KL: DPO", "KL: VAR", "grammatical: DPO",
+                   "grammatical: VAR"], rows)
             + f"\n\n{seeds(first['seeds'])}; {first['samples'][0]:.0f} test prompts, the same sampling seed "
               "at every point.")
 
 
 def render_stability_peak(s: dict) -> str:
-    rows = [[name, fmt(v["peak_to_final"]["score_fall"]), fmt(v["peak_to_final"]["gold_fall"])]
+    rows = [[name, *[fmt(v["peak_to_final"][f"{key}_fall"]) for key in ("score", "gold", "usable")]]
             for name, v in s.items()]
     points = len(s["DPO"]["fractions"])
-    return table(["method", "RM score: best point − last", "gold: best point − last"], rows) + (
+    return table(["method", "RM score: best point − last", "gold: best − last", "usable gold: best − last"],
+                 rows) + (
         f"\n\nPer seed, the best of the {points} points minus the last one (0: the run ends at its best).")
 
 
