@@ -32,7 +32,8 @@ from benchmark.run import (ALPHAS, BETA, CONVERGED_LR, EVAL_EVERY, FRACTIONS, LA
                            PPO_BETAS, TRAIN_PAIRS)
 from toy.make import gold_reward, is_grammatical  # noqa: E402
 
-SECTIONS = ["probes", "convergence", "dera", "expo", "methods", "stability", "stability_peak", "speed"]
+SECTIONS = ["parts", "probes", "convergence", "dera", "expo", "methods", "stability", "stability_peak",
+            "speed"]
 
 
 @dataclass
@@ -389,9 +390,26 @@ def render_speed(sp: dict) -> str:
             + "\n\nWall time includes starting Python, loading, sampling and saving.")
 
 
+PARTS = [("study 1", "dera", ("dera/",)),
+         ("studies 2 and 3 (3 reuses study 1's runs)", "expo methods", ("dpo/", "expo/", "var/", "ppo/")),
+         ("study 4", "stability", ("stability/",))]
+
+
+def render_parts(timings: dict) -> str:
+    """The full run's resumable parts, with the runs and minutes timings.json measured for each."""
+    rows = []
+    for name, studies, prefixes in PARTS:
+        seconds = [t for run, t in timings.items() if run.startswith(prefixes)]
+        rows.append([name, f"`python benchmark/run.py --studies {studies}`", str(len(seconds)),
+                     f"{sum(seconds) / 60:.0f}"])
+    rows.append(["all", "`python benchmark/run.py`", str(len(timings)), f"{sum(timings.values()) / 60:.0f}"])
+    return table(["part", "command", "runs", "minutes"], rows)
+
+
 def render(summary: dict) -> dict[str, str]:
     """Each section's markdown (table and footnote), or a line saying its runs are missing."""
-    sources = {"probes": ("probes", render_probes), "convergence": ("convergence", render_convergence),
+    sources = {"parts": ("timings_s", render_parts), "probes": ("probes", render_probes),
+               "convergence": ("convergence", render_convergence),
                "dera": ("dera", render_dera), "expo": ("expo", render_expo),
                "methods": ("methods", render_methods),
                "stability": ("stability", render_stability),
@@ -411,7 +429,7 @@ def results_md(summary: dict) -> str:
         "# Benchmark results\n",
         f"Written by `python benchmark/report.py` from the runs of `python benchmark/run.py`: "
         f"{summary['runs']} runs, {summary['minutes']:.0f} minutes of compute in all (2 CPU cores, one "
-        "run at a time). The readings are in the README.\n",
+        "run at a time). The readings are in the README.\n", block("parts", t["parts"]),
         "## 1. DeRa vs DPO retrained to convergence (DeRa Fig. 2)\n", block("probes", t["probes"]),
         "![convergence](convergence.png)\n", block("convergence", t["convergence"]), "![DeRa](dera.png)\n",
         block("dera", t["dera"]),
