@@ -259,7 +259,9 @@ def summarise_speed(runs: Path, timings: dict) -> dict:
 
 def summarise(runs: Path, timings: dict, probes: Path) -> dict:
     """Everything the tables and plots show; a study whose runs are missing is None."""
-    return {"runs": len(timings), "minutes": sum(t["seconds"] for t in timings.values()) / 60,
+    quick = runs == ROOT / "benchmark/runs-quick"
+    return {"command": "python benchmark/run.py" + (" --quick" if quick else ""), "runs": len(timings),
+            "minutes": sum(t["seconds"] for t in timings.values()) / 60,
             "probes": summarise_probes(probes), "convergence": summarise_convergence(runs),
             "dera": summarise_dera(runs), "expo": summarise_expo(runs),
             "methods": summarise_methods(runs, timings),
@@ -395,27 +397,26 @@ PARTS = [("study 1", "dera", ("dera/",)),
          ("study 4", "stability", ("stability/",))]
 
 
-def render_parts(timings: dict) -> str:
+def render_parts(summary: dict) -> str:
     """The full run's resumable parts, with the runs and minutes timings.json measured for each."""
-    rows = []
+    rows, timings, command = [], summary["timings_s"], summary["command"]
     for name, studies, prefixes in PARTS:
         seconds = [t for run, t in timings.items() if run.startswith(prefixes)]
-        rows.append([name, f"`python benchmark/run.py --studies {studies}`", str(len(seconds)),
-                     f"{sum(seconds) / 60:.0f}"])
-    rows.append(["all", "`python benchmark/run.py`", str(len(timings)), f"{sum(timings.values()) / 60:.0f}"])
+        rows.append([name, f"`{command} --studies {studies}`", str(len(seconds)), f"{sum(seconds) / 60:.0f}"])
+    rows.append(["all", f"`{command}`", str(len(timings)), f"{sum(timings.values()) / 60:.0f}"])
     return table(["part", "command", "runs", "minutes"], rows)
 
 
 def render(summary: dict) -> dict[str, str]:
     """Each section's markdown (table and footnote), or a line saying its runs are missing."""
-    sources = {"parts": ("timings_s", render_parts), "probes": ("probes", render_probes),
+    sources = {"parts": (None, render_parts), "probes": ("probes", render_probes),
                "convergence": ("convergence", render_convergence),
                "dera": ("dera", render_dera), "expo": ("expo", render_expo),
                "methods": ("methods", render_methods),
                "stability": ("stability", render_stability),
                "stability_peak": ("stability", render_stability_peak), "speed": ("speed", render_speed)}
-    return {name: "(runs missing)" if summary.get(key) is None else fn(summary[key])
-            for name, (key, fn) in sources.items()}
+    return {name: fn(summary) if key is None else "(runs missing)" if summary.get(key) is None
+            else fn(summary[key]) for name, (key, fn) in sources.items()}
 
 
 def block(name: str, text: str) -> str:

@@ -4,7 +4,7 @@ matplotlib installed, the plots).
 
     pip install -r benchmark/requirements.txt
     python benchmark/run.py                  # everything (README: the time it takes)
-    python benchmark/run.py --quick          # every study's shape, 1 seed, each run 1/8 long: ~15 min
+    python benchmark/run.py --quick          # every study's shape, 1 seed, each run 1/8 long: 12 min
     python benchmark/run.py --studies dera   # one study (runs shared with other studies are reused)
     python benchmark/run.py --dry_run        # print the commands only
     python benchmark/report.py               # summary.json and the tables from whatever runs exist
@@ -66,7 +66,7 @@ class Args:
     studies: list[str] = field(default_factory=lambda: ["dera", "expo", "methods", "stability"])
     """which studies to run (a run two studies share is trained once)"""
     quick: bool = False
-    """one seed, every run 1/8 of its length, 64 sampled prompts: each study's shape in ~15 minutes,
+    """one seed, every run 1/8 of its length, 64 sampled prompts: each study's shape in 12 minutes,
     in benchmark/runs-quick and benchmark/runs-quick-results (never the committed results)"""
     runs_dir: Optional[str] = None
     """where the runs go (default: benchmark/runs, or benchmark/runs-quick with --quick); the tables go to
