@@ -748,15 +748,16 @@ def generate(model, batch: dict, config):
     config leaves unset from the checkpoint's generation_config.json (a repetition penalty, min_p,
     suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
     checkpoint_config, model.generation_config = model.generation_config, config
-    try:
-        return model.generate(**batch, generation_config=config)
+    try:  # under FSDP every process runs the forward passes until all have finished (synced_gpus)
+        return model.generate(**batch, generation_config=config, synced_gpus=processes()[1] > 1)
     finally:
         model.generation_config = checkpoint_config
 
 
 def setup(args) -> tuple:
-    """Seeds, device (cuda when present) and compute dtype (bf16 autocast on CUDA, fp32 elsewhere);
-    transformers' per-load reports and progress bars hidden unless --verbose. (device, dtype, autocast)"""
+    """Seeds, device (cuda when present; under torchrun this process's GPU) and compute dtype (bf16
+    autocast on CUDA, fp32 elsewhere); transformers' per-load reports and progress bars hidden unless
+    --verbose. (device, dtype, autocast)"""
     import datasets
     import transformers
 
@@ -768,11 +769,36 @@ def setup(args) -> tuple:
     torch.manual_seed(args.seed)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
                           else args.device)
+    device = start_processes(device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     return device, dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
 
 
+# ---- Many processes: under torchrun, rank 0 alone prints and writes (see sft.py for training with FSDP2).
+
+
+def processes() -> tuple:
+    """(this process's rank, the number of processes): (0, 1) without torchrun."""
+    dist = torch.distributed
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def start_processes(device):
+    """Under torchrun (which sets LOCAL_RANK), joins the process group: NCCL between GPUs (this
+    process's GPU is cuda:LOCAL_RANK), gloo on CPUs. Ranks above 0 print nothing. Returns the device."""
+    if "LOCAL_RANK" not in os.environ or torch.distributed.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if processes()[0] > 0:
+        sys.stdout = open(os.devnull, "w")
+    return device
+
 def write_jsonl(path: Path, rows: list) -> None:
+    if processes()[0] > 0:  # rank 0 writes
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
@@ -799,9 +825,12 @@ def run_info(device, dtype: str) -> dict:
 def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
     """Fails before any work if the run would overwrite a previous one; writes nothing. With --resume,
     the directory must hold an unfinished run with the same arguments. `resume` None: the script
-    cannot resume. Sets args.output_dir (the default is runs/<script>-<time>)."""
+    cannot resume. Sets args.output_dir (the default is runs/<script>-<time>). Only rank 0 checks: the
+    others would race with its writing (torchrun stops them all when one fails)."""
     out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.output_dir = str(out)
+    if processes()[0] > 0:
+        return out
     if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
         raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
     if resume:
@@ -829,6 +858,8 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
     """Called once the inputs have loaded. A new run: empties an --overwrite'n dir, writes args.json (the
     arguments, then under "run" the versions, device, dtype and git commit). A resumed run keeps the
     metrics logged up to its checkpoint and drops the later ones, which the run will log again."""
+    if processes()[0] > 0:  # rank 0 writes
+        return
     if resume_step is not None:
         log_file = out / "metrics.jsonl"
         records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []

@@ -325,7 +325,7 @@ def main(args: Args) -> dict:
     checkpoint = last_checkpoint(out) if args.resume else None
 
     # the model and its optimiser
-    model = load_model(str(checkpoint or args.model), args.trust_remote_code).to(device)
+    model = place(load_model(str(checkpoint or args.model), args.trust_remote_code), device, dtype)
     optimizer, scheduler = start_training([model], args, total_steps, args.lr_schedule)
     start_step, progress = 0, {"time": 0.0, "tokens": 0, "window": {}, "eval_loss": None}
     if checkpoint:  # --resume: the optimiser, schedule, data position and random state where they were
@@ -341,7 +341,7 @@ def main(args: Args) -> dict:
     for step in tqdm(range(start_step + 1, total_steps + 1), desc="sft", dynamic_ncols=True, disable=None):
         step_start = time.time()
         micro = [collate(next(stream), pad_id) for _ in range(args.gradient_accumulation_steps)]
-        n_tokens = sum((mb["labels"][:, 1:] != -100).sum().item() for mb in micro)
+        n_tokens = per_process(sum((mb["labels"][:, 1:] != -100).sum().item() for mb in micro))
         loss_sum = 0.0
         for mb in micro:
             mb = {k: v.to(device) for k, v in mb.items()}
@@ -413,10 +413,11 @@ def count_steps(n_rows: int, args) -> int:
     """Optimiser steps of the run: --max_steps, else the epochs' micro-batches over the accumulation."""
     if args.max_steps:
         return args.max_steps
-    micro = args.num_epochs * math.ceil(n_rows / args.batch_size)
+    micro = args.num_epochs * math.ceil(n_rows / (args.batch_size * processes()[1]))
     if micro < args.gradient_accumulation_steps:
         raise UsageError(f"{n_rows} training rows make {micro} micro-batches of --batch_size "
-                         f"{args.batch_size} in {args.num_epochs} epoch(s), fewer than one optimiser step "
+                         f"{args.batch_size} x {processes()[1]} process(es) in {args.num_epochs} epoch(s), "
+                         "fewer than one optimiser step "
                          f"of --gradient_accumulation_steps {args.gradient_accumulation_steps}: lower it, or "
                          "set --max_steps")
     return micro // args.gradient_accumulation_steps
@@ -452,14 +453,18 @@ def epoch_order(lengths: list, batch_size: int, group_by_length: bool, generator
 
 def micro_batches(rows: list, lengths: list, args, skip: int):
     """Endless stream of shuffled micro-batches of rows, epoch after epoch (the same order for a seed);
-    a resumed run skips the `skip` micro-batches it already trained on."""
-    g, n = torch.Generator().manual_seed(args.seed), 0
+    a resumed run skips the `skip` micro-batches it already trained on. Under torchrun every process
+    draws the same global micro-batches of batch_size x processes rows and trains on every N-th row of
+    each (an epoch's last, short one may leave a process none: it then repeats the last row)."""
+    (rank, world), g, n = processes(), torch.Generator().manual_seed(args.seed), 0
+    size = args.batch_size * world
     while True:
-        order = epoch_order(lengths, args.batch_size, args.group_by_length, g)
-        for i in range(0, len(order), args.batch_size):
+        order = epoch_order(lengths, size, args.group_by_length, g)
+        for i in range(0, len(order), size):
             n += 1
             if n > skip:
-                yield [rows[j] for j in order[i : i + args.batch_size]]
+                share = order[i : i + size][rank::world] or order[i : i + size][-1:]
+                yield [rows[j] for j in share]
 
 
 def resolve(path: str) -> str:
@@ -697,15 +702,16 @@ def generate(model, batch: dict, config):
     config leaves unset from the checkpoint's generation_config.json (a repetition penalty, min_p,
     suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
     checkpoint_config, model.generation_config = model.generation_config, config
-    try:
-        return model.generate(**batch, generation_config=config)
+    try:  # under FSDP every process runs the forward passes until all have finished (synced_gpus)
+        return model.generate(**batch, generation_config=config, synced_gpus=processes()[1] > 1)
     finally:
         model.generation_config = checkpoint_config
 
 
 def setup(args) -> tuple:
-    """Seeds, device (cuda when present) and compute dtype (bf16 autocast on CUDA, fp32 elsewhere);
-    transformers' per-load reports and progress bars hidden unless --verbose. (device, dtype, autocast)"""
+    """Seeds, device (cuda when present; under torchrun this process's GPU) and compute dtype (bf16
+    autocast on CUDA, fp32 elsewhere); transformers' per-load reports and progress bars hidden unless
+    --verbose. (device, dtype, autocast)"""
     import datasets
     import transformers
 
@@ -717,8 +723,100 @@ def setup(args) -> tuple:
     torch.manual_seed(args.seed)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
                           else args.device)
+    device = start_processes(device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     return device, dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
+
+
+# ---- Many processes: torchrun --nproc_per_node N <script>.py ... (FSDP2). Without torchrun, none of
+# this does anything. Every process holds 1/N of each model (its weights, and for the trained ones their
+# gradients and AdamW state), trains on its share of each global batch and runs every evaluation in
+# full (the results are the same on all: simple, and the evaluations are small); rank 0 alone prints,
+# logs and writes.
+
+
+def processes() -> tuple:
+    """(this process's rank, the number of processes): (0, 1) without torchrun."""
+    dist = torch.distributed
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def start_processes(device):
+    """Under torchrun (which sets LOCAL_RANK), joins the process group: NCCL between GPUs (this
+    process's GPU is cuda:LOCAL_RANK), gloo on CPUs. Ranks above 0 print nothing. Returns the device."""
+    if "LOCAL_RANK" not in os.environ or torch.distributed.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if processes()[0] > 0:
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def place(model, device, dtype: str, frozen: bool = False):
+    """The model on `device` (`frozen`: in eval mode, without gradients); under torchrun, sharded over
+    the processes with FSDP2: each decoder layer, then the rest (embeddings, head), so that a forward
+    pass gathers one layer's full weights at a time. A frozen model (reference, reward) is sharded too:
+    replicated, a 13B one would take 52 GB of fp32 on every GPU. With bf16, the gathered weights are
+    bf16 and the gradients are averaged in fp32."""
+    model = model.to(device)
+    if frozen:
+        model.eval().requires_grad_(False)
+    if processes()[1] == 1:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    bf16 = dtype == "bfloat16"
+    policy = MixedPrecisionPolicy(torch.bfloat16 if bf16 else None, torch.float32 if bf16 else None)
+    for module in model.modules():
+        if type(module).__name__ in (model._no_split_modules or []):  # the decoder layers
+            fully_shard(module, mp_policy=policy)
+    if hasattr(model, "score"):  # a scalar model: score() calls its backbone and head, not the whole
+        fully_shard(getattr(model, model.base_model_prefix), mp_policy=policy)
+        fully_shard(model.score, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy)
+
+
+def summed(numbers: list) -> list:
+    """The numbers, each summed over the processes (as they are in one process)."""
+    if processes()[1] == 1:
+        return numbers
+    nccl = torch.distributed.get_backend() == "nccl"
+    total = torch.tensor(numbers, dtype=torch.float64, device="cuda" if nccl else "cpu")
+    torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
+def per_process(count: int) -> float:
+    """A step's count (of tokens, pairs) summed over the processes and divided by their number. FSDP
+    averages the processes' gradients (as DDP does), so a loss summed over this process's rows and
+    divided by this has, averaged, the gradient of the mean over the global batch. One process: count."""
+    return count if processes()[1] == 1 else summed([count])[0] / processes()[1]
+
+
+def gathered(state):
+    """A state dict (a model's or an optimiser's) with each FSDP shard (a DTensor) gathered into its
+    full tensor on the CPU, for rank 0 to save: the files are those of a one-process run."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, (dict, list)):
+        full, done = {}, {}  # a tensor under two names (tied embeddings) stays one tensor
+        for k, v in state.items() if isinstance(state, dict) else enumerate(state):
+            full[k] = done[id(v)] = done[id(v)] if id(v) in done else gathered(v)
+        return full if isinstance(state, dict) else list(full.values())
+    return state.detach().full_tensor().cpu() if isinstance(state, DTensor) else state
+
+
+def reshard(optimizer) -> None:
+    """Under FSDP, the AdamW state loaded from a checkpoint (full tensors) cut to this process's shards."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if isinstance(param, DTensor) and not isinstance(value, DTensor) and value.shape == param.shape:
+                state[key] = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
 
 
 def start_training(models: list, args, total_steps: int, schedule: str, floor: float = 0.0,
@@ -735,18 +833,26 @@ def start_training(models: list, args, total_steps: int, schedule: str, floor: f
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=args.adam_betas, eps=eps,
                                   weight_decay=args.weight_decay, fused=fused)
     warmup = int(args.warmup_ratio * total_steps)
+    if processes()[1] > 1:  # under torchrun: --batch_size is per process
+        print(f"global batch: --batch_size {args.batch_size} x {processes()[1]} processes x "
+              f"--gradient_accumulation_steps {args.gradient_accumulation_steps} = "
+              f"{args.batch_size * processes()[1] * args.gradient_accumulation_steps}")
     return optimizer, torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, schedule, floor))
 
 
 def optimizer_step(optimizer, scheduler, max_grad_norm: float, loss: float, when: str) -> float:
     """Clips the gradient norm, steps and zeroes the gradients, unless the loss or the gradient is not
-    finite: then the run stops before the update, saying `when`. Returns the norm before clipping."""
+    finite: then the run stops before the update, saying `when`. Returns the norm before clipping. Under
+    torchrun, `loss` is summed over the processes and the norm is that of the whole gradient, so every
+    process stops, or steps, together."""
+    loss = summed([loss])[0]
     if not math.isfinite(loss):
         raise SystemExit(f"error: the loss became {loss} {when}; stopping before the update (the last "
                          "checkpoint, if any, is in --output_dir). Try a lower --learning_rate.")
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
     if not math.isfinite(grad_norm):  # a finite loss, a non-finite gradient: an overflow
         raise SystemExit(f"error: the gradient norm became {grad_norm} {when} (the loss was finite); "
                          "stopping before the update. Try a lower --learning_rate or float32.")
@@ -764,9 +870,9 @@ def tally(window: dict, sums: dict, n: int) -> None:
 
 
 def means(window: dict) -> dict:
-    """The window's means; the window is emptied."""
-    n = window.pop("n")
-    result = {k: v / n for k, v in window.items()}
+    """The window's means (under torchrun over every process's rows); the window is emptied."""
+    *sums, n = summed(list(window.values()) + [window.pop("n")])
+    result = {k: v / n for k, v in zip(window, sums)}
     window.clear()
     return result
 
@@ -779,13 +885,22 @@ def train_record(step: int, window: dict, grad_norm: float, scheduler, progress:
 
 
 def write_jsonl(path: Path, rows: list) -> None:
+    if processes()[0] > 0:  # rank 0 writes
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def log(out: Path, record: dict) -> None:
-    """One record appended to out/metrics.jsonl, and the same as one printed line."""
+    """One record appended to out/metrics.jsonl, and the same as one printed line. Under torchrun every
+    process calls it: each float is first averaged over the processes (a throughput is then per process,
+    a PPO statistic of the minibatch that of the global one) and rank 0 writes."""
+    if processes()[1] > 1:
+        floats = [k for k, v in record.items() if isinstance(v, float)]
+        record.update(zip(floats, [v / processes()[1] for v in summed([record[k] for k in floats])]))
+    if processes()[0] > 0:
+        return
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
@@ -812,9 +927,12 @@ def run_info(device, dtype: str) -> dict:
 def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
     """Fails before any work if the run would overwrite a previous one; writes nothing. With --resume,
     the directory must hold an unfinished run with the same arguments. `resume` None: the script
-    cannot resume. Sets args.output_dir (the default is runs/<script>-<time>)."""
+    cannot resume. Sets args.output_dir (the default is runs/<script>-<time>). Only rank 0 checks: the
+    others would race with its writing (torchrun stops them all when one fails)."""
     out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.output_dir = str(out)
+    if processes()[0] > 0:
+        return out
     if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
         raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
     if resume:
@@ -842,6 +960,8 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
     """Called once the inputs have loaded. A new run: empties an --overwrite'n dir, writes args.json (the
     arguments, then under "run" the versions, device, dtype and git commit). A resumed run keeps the
     metrics logged up to its checkpoint and drops the later ones, which the run will log again."""
+    if processes()[0] > 0:  # rank 0 writes
+        return
     if resume_step is not None:
         log_file = out / "metrics.jsonl"
         records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
@@ -854,9 +974,9 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
         json.dump({**asdict(args), "run": run_info(device, dtype)}, f, indent=2)
 
 
-def check_finite(model, when: str) -> None:
-    """Refuses to save weights that hold a NaN or an infinity."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+def check_finite(weights: dict, when: str) -> None:
+    """Refuses to save weights (name -> tensor) that hold a NaN or an infinity."""
+    bad = [n for n, p in weights.items() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
         raise SystemExit(f"error: {len(bad)} weight tensors are non-finite {when} (first: {bad[0]}); "
                          "nothing saved. Try a lower --learning_rate or float32")
@@ -865,11 +985,15 @@ def check_finite(model, when: str) -> None:
 def save_model(model, tokenizer, out: Path) -> None:
     """The final model, in `out` itself (loadable as --model out). Written to a temporary folder, then
     moved in with config.json last: until config.json is there, no loader takes the folder for a model,
-    so a crash mid-save never leaves a loadable half-model. Non-finite weights are never saved."""
-    check_finite(model, "at the end of training")
+    so a crash mid-save never leaves a loadable half-model. Non-finite weights are never saved. Under
+    torchrun every process takes part in gathering the full weights, and rank 0 saves them."""
+    full = gathered(model.state_dict(keep_vars=True)) if processes()[1] > 1 else None
+    if processes()[0] > 0:
+        return
+    check_finite(full or dict(model.named_parameters()), "at the end of training")
     tmp = out / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=full)
     tokenizer.save_pretrained(tmp)
     for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
         os.replace(f, out / f.name)
@@ -880,13 +1004,20 @@ def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Option
     """A periodic checkpoint, out/checkpoint-<step>: each model in its subfolder ("." for the trained
     one, loadable as it is) and trainer_state.pt (optimiser, scheduler, progress, random states) unless
     `state` is None. It is written complete to a temporary folder and renamed into place in one step,
-    and older checkpoints are removed only then: a kill at any moment leaves one complete checkpoint."""
-    for model in models.values():  # all checked before anything is written
-        check_finite(model, f"at step {step}")
+    and older checkpoints are removed only then: a kill at any moment leaves one complete checkpoint.
+    Under torchrun the shards of the models and of the optimiser are gathered, and rank 0 saves them:
+    the same files as a one-process run, which --resume continues with any number of processes."""
+    many = processes()[1] > 1
+    full = {folder: gathered(m.state_dict(keep_vars=True)) if many else None for folder, m in models.items()}
+    state = gathered(state) if many else state
+    if processes()[0] > 0:
+        return
+    for folder, model in models.items():  # all checked before anything is written
+        check_finite(full[folder] or dict(model.named_parameters()), f"at step {step}")
     final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     for folder, model in models.items():
-        model.save_pretrained(tmp / folder)
+        model.save_pretrained(tmp / folder, state_dict=full[folder])
         tokenizer.save_pretrained(tmp / folder)  # each folder loads on its own
     if state is not None:
         rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
@@ -911,6 +1042,8 @@ def restore(checkpoint: Path, optimizer, scheduler) -> tuple:
         raise SystemExit(f"error: {checkpoint} was written by an older version of this script, which "
                          "this one cannot continue: resume with that version, or start over (--overwrite)")
     optimizer.load_state_dict(state["optimizer"])
+    if processes()[1] > 1:  # the checkpoint holds full tensors
+        reshard(optimizer)
     scheduler.load_state_dict(state["scheduler"])
     random.setstate(state["random"]["python"])
     torch.set_rng_state(state["random"]["torch"])
@@ -922,7 +1055,9 @@ def restore(checkpoint: Path, optimizer, scheduler) -> tuple:
 
 def finish(out: Path, results: dict) -> dict:
     """eval.json ends a run: its resumable checkpoints are removed, as nothing is left to resume (a
-    checkpoint without trainer_state.pt, PPO's, is models to start from, and stays)."""
+    checkpoint without trainer_state.pt, PPO's, is models to start from, and stays). Rank 0 writes."""
+    if processes()[0] > 0:
+        return results
     with open(out / "eval.json", "w") as f:
         json.dump(results, f, indent=2)
     for checkpoint in out.glob("checkpoint-*"):

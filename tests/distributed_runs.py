@@ -1,0 +1,63 @@
+"""The runs of tests/test_distributed.py, and its worker: `torchrun --nproc_per_node 2 tests/distributed_runs.py
+OUT` trains each run below on 2 processes (gloo, CPU) into OUT/<run>, the way a user's torchrun would,
+while the test trains the same runs in one process with the batch doubled. Rank 1 is given its own
+output folders, OUT/rank1/<run>: it must write nothing there, nor anywhere."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Each run: (script, its arguments, the argument that the second process halves). Dropout is off in
+# every toy model (and in DPO and VAR by default), so one process and two see the same function.
+RUNS = {
+    "sft": ("sft", dict(model="toy/sft", max_train_samples=48, max_eval_samples=8, max_steps=3, batch_size=8,
+                        log_every=1, eval_every=0, save_every=2, num_samples=0), "batch_size"),
+    "dpo": ("dpo", dict(max_train_samples=48, max_eval_samples=8, max_steps=3, batch_size=8, log_every=1,
+                        reward_model="none", learning_rate=1e-4, save_every=2), "batch_size"),
+    "reward_model": ("reward_model", dict(model="toy/sft", max_train_samples=16, max_eval_samples=8,
+                                          max_steps=1, batch_size=8, log_every=1), "batch_size"),
+    # VAR's batch is one prompt's group (its normaliser), so two processes halve the accumulation
+    "var": ("var", dict(train_split="train[:16]", batch_size=4, gradient_accumulation_steps=2, max_steps=1,
+                        eval_prompts="none", log_every=1), "gradient_accumulation_steps"),
+}
+
+
+def run_args(name: str, out: Path, processes: int):
+    """The Args of a run, for `processes` processes (their global batch is the one-process batch)."""
+    import importlib
+
+    script, kw, halved = RUNS[name]
+    module = importlib.import_module(script)
+    kw = {**kw, halved: kw[halved] // processes, "output_dir": str(out / name)}
+    return module, module.Args(**kw)
+
+
+def whitening_check(out: Path) -> None:
+    """ppo.masked_whiten on each process's half of a minibatch equals it on the whole minibatch."""
+    import torch
+    import torch.distributed as dist
+
+    import ppo
+
+    torch.manual_seed(0)
+    x, mask = torch.randn(8, 5), (torch.rand(8, 5) > 0.3).float()
+    rank = dist.get_rank()
+    mine = ppo.masked_whiten(x[4 * rank : 4 * rank + 4], mask[4 * rank : 4 * rank + 4])
+    parts = [None, None]
+    dist.all_gather_object(parts, mine.tolist())
+    if rank == 0:
+        json.dump({"x": x.tolist(), "mask": mask.tolist(), "whitened": parts[0] + parts[1]},
+                  open(out / "whitening.json", "w"))
+
+
+if __name__ == "__main__":
+    out, rank = Path(sys.argv[1]), int(os.environ["RANK"])
+    os.chdir(ROOT)
+    for name in RUNS:
+        module, args = run_args(name, out if rank == 0 else out / "rank1", 2)
+        module.main(args)
+    whitening_check(out)

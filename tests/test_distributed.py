@@ -1,0 +1,87 @@
+"""Issue 21: the trainers under torchrun (FSDP2, gloo on the CPU). Two processes with half the batch
+each train as one process with the whole batch: the same loss at every step and the same saved
+weights; rank 0 alone writes; PPO whitens its advantages over the global minibatch. One torchrun of
+tests/distributed_runs.py trains every run; this process trains the one-process twins."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from distributed_runs import RUNS, run_args
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(two-process folder, one-process folder, torchrun's output): every run of RUNS in both."""
+    two, one = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("one")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "tests" / "distributed_runs.py"), str(two)]
+    launched = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for name in RUNS:  # meanwhile, the same runs in this process
+        module, args = run_args(name, one, 1)
+        module.main(args)
+    output = launched.communicate(timeout=300)[0]
+    assert launched.returncode == 0, output[-3000:]
+    return two, one, output
+
+
+def records(folder, name: str) -> list:
+    return [json.loads(line) for line in open(folder / name / "metrics.jsonl")]
+
+
+def max_difference(a, b) -> float:
+    """The largest absolute difference between two saved models (which must hold the same tensors)."""
+    a, b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_two_processes_train_as_one_with_the_whole_batch(runs, name):
+    two, one, _ = runs
+    curve = [(r["step"], r["train/loss"]) for r in records(two, name) if "train/loss" in r]
+    expected = [(r["step"], r["train/loss"]) for r in records(one, name) if "train/loss" in r]
+    assert [s for s, _ in curve] == [s for s, _ in expected] == list(range(1, RUNS[name][1]["max_steps"] + 1))
+    assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(curve, expected)), (curve, expected)
+    assert max_difference(two / name, one / name) < 1e-4
+    assert json.load(open(two / name / "eval.json")).keys() == json.load(open(one / name / "eval.json")).keys()
+
+
+def test_the_gathered_checkpoint_loads_as_the_one_process_one(runs):
+    from transformers import AutoModelForCausalLM
+
+    two, one, _ = runs
+    config = json.load(open(two / "sft" / "config.json"))
+    assert config["architectures"] == json.load(open(one / "sft" / "config.json"))["architectures"]
+    model, reference = (AutoModelForCausalLM.from_pretrained(d / "sft") for d in (two, one))
+    ids = torch.tensor([[1, 5, 9, 12, 2]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-4)
+
+
+def test_rank_0_alone_writes_and_prints_the_global_batch(runs):
+    two, one, output = runs
+    assert not (two / "rank1").exists()  # rank 1 was given its own output folders
+    for name in RUNS:
+        assert sorted(p.name for p in (two / name).iterdir()) == sorted(p.name for p in (one / name).iterdir())
+        steps = [r["step"] for r in records(two, name)]
+        assert steps == [r["step"] for r in records(one, name)]  # each record once, not once per process
+    assert "global batch: --batch_size 4 x 2 processes x --gradient_accumulation_steps 1 = 8" in output
+    assert output.count("reward_model: 16 train / 8 eval pairs") == 1  # rank 1 prints nothing
+
+
+def test_ppo_whitens_the_advantages_over_every_process(runs):
+    import ppo
+
+    two, _, _ = runs
+    check = json.load(open(two / "whitening.json"))
+    x, mask = torch.tensor(check["x"]), torch.tensor(check["mask"])
+    whole = ppo.masked_whiten(x, mask)
+    assert torch.allclose(torch.tensor(check["whitened"]), whole, atol=1e-5)
+    per_half = torch.cat([ppo.masked_whiten(x[:4], mask[:4]), ppo.masked_whiten(x[4:], mask[4:])])
+    assert not torch.allclose(per_half, whole, atol=1e-3)  # the check can tell the two apart
