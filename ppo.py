@@ -39,8 +39,17 @@ is read at the stop token, the position the reward model was trained on. Dropout
 and value model (`--dropout` keeps it for the update), and the "old" log-probs, values and reference
 log-probs are computed in eval mode, so the first minibatch starts on-policy (ratio 1).
 
+Many GPUs (`torchrun`, README "Many GPUs"): each process rolls out --batch_size prompts of its own (the
+global batch is --batch_size x processes), scores them and updates on its own minibatches; the
+advantages are whitened over every process's minibatch together and FSDP averages the gradients.
+Rollouts stay `model.generate` on the sharded policy, which gathers every layer's weights again for
+each new token: fine for a small model, slow for a 7B one. At that scale the rollouts belong in a
+serving engine (vLLM or the like) that holds a full bf16 copy of the policy, refreshed from the trainer
+after each iteration, with the reward and reference models scoring from it; that is not built here.
+
     python ppo.py                                          # the toy: toy/sft aligned against toy/rm
     python ppo.py --model my-sft --reward_model my-rm --prompts my-prompts --learning_rate 1e-6
+    torchrun --nproc_per_node 4 ppo.py --batch_size 16 --minibatch_size 16 ...   # 4 GPUs, 64 prompts
 """
 
 import dataclasses
@@ -106,11 +115,11 @@ class Args:
     total_episodes: int = 6144
     """responses to train on in all (the paper: one epoch over its prompts; the toy: 8 epochs)"""
     batch_size: int = 64
-    """prompts per rollout batch (B)"""
+    """prompts per rollout batch (B; per process under torchrun)"""
     num_rollouts_per_prompt: int = 1
     """responses sampled per prompt (r); a batch holds B * r episodes"""
     minibatch_size: int = 64
-    """episodes per optimiser step (b)"""
+    """episodes per optimiser step (b; per process under torchrun, the advantages whitened over all)"""
     gradient_accumulation_steps: int = 1
     """forward passes per minibatch (g)"""
     max_new_tokens: int = 64
@@ -1056,7 +1065,8 @@ def run_info(device, dtype: str) -> dict:
     return {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
             "python": sys.version.split()[0], "torch": torch.__version__,
             "transformers": transformers.__version__, "datasets": datasets.__version__,
-            "device": str(device), "dtype": dtype, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "device": str(device), "dtype": dtype, "processes": processes()[1],
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
@@ -1076,7 +1086,8 @@ def check_output_dir(args, script: str, models: list, resume: Optional[bool]) ->
         if (out / "eval.json").exists():
             raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
         recorded = json.load(open(out / "args.json"))
-        current = json.loads(json.dumps(asdict(args)))  # tuples as lists, as args.json has them
+        recorded["processes"] = recorded.get("run", {}).get("processes", 1)  # the data order depends on it
+        current = {**json.loads(json.dumps(asdict(args))), "processes": processes()[1]}  # tuples as lists
         changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items()
                    if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
                    and recorded.get(k) != v]
@@ -1141,7 +1152,7 @@ def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Option
     `state` is None. It is written complete to a temporary folder and renamed into place in one step,
     and older checkpoints are removed only then: a kill at any moment leaves one complete checkpoint.
     Under torchrun the shards of the models and of the optimiser are gathered, and rank 0 saves them:
-    the same files as a one-process run, which --resume continues with any number of processes."""
+    the same files as a one-process run (--resume continues them with the same number of processes)."""
     many = processes()[1] > 1
     full = {folder: gathered(m.state_dict(keep_vars=True)) if many else None for folder, m in models.items()}
     state = gathered(state) if many else state

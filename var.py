@@ -54,6 +54,7 @@ evaluation, not a term of the default loss.
     python var.py                                           # the toy: toy/sft -> aligned with toy/rm
     python var.py --model Qwen/Qwen2.5-0.5B-Instruct --reward_model my-rm \
         --dataset trl-lib/ultrafeedback_binarized --learning_rate 5e-6 --beta 1.0
+    torchrun --nproc_per_node 4 var.py ...   # 4 GPUs: a group each per micro-batch (README: Many GPUs)
 """
 
 import json
@@ -126,7 +127,7 @@ class Args:
     batch_size: int = 8
     """examples per group: the batch in which Z(x) is estimated (the paper's B = 8)"""
     gradient_accumulation_steps: int = 1
-    """groups per optimiser step"""
+    """groups per optimiser step (per process under torchrun)"""
     learning_rate: float = 1e-4
     """peak learning rate (1e-4 suits the toy with the default normaliser, whose weights have mean ~1.6
     there; the paper uses 1e-5 or 5e-6)"""
@@ -1139,7 +1140,8 @@ def run_info(device, dtype: str) -> dict:
     return {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
             "python": sys.version.split()[0], "torch": torch.__version__,
             "transformers": transformers.__version__, "datasets": datasets.__version__,
-            "device": str(device), "dtype": dtype, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "device": str(device), "dtype": dtype, "processes": processes()[1],
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
@@ -1159,7 +1161,8 @@ def check_output_dir(args, script: str, models: list, resume: Optional[bool]) ->
         if (out / "eval.json").exists():
             raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
         recorded = json.load(open(out / "args.json"))
-        current = json.loads(json.dumps(asdict(args)))  # tuples as lists, as args.json has them
+        recorded["processes"] = recorded.get("run", {}).get("processes", 1)  # the data order depends on it
+        current = {**json.loads(json.dumps(asdict(args))), "processes": processes()[1]}  # tuples as lists
         changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items()
                    if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
                    and recorded.get(k) != v]
@@ -1224,7 +1227,7 @@ def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Option
     `state` is None. It is written complete to a temporary folder and renamed into place in one step,
     and older checkpoints are removed only then: a kill at any moment leaves one complete checkpoint.
     Under torchrun the shards of the models and of the optimiser are gathered, and rank 0 saves them:
-    the same files as a one-process run, which --resume continues with any number of processes."""
+    the same files as a one-process run (--resume continues them with the same number of processes)."""
     many = processes()[1] > 1
     full = {folder: gathered(m.state_dict(keep_vars=True)) if many else None for folder, m in models.items()}
     state = gathered(state) if many else state

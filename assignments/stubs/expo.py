@@ -819,7 +819,8 @@ def run_info(device, dtype: str) -> dict:
     return {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
             "python": sys.version.split()[0], "torch": torch.__version__,
             "transformers": transformers.__version__, "datasets": datasets.__version__,
-            "device": str(device), "dtype": dtype, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "device": str(device), "dtype": dtype, "processes": processes()[1],
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
@@ -839,7 +840,8 @@ def check_output_dir(args, script: str, models: list, resume: Optional[bool]) ->
         if (out / "eval.json").exists():
             raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
         recorded = json.load(open(out / "args.json"))
-        current = json.loads(json.dumps(asdict(args)))  # tuples as lists, as args.json has them
+        recorded["processes"] = recorded.get("run", {}).get("processes", 1)  # the data order depends on it
+        current = {**json.loads(json.dumps(asdict(args))), "processes": processes()[1]}  # tuples as lists
         changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items()
                    if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
                    and recorded.get(k) != v]

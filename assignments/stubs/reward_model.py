@@ -34,6 +34,7 @@ checkpoint's config stays on while training, as in SFT: there is no reference di
     python reward_model.py                                   # the toy: toy/sft -> a reward model
     python reward_model.py --model Qwen/Qwen2.5-0.5B-Instruct \
         --dataset trl-lib/ultrafeedback_binarized --learning_rate 1e-5 --batch_size 8 --max_length 1024
+    torchrun --nproc_per_node 4 reward_model.py --batch_size 2 ...   # 4 GPUs (README: Many GPUs)
 """
 
 import json
@@ -95,7 +96,7 @@ class Args:
     max_steps: Optional[int] = None
     """stop after this many optimiser steps (overrides num_epochs)"""
     batch_size: int = 16
-    """pairs per forward pass (2 * batch_size sequences)"""
+    """pairs per forward pass (2 * batch_size sequences; per process under torchrun)"""
     gradient_accumulation_steps: int = 1
     """forward passes per optimiser step"""
     learning_rate: float = 5e-4
@@ -874,7 +875,8 @@ def run_info(device, dtype: str) -> dict:
     return {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
             "python": sys.version.split()[0], "torch": torch.__version__,
             "transformers": transformers.__version__, "datasets": datasets.__version__,
-            "device": str(device), "dtype": dtype, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "device": str(device), "dtype": dtype, "processes": processes()[1],
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
@@ -894,7 +896,8 @@ def check_output_dir(args, script: str, models: list, resume: Optional[bool]) ->
         if (out / "eval.json").exists():
             raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
         recorded = json.load(open(out / "args.json"))
-        current = json.loads(json.dumps(asdict(args)))  # tuples as lists, as args.json has them
+        recorded["processes"] = recorded.get("run", {}).get("processes", 1)  # the data order depends on it
+        current = {**json.loads(json.dumps(asdict(args))), "processes": processes()[1]}  # tuples as lists
         changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items()
                    if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
                    and recorded.get(k) != v]
@@ -959,7 +962,7 @@ def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Option
     `state` is None. It is written complete to a temporary folder and renamed into place in one step,
     and older checkpoints are removed only then: a kill at any moment leaves one complete checkpoint.
     Under torchrun the shards of the models and of the optimiser are gathered, and rank 0 saves them:
-    the same files as a one-process run, which --resume continues with any number of processes."""
+    the same files as a one-process run (--resume continues them with the same number of processes)."""
     many = processes()[1] > 1
     full = {folder: gathered(m.state_dict(keep_vars=True)) if many else None for folder, m in models.items()}
     state = gathered(state) if many else state
