@@ -211,9 +211,10 @@ def check_args(args: Args) -> None:
         (args.clip <= 0, f"--clip must be positive (got {args.clip}); it is the ratio's distance from 1"),
         (not 0 <= args.gamma <= 1, f"--gamma must be in [0, 1] (got {args.gamma})"),
         (not 0 <= args.lam <= 1, f"--lam must be in [0, 1] (got {args.lam})"),
-        (args.total_episodes < episodes_per_batch,
+        (args.total_episodes < episodes_per_batch * int(os.environ.get("WORLD_SIZE", 1)),  # set by torchrun
          f"--total_episodes ({args.total_episodes}) is less than one batch of --batch_size * "
-         f"--num_rollouts_per_prompt ({episodes_per_batch}) episodes: the run would have zero iterations"),
+         f"--num_rollouts_per_prompt ({episodes_per_batch}) episodes x processes: the run would have zero "
+         "iterations"),
         (args.minibatch_size >= 1 and args.gradient_accumulation_steps >= 1  # no division by 0 here
          and (episodes_per_batch % args.minibatch_size > 0
               or args.minibatch_size % args.gradient_accumulation_steps > 0),
@@ -506,7 +507,8 @@ def main(args: Args) -> dict:
                                           eps=args.adam_eps)  # Table 9: constant after warmup
     create_output_dir(out, args, device, dtype)
     print(f"ppo: {len(train_prompts)} train prompts, {num_iterations} iterations of {episodes_per_batch} "
-          f"episodes, {total_steps} optimiser steps, beta {args.beta}, device {device}, {dtype}")
+          f"episodes x {processes()[1]} process(es), {total_steps} optimiser steps, beta {args.beta}, "
+          f"device {device}, {dtype}")
 
     stream = prompt_stream(train_prompts, args.batch_size, args.seed)
     times, window = {"rollout": 0.0, "update": 0.0}, {}
@@ -554,7 +556,7 @@ def main(args: Args) -> dict:
 
         if iteration % args.log_every == 0 or iteration == num_iterations:
             elapsed = max(times["rollout"] + times["update"], 1e-9)
-            log(out, {"iteration": iteration, "episodes": iteration * episodes_per_batch,
+            log(out, {"iteration": iteration, "episodes": iteration * episodes_per_batch * processes()[1],
                       **{k: sum(v) / len(v) for k, v in window.items()},
                       "train/lr": scheduler.get_last_lr()[0],
                       "perf/episodes_per_s": iteration * episodes_per_batch / elapsed,
