@@ -789,10 +789,6 @@ def start_training(models: list, args, total_steps: int, schedule: str, floor: f
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=args.adam_betas, eps=eps,
                                   weight_decay=args.weight_decay, fused=fused)
     warmup = int(args.warmup_ratio * total_steps)
-    if processes()[1] > 1:  # under torchrun: --batch_size is per process
-        print(f"global batch: --batch_size {args.batch_size} x {processes()[1]} processes x "
-              f"--gradient_accumulation_steps {args.gradient_accumulation_steps} = "
-              f"{args.batch_size * processes()[1] * args.gradient_accumulation_steps}")
     return optimizer, torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, schedule, floor))
 
