@@ -17,11 +17,11 @@ RUNS = {
     "sft": ("sft", dict(model="toy/sft", max_train_samples=48, max_eval_samples=8, max_steps=3, batch_size=8,
                         log_every=1, eval_every=0, save_every=2, num_samples=0), "batch_size"),
     "dpo": ("dpo", dict(max_train_samples=48, max_eval_samples=8, max_steps=3, batch_size=8, log_every=1,
-                        reward_model="none", learning_rate=1e-4, save_every=2), "batch_size"),
+                        reward_model="none", learning_rate=1e-4), "batch_size"),
     "reward_model": ("reward_model", dict(model="toy/sft", max_train_samples=16, max_eval_samples=8,
                                           max_steps=1, batch_size=8, log_every=1), "batch_size"),
     # VAR's batch is one prompt's group (its normaliser), so two processes halve the accumulation
-    "var": ("var", dict(train_split="train[:16]", batch_size=4, gradient_accumulation_steps=2, max_steps=1,
+    "var": ("var", dict(train_split="train[:8]", batch_size=4, gradient_accumulation_steps=2, max_steps=1,
                         eval_prompts="none", log_every=1), "gradient_accumulation_steps"),
 }
 

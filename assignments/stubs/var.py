@@ -1080,7 +1080,8 @@ def tally(window: dict, sums: dict, n: int) -> None:
 
 def means(window: dict) -> dict:
     """The window's means (under torchrun over every process's rows); the window is emptied."""
-    *sums, n = summed(list(window.values()) + [window.pop("n")])
+    n = window.pop("n")
+    *sums, n = summed(list(window.values()) + [n])
     result = {k: v / n for k, v in zip(window, sums)}
     window.clear()
     return result
