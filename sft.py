@@ -342,7 +342,7 @@ def main(args: Args) -> dict:
     stream = micro_batches(train, [len(e["input_ids"]) for e in train], args,
                            skip=start_step * args.gradient_accumulation_steps)
     window = progress["window"]
-    for step in tqdm(range(start_step + 1, total_steps + 1), desc="sft", dynamic_ncols=True, disable=None):
+    for step in tqdm(range(start_step + 1, total_steps + 1), desc="sft", dynamic_ncols=True, disable=quiet()):
         step_start = time.time()
         micro = [collate(next(stream), pad_id) for _ in range(args.gradient_accumulation_steps)]
         n_tokens = per_process(sum((mb["labels"][:, 1:] != -100).sum().item() for mb in micro))
@@ -751,7 +751,8 @@ def processes() -> tuple:
 
 def start_processes(device):
     """Under torchrun (which sets LOCAL_RANK), joins the process group: NCCL between GPUs (this
-    process's GPU is cuda:LOCAL_RANK), gloo on CPUs. Ranks above 0 print nothing. Returns the device."""
+    process's GPU is cuda:LOCAL_RANK), gloo on CPUs. Ranks above 0 print nothing and show no progress
+    bar (quiet). Returns the device."""
     if "LOCAL_RANK" not in os.environ or torch.distributed.is_initialized():
         return device
     if device.type == "cuda":
@@ -784,7 +785,8 @@ def place(model, device, dtype: str, frozen: bool = False):
     if hasattr(model, "score"):  # a scalar model: score() calls its backbone and head, not the whole
         fully_shard(getattr(model, model.base_model_prefix), mp_policy=policy)
         fully_shard(model.score, mp_policy=policy)
-    return fully_shard(model, mp_policy=policy)
+    # the root's weights are gathered until the backward pass, which a frozen model never has
+    return fully_shard(model, mp_policy=policy, reshard_after_forward=True if frozen else None)
 
 
 def summed(numbers: list) -> list:
@@ -805,27 +807,43 @@ def per_process(count: int) -> float:
 
 
 def gathered(state):
-    """A state dict (a model's or an optimiser's) with each FSDP shard (a DTensor) gathered into its
-    full tensor on the CPU, for rank 0 to save: the files are those of a one-process run."""
+    """A state dict (a model's or an optimiser's) with each FSDP shard (a DTensor) gathered into its full
+    tensor (every process takes part), kept on rank 0's CPU for it to save, None elsewhere: the files
+    are those of a one-process run."""
     from torch.distributed.tensor import DTensor
 
-    if isinstance(state, (dict, list)):
-        full, done = {}, {}  # a tensor under two names (tied embeddings) stays one tensor
-        for k, v in state.items() if isinstance(state, dict) else enumerate(state):
-            full[k] = done[id(v)] = done[id(v)] if id(v) in done else gathered(v)
-        return full if isinstance(state, dict) else list(full.values())
-    return state.detach().full_tensor().cpu() if isinstance(state, DTensor) else state
+    if isinstance(state, DTensor):
+        full = state.detach().full_tensor()
+        return full.cpu() if processes()[0] == 0 else None
+    if not isinstance(state, (dict, list)):
+        return state
+    full, done = {}, {}  # done: by id, so that a tensor under two names (tied embeddings) stays one
+    for k, v in state.items() if isinstance(state, dict) else enumerate(state):
+        if id(v) not in done:
+            done[id(v)] = gathered(v)
+        full[k] = done[id(v)]
+    return full if isinstance(state, dict) else list(full.values())
 
 
-def reshard(optimizer) -> None:
-    """Under FSDP, the AdamW state loaded from a checkpoint (full tensors) cut to this process's shards."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+def sharded(optimizer, saved: dict) -> dict:
+    """A checkpoint's AdamW state dict (full tensors) cut to this process's FSDP shards, one tensor at a
+    time, before optimizer.load_state_dict (which keeps them as they are)."""
+    from torch.distributed.tensor import distribute_tensor
 
-    for param, state in optimizer.state.items():
-        for key, value in state.items():
-            if isinstance(param, DTensor) and not isinstance(value, DTensor) and value.shape == param.shape:
-                state[key] = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in saved["param_groups"] for i in group["params"]]
+    for i, param in zip(ids, params):
+        for key, value in saved["state"].get(i, {}).items():
+            if key != "step":  # the moments, shaped as the parameter (the step count is a scalar)
+                saved["state"][i][key] = distribute_tensor(value.to(param.device), param.device_mesh,
+                                                           param.placements)
+    return saved
 
+
+def quiet():
+    """tqdm's `disable`: True on ranks above 0 (one progress bar), else None (tqdm's choice: a bar on a
+    terminal only)."""
+    return True if processes()[0] > 0 else None
 
 def start_training(models: list, args, total_steps: int, schedule: str, floor: float = 0.0,
                    eps: float = 1e-8) -> tuple:
@@ -841,6 +859,8 @@ def start_training(models: list, args, total_steps: int, schedule: str, floor: f
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=args.adam_betas, eps=eps,
                                   weight_decay=args.weight_decay, fused=fused)
     warmup = int(args.warmup_ratio * total_steps)
+    if processes()[1] > 1:  # the models loaded alike; now each process draws its own samples, dropout masks
+        torch.manual_seed(args.seed + processes()[0])
     return optimizer, torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, schedule, floor))
 
@@ -1016,7 +1036,14 @@ def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Option
     the same files as a one-process run (--resume continues them with the same number of processes)."""
     many = processes()[1] > 1
     full = {folder: gathered(m.state_dict(keep_vars=True)) if many else None for folder, m in models.items()}
-    state = gathered(state) if many else state
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    if many and state is not None:  # every process's random state, and the log window summed over all
+        rngs = [None] * processes()[1]
+        torch.distributed.all_gather_object(rngs, rng)
+        window = state["progress"]["window"]
+        progress = {**state["progress"], "window": dict(zip(window, summed(list(window.values()))))}
+        state, rng = {**gathered(state), "progress": progress}, rngs
     if processes()[0] > 0:
         return
     for folder, model in models.items():  # all checked before anything is written
@@ -1027,8 +1054,6 @@ def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Option
         model.save_pretrained(tmp / folder, state_dict=full[folder])
         tokenizer.save_pretrained(tmp / folder)  # each folder loads on its own
     if state is not None:
-        rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         torch.save({"step": step, **state, "random": rng}, tmp / "trainer_state.pt")
     os.replace(tmp, final)
     for old in out.glob("checkpoint-*"):
@@ -1043,14 +1068,19 @@ def last_checkpoint(out: Path) -> Optional[Path]:
 
 def restore(checkpoint: Path, optimizer, scheduler) -> tuple:
     """--resume: the optimiser, the schedule and the random states as they were at the checkpoint.
-    Returns (step, progress)."""
-    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    Returns (step, progress). Under torchrun each process keeps its shards of the AdamW state, its own
+    random states, and rank 0 the log window."""
+    many = processes()[1] > 1
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False,
+                       map_location="cpu" if many else None)
     if not isinstance(state.get("progress"), dict):
         raise SystemExit(f"error: {checkpoint} was written by an older version of this script, which "
                          "this one cannot continue: resume with that version, or start over (--overwrite)")
+    if many:  # the checkpoint holds full tensors, every process's random states and the summed window
+        state["optimizer"] = sharded(optimizer, state["optimizer"])
+        state["random"] = state["random"][processes()[0]]
+        state["progress"]["window"] = state["progress"]["window"] if processes()[0] == 0 else {}
     optimizer.load_state_dict(state["optimizer"])
-    if processes()[1] > 1:  # the checkpoint holds full tensors
-        reshard(optimizer)
     scheduler.load_state_dict(state["scheduler"])
     random.setstate(state["random"]["python"])
     torch.set_rng_state(state["random"]["torch"])

@@ -1,7 +1,8 @@
 """The runs of tests/test_distributed.py, and its worker: `torchrun --nproc_per_node 2 tests/distributed_runs.py
 OUT` trains each run below on 2 processes (gloo, CPU) into OUT/<run>, the way a user's torchrun would,
 while the test trains the same runs in one process with the batch doubled. Rank 1 is given its own
-output folders, OUT/rank1/<run>: it must write nothing there, nor anywhere."""
+output folders, OUT/rank1/<run>: it must write nothing there, nor anywhere. The last run is stopped after its checkpoint
+and resumed on 2 processes (both then read the one folder, as on a shared filesystem)."""
 
 import json
 import os
@@ -23,6 +24,10 @@ RUNS = {
     # VAR's batch is one prompt's group (its normaliser), so two processes halve the accumulation
     "var": ("var", dict(train_split="train[:8]", batch_size=4, gradient_accumulation_steps=2, max_steps=1,
                         eval_prompts="none", log_every=1), "gradient_accumulation_steps"),
+    # stopped after step 3, resumed from the checkpoint of step 2, whose log window (steps 1-2) is open
+    "sft_resumed": ("sft", dict(model="toy/sft", max_train_samples=48, max_eval_samples=8, max_steps=4,
+                                batch_size=8, log_every=3, eval_every=0, save_every=2, num_samples=0),
+                    "batch_size"),
 }
 
 
@@ -54,10 +59,27 @@ def whitening_check(out: Path) -> None:
                   open(out / "whitening.json", "w"))
 
 
+def stopped_and_resumed(out: Path) -> None:
+    """The run "sft_resumed" killed at its end (no eval.json: its checkpoint stays), then resumed."""
+    module, args = run_args("sft_resumed", out, 2)
+    finish = module.finish
+    module.finish = lambda *_: sys.exit("stopped")  # as a kill after the final save
+    try:
+        module.main(args)
+    except SystemExit:
+        pass
+    module.finish = finish
+    _, args = run_args("sft_resumed", out, 2)
+    args.resume = True
+    module.main(args)
+
+
 if __name__ == "__main__":
     out, rank = Path(sys.argv[1]), int(os.environ["RANK"])
     os.chdir(ROOT)
     for name in RUNS:
-        module, args = run_args(name, out if rank == 0 else out / "rank1", 2)
-        module.main(args)
+        if name != "sft_resumed":
+            module, args = run_args(name, out if rank == 0 else out / "rank1", 2)
+            module.main(args)
     whitening_check(out)
+    stopped_and_resumed(out)

@@ -677,7 +677,8 @@ def setup(args) -> tuple:
     return device, dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
 
 
-# ---- Many processes: under torchrun, rank 0 alone prints and writes (see sft.py for training with FSDP2).
+# ---- Many processes: setup() is the trainers' own (see sft.py: torchrun with FSDP2); dera.py itself
+# runs as one process (under torchrun every process would repeat its work and write the same files).
 
 
 def processes() -> tuple:
@@ -688,7 +689,8 @@ def processes() -> tuple:
 
 def start_processes(device):
     """Under torchrun (which sets LOCAL_RANK), joins the process group: NCCL between GPUs (this
-    process's GPU is cuda:LOCAL_RANK), gloo on CPUs. Ranks above 0 print nothing. Returns the device."""
+    process's GPU is cuda:LOCAL_RANK), gloo on CPUs. Ranks above 0 print nothing and show no progress
+    bar (quiet). Returns the device."""
     if "LOCAL_RANK" not in os.environ or torch.distributed.is_initialized():
         return device
     if device.type == "cuda":
