@@ -19,8 +19,11 @@ RUNS = {
                         log_every=1, eval_every=0, save_every=2, num_samples=0), "batch_size"),
     "dpo": ("dpo", dict(max_train_samples=48, max_eval_samples=8, max_steps=3, batch_size=8, log_every=1,
                         reward_model="none", learning_rate=1e-4), "batch_size"),
+    # AdamW's first step moves a weight by ~lr x sign(gradient): where the gradient is ~0, float noise
+    # in the sum over processes moves it by a fraction of lr, so the runs take small ones
     "reward_model": ("reward_model", dict(model="toy/sft", max_train_samples=16, max_eval_samples=8,
-                                          max_steps=1, batch_size=8, log_every=1), "batch_size"),
+                                          max_steps=1, batch_size=8, log_every=1, learning_rate=1e-4),
+                     "batch_size"),
     # VAR's batch is one prompt's group (its normaliser), so two processes halve the accumulation
     "var": ("var", dict(train_split="train[:8]", batch_size=4, gradient_accumulation_steps=2, max_steps=1,
                         eval_prompts="none", log_every=1), "gradient_accumulation_steps"),
