@@ -1013,7 +1013,7 @@ def setup(args) -> tuple:
 # ---- Many processes: torchrun --nproc_per_node N <script>.py ... (FSDP2). Without torchrun, none of
 # this does anything. Every process holds 1/N of each model (its weights, and for the trained ones their
 # gradients and AdamW state), trains on its share of each global batch and runs every evaluation in
-# full (the results are the same on all: simple, and the evaluations are small); rank 0 alone prints,
+# full (simple, and evaluations are small; rank 0's results are the ones written); rank 0 alone prints,
 # logs and writes.
 
 
@@ -1119,6 +1119,7 @@ def quiet():
     terminal only)."""
     return True if processes()[0] > 0 else None
 
+
 def start_training(models: list, args, total_steps: int, schedule: str, floor: float = 0.0,
                    eps: float = 1e-8) -> tuple:
     """The models in train mode (with gradient checkpointing if asked), one fused AdamW over all their
@@ -1198,7 +1199,8 @@ def write_jsonl(path: Path, rows: list) -> None:
 def log(out: Path, record: dict) -> None:
     """One record appended to out/metrics.jsonl, and the same as one printed line. Under torchrun every
     process calls it: each float is first averaged over the processes (a throughput is then per process,
-    a PPO statistic of the minibatch that of the global one) and rank 0 writes."""
+    a PPO statistic of the minibatch that of the global one; a train_record, already reduced by means,
+    stays as it is) and rank 0 writes."""
     if processes()[1] > 1:
         floats = [k for k, v in record.items() if isinstance(v, float)]
         record.update(zip(floats, [v / processes()[1] for v in summed([record[k] for k in floats])]))

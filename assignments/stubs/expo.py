@@ -798,6 +798,7 @@ def start_processes(device):
         sys.stdout = open(os.devnull, "w")
     return device
 
+
 def write_jsonl(path: Path, rows: list) -> None:
     if processes()[0] > 0:  # rank 0 writes
         return
