@@ -22,10 +22,15 @@ def runs(tmp_path_factory):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "tests" / "distributed_runs.py"), str(two)]
     launched = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for name in RUNS:  # meanwhile, the same runs in this process
-        module, args = run_args(name, one, 1)
-        module.main(args)
-    output = launched.communicate(timeout=300)[0]
+    try:
+        for name in RUNS:  # meanwhile, the same runs in this process
+            module, args = run_args(name, one, 1)
+            module.main(args)
+        output = launched.communicate(timeout=300)[0]
+    finally:  # a hang or a failure here leaves no processes behind (torchrun stops its workers)
+        if launched.poll() is None:
+            launched.terminate()
+            launched.wait(timeout=60)
     assert launched.returncode == 0, output[-3000:]
     return two, one, output
 
