@@ -118,6 +118,8 @@ class Args:
 def check_args(args: Args) -> None:
     """Every argument checked before anything is loaded or written: one line each, exit code 2."""
     problems = [
+        (int(os.environ.get("WORLD_SIZE", 1)) > 1,  # set by torchrun
+         "expo.py runs as one process (it trains nothing to shard): start it with python, not torchrun"),
         (not args.alphas, "--alphas is empty; give at least one extrapolation strength"),
         (any(alpha < 0 for alpha in args.alphas),
          f"every alpha must be >= 0 (got {[a for a in args.alphas if a < 0]}): 0 is the aligned model "
@@ -750,7 +752,7 @@ def generate(model, batch: dict, config):
     suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
     checkpoint_config, model.generation_config = model.generation_config, config
     try:  # under FSDP every process runs the forward passes until all have finished (synced_gpus)
-        return model.generate(**batch, generation_config=config, synced_gpus=processes()[1] > 1)
+        return model.generate(**batch, generation_config=config, synced_gpus=world_size() > 1)
     finally:
         model.generation_config = checkpoint_config
 
@@ -776,13 +778,17 @@ def setup(args) -> tuple:
 
 
 # ---- Many processes: setup() is the trainers' own (see sft.py: torchrun with FSDP2); expo.py itself
-# runs as one process (under torchrun every process would repeat its work and write the same files).
+# runs as one process (check_args refuses torchrun: every process would repeat its work).
 
 
-def processes() -> tuple:
-    """(this process's rank, the number of processes): (0, 1) without torchrun."""
-    dist = torch.distributed
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+def rank() -> int:
+    """This process's number, 0 to world_size() - 1: 0 without torchrun."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of processes: 1 without torchrun."""
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def start_processes(device):
@@ -795,13 +801,13 @@ def start_processes(device):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if processes()[0] > 0:
+    if rank() > 0:
         sys.stdout = open(os.devnull, "w")
     return device
 
 
 def write_jsonl(path: Path, rows: list) -> None:
-    if processes()[0] > 0:  # rank 0 writes
+    if rank() > 0:  # rank 0 writes
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
@@ -823,7 +829,7 @@ def run_info(device, dtype: str) -> dict:
     return {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
             "python": sys.version.split()[0], "torch": torch.__version__,
             "transformers": transformers.__version__, "datasets": datasets.__version__,
-            "device": str(device), "dtype": dtype, "processes": processes()[1],
+            "device": str(device), "dtype": dtype, "processes": world_size(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -834,7 +840,7 @@ def check_output_dir(args, script: str, models: list, resume: Optional[bool]) ->
     others would race with its writing (torchrun stops them all when one fails)."""
     out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.output_dir = str(out)
-    if processes()[0] > 0:
+    if rank() > 0:
         return out
     if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
         raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
@@ -845,7 +851,7 @@ def check_output_dir(args, script: str, models: list, resume: Optional[bool]) ->
             raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
         recorded = json.load(open(out / "args.json"))
         recorded["processes"] = recorded.get("run", {}).get("processes", 1)  # the data order depends on it
-        current = {**json.loads(json.dumps(asdict(args))), "processes": processes()[1]}  # tuples as lists
+        current = {**json.loads(json.dumps(asdict(args))), "processes": world_size()}  # tuples as lists
         changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items()
                    if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
                    and recorded.get(k) != v]
@@ -864,7 +870,7 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
     """Called once the inputs have loaded. A new run: empties an --overwrite'n dir, writes args.json (the
     arguments, then under "run" the versions, device, dtype and git commit). A resumed run keeps the
     metrics logged up to its checkpoint and drops the later ones, which the run will log again."""
-    if processes()[0] > 0:  # rank 0 writes
+    if rank() > 0:  # rank 0 writes
         return
     if resume_step is not None:
         log_file = out / "metrics.jsonl"

@@ -34,6 +34,11 @@ RUNS = {
 }
 
 
+# PPO's processes sample with their own random streams, so a run is checked end to end, not against one
+# process: 2 iterations of 2 x 4 prompts
+PPO = dict(total_episodes=16, batch_size=4, minibatch_size=4, max_new_tokens=8, num_eval_prompts=4, log_every=1)
+
+
 def run_args(name: str, out: Path, processes: int):
     """The Args of a run, for `processes` processes (their global batch is the one-process batch)."""
     import importlib
@@ -86,3 +91,6 @@ if __name__ == "__main__":
             module.main(args)
     whitening_check(out)
     stopped_and_resumed(out)
+    import ppo
+
+    ppo.main(ppo.Args(**PPO, output_dir=str((out if rank == 0 else out / "rank1") / "ppo")))

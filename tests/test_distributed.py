@@ -4,6 +4,7 @@ weights; rank 0 alone writes; PPO whitens its advantages over the global minibat
 tests/distributed_runs.py trains every run; this process trains the one-process twins."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from distributed_runs import RUNS, run_args
+from distributed_runs import PPO, RUNS, run_args
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +98,13 @@ def test_ppo_whitens_the_advantages_over_every_process(runs):
     assert torch.allclose(torch.tensor(check["whitened"]), whole, atol=1e-5)
     per_half = torch.cat([ppo.masked_whiten(x[:4], mask[:4]), ppo.masked_whiten(x[4:], mask[4:])])
     assert not torch.allclose(per_half, whole, atol=1e-3)  # the check can tell the two apart
+
+
+def test_ppo_rolls_out_and_updates_on_two_processes(runs):
+    two, _, output = runs
+    log = records(two, "ppo")
+    assert [r["episodes"] for r in log] == [8, 16]  # 2 processes x 4 prompts per iteration
+    assert all(math.isfinite(r["ppo/policy_loss"]) and r["train/grad_norm"] > 0 for r in log)
+    assert {"eval.json", "samples.jsonl", "model.safetensors"} <= {p.name for p in (two / "ppo").iterdir()}
+    assert len(open(two / "ppo" / "samples.jsonl").readlines()) == PPO["num_eval_prompts"]
+    assert "iterations of 4 episodes x 2 process(es)" in output
