@@ -1016,13 +1016,6 @@ def summed(numbers: list) -> list:
     return total.tolist()
 
 
-def per_process(count: int) -> float:
-    """A step's count (of tokens, pairs) summed over the processes and divided by their number. FSDP
-    averages the processes' gradients (as DDP does), so a loss summed over this process's rows and
-    divided by this has, averaged, the gradient of the mean over the global batch. One process: count."""
-    return count if world_size() == 1 else summed([count])[0] / world_size()
-
-
 def gathered(state):
     """A state dict (a model's or an optimiser's) with each FSDP shard (a DTensor) gathered into its full
     tensor (every process takes part), kept on rank 0's CPU for it to save, None elsewhere: the files

@@ -954,13 +954,6 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def per_process(count: int) -> float:
-    """A step's count (of tokens, pairs) summed over the processes and divided by their number. FSDP
-    averages the processes' gradients (as DDP does), so a loss summed over this process's rows and
-    divided by this has, averaged, the gradient of the mean over the global batch. One process: count."""
-    return count if world_size() == 1 else summed([count])[0] / world_size()
-
-
 def gathered(state):
     """A state dict (a model's or an optimiser's) with each FSDP shard (a DTensor) gathered into its full
     tensor (every process takes part), kept on rank 0's CPU for it to save, None elsewhere: the files
@@ -980,21 +973,6 @@ def gathered(state):
             done[id(v)] = gathered(v)
         full[k] = done[id(v)]
     return full
-
-
-def sharded(optimizer, saved: dict) -> dict:
-    """A checkpoint's AdamW state dict (full tensors) cut to this process's FSDP shards, one tensor at a
-    time, before optimizer.load_state_dict (which keeps them as they are)."""
-    from torch.distributed.tensor import distribute_tensor
-
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    ids = [i for group in saved["param_groups"] for i in group["params"]]
-    for i, param in zip(ids, params):
-        for key, value in saved["state"].get(i, {}).items():
-            if key != "step":  # the moments, shaped as the parameter (the step count is a scalar)
-                saved["state"][i][key] = distribute_tensor(value.to(param.device), param.device_mesh,
-                                                           param.placements)
-    return saved
 
 
 def quiet():
