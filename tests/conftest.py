@@ -63,3 +63,12 @@ def sft_samples():
     """512 responses of the committed toy/sft to the test prompts (each prompt twice), temperature 1."""
     prompts = (toy_prompts("test") * 2)[:512]
     return prompts, sample_responses(TOY / "sft", prompts)
+
+
+@pytest.fixture(scope="session")
+def tier(tmp_path_factory):
+    """The real-like tier (tests/real_like.py), with pad == eos and with a separate pad: {pad: paths}."""
+    import real_like
+
+    root = tmp_path_factory.mktemp("real_like")
+    return {pad: real_like.build(TOY, root / pad, pad) for pad in ("eos", "separate")}

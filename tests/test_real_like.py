@@ -13,11 +13,10 @@ import dera
 import dpo
 import expo
 import ppo
-import real_like
 import reward_model
 import sft
 import var
-from conftest import TOY, toy_prompts
+from conftest import toy_prompts
 from real_like import BOS, EOS, SECOND_STOP
 
 CPU, NO_AUTOCAST = torch.device("cpu"), torch.autocast("cpu", enabled=False)
@@ -26,12 +25,6 @@ PROMPT = [{"role": "user", "content": "Write a review of the pizza."}]
 LONG_PROMPT = [{"role": "user", "content": "Write a review of the new album by the band from the city."}]
 RESPONSE = [{"role": "assistant", "content": "The pizza was great, and I loved it."}]
 SHORT = [{"role": "assistant", "content": "It was bad."}]
-
-
-@pytest.fixture(scope="session")
-def tier(tmp_path_factory):
-    root = tmp_path_factory.mktemp("real_like")
-    return {pad: real_like.build(TOY, root / pad, pad) for pad in PADS}
 
 
 @pytest.mark.parametrize("pad", PADS)

@@ -1,58 +1,170 @@
 """The algorithms wired right inside main, not just their helpers: tests on the quantities a broken
-wiring changes (issue 19). PPO runs two tiny iterations with its helpers wrapped to record what main
-feeds them; the reward model's new head is checked at its initialisation; DPO's and SFT's loops are
-checked on what they feed the loss and what they log."""
+wiring changes (issues 19 and 29). Each run records what main feeds the maths functions (wrapped with
+`record` or, for PPO, by hand) and checks it against the test's own reading of the data: its own
+tokenisation of the rows (`chat_ids`) and its own reward-model forward (`reward`), never the scripts'
+helpers. The mistakes these tests were proved against are kept, as data, in tests/mutations.py."""
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import dpo
 import ppo
 import reward_model
 import sft
+import var
 from conftest import TOY
+
+
+def read_jsonl(path) -> list:
+    return [json.loads(line) for line in open(path)]
+
+
+def record(monkeypatch, module, name: str) -> list:
+    """Wraps module.name; every call's positional arguments (tensors detached and cloned) go to the list."""
+    calls, real = [], getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append([a.detach().clone() if torch.is_tensor(a) else a for a in args] + [kwargs])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def chat_ids(tokenizer, prompt: list, response: list) -> tuple:
+    """The test's own reading of a chat row: (prompt ids with the generation prompt, response ids
+    through its end-of-turn token), from the chat template alone."""
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    assert full_text.startswith(prompt_text)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    return prompt_ids, response_ids[: response_ids.index(tokenizer.eos_token_id) + 1]
+
+
+@torch.no_grad()
+def head_outputs(model, ids: list) -> torch.Tensor:
+    """A scalar model's head at every position of one unpadded sequence, (T,)."""
+    hidden = getattr(model, model.base_model_prefix)(torch.tensor([ids])).last_hidden_state
+    return model.score(hidden[0]).squeeze(-1)
+
+
+def reward(model, ids: list) -> float:
+    """The reward model's head at the last token of one unpadded sequence."""
+    return head_outputs(model, ids)[-1].item()
+
+
+@torch.no_grad()
+def token_logprobs(model, prompt_ids: list, response_ids: list, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) of each response token under logits / T, from one unpadded forward."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].double() / temperature
+    return logits.log_softmax(-1).gather(-1, ids[0, len(prompt_ids):, None]).squeeze(-1)
+
+
+def logp(model, prompt_ids: list, response_ids: list) -> float:
+    """log pi(response | prompt), summed over the response tokens."""
+    return token_logprobs(model, prompt_ids, response_ids).sum().item()
+
+
+def distinct_prompt_rows(n: int) -> list:
+    """The first n preference rows of the toy with n different prompts (a prompt-mixing mistake is
+    invisible between rows that share one)."""
+    rows, seen = [], set()
+    for row in read_jsonl(TOY / "data" / "prefs" / "train.jsonl"):
+        if row["prompt"][-1]["content"] not in seen:
+            seen.add(row["prompt"][-1]["content"])
+            rows.append(row)
+    return rows[:n]
+
+
+TINY = {  # one optimiser step of each trainer on a few toy rows, no evaluation
+    "sft": dict(max_steps=1, batch_size=4, max_train_samples=4, eval_split=None, num_samples=0, log_every=1),
+    "reward_model": dict(max_steps=1, batch_size=4, max_train_samples=4, eval_split=None, log_every=1),
+    "dpo": dict(max_steps=1, batch_size=4, max_train_samples=4, eval_split=None, reward_model="none",
+                log_every=1),
+    "var": dict(max_steps=1, train_split="train[:4]", batch_size=4, eval_prompts="none", log_every=1),
+    "ppo": dict(total_episodes=8, batch_size=8, minibatch_size=8, max_new_tokens=8, eval_split=None,
+                log_every=1),
+}
+
+
+def step_gradients(script, out, **changes) -> list:
+    """Runs script.main(Args(**changes)) for a step or two; returns, per optimiser step, the whole
+    gradient as the optimiser received it (after any clipping), flattened."""
+    grads = []
+
+    def before_step(optimizer, args, kwargs):
+        grads.append(torch.cat([p.grad.flatten() for g in optimizer.param_groups for p in g["params"]
+                                if p.grad is not None]).clone())
+    hook = register_optimizer_step_pre_hook(before_step)
+    try:
+        script.main(script.Args(**{**TINY[script.__name__], "output_dir": str(out), **changes}))
+    finally:
+        hook.remove()
+    return grads
 
 
 @pytest.fixture(scope="module")
 def ppo_record(tmp_path_factory):
-    """Two iterations of 8 episodes, minibatches of 4, responses cut at 8 tokens (most never reach
-    their stop token), a learning rate large enough that the policy leaves pi_ref in one iteration."""
-    record = {"iteration": 0, "kl": [], "gae": [], "loss": []}
-    real = {name: getattr(ppo, name) for name in ("rollout", "take", "kl_penalized_rewards", "compute_gae",
-                                                  "ppo_policy_loss")}
+    """Two iterations of 8 episodes, minibatches of 4, two PPO epochs, responses cut at 8 tokens (most
+    never reach their stop token), a learning rate large enough that the policy leaves pi_ref in one
+    iteration; gamma, lambda and the clip off their defaults, so that a default in their place shows;
+    a checkpoint after the first iteration, whose models the tests run themselves."""
+    record = {"iteration": 0, "rollouts": [], "eos": [], "kl": [], "gae": [], "loss": [], "value_loss": []}
+    real = {name: getattr(ppo, name) for name in ("rollout", "take", "eos_trick", "kl_penalized_rewards",
+                                                  "compute_gae", "ppo_policy_loss", "ppo_value_loss")}
 
     def rollout(*args, **kwargs):
         record["iteration"] += 1
-        return real["rollout"](*args, **kwargs)
+        batch = real["rollout"](*args, **kwargs)
+        record["rollouts"].append({k: v.clone() for k, v in batch.items()})
+        return batch
 
     def take(batch, index):
         part = real["take"](batch, index)
         record["last_take"] = part
         return part
 
+    def eos_trick(scores, finished, penalty):
+        record["eos"].append(dict(iteration=record["iteration"], scores=scores.clone(),
+                                  finished=finished.clone()))
+        return real["eos_trick"](scores, finished, penalty)
+
     def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, beta):
-        record["kl"].append(dict(finished=record["last_take"]["finished"].clone(), scores=scores.clone(),
-                                 logprobs=logprobs.clone(), ref=ref_logprobs.clone(), mask=mask.clone()))
+        record["kl"].append(dict(mb={k: v.clone() for k, v in record["last_take"].items()},
+                                 scores=scores.clone(), logprobs=logprobs.clone(), ref=ref_logprobs.clone(),
+                                 mask=mask.clone(), beta=beta))
         return real["kl_penalized_rewards"](scores, logprobs, ref_logprobs, mask, beta)
 
-    def compute_gae(rewards, *args, **kwargs):
-        record["gae"].append(rewards.clone())
-        return real["compute_gae"](rewards, *args, **kwargs)
+    def compute_gae(rewards, values, mask, gamma, lam):
+        record["gae"].append(dict(rewards=rewards.clone(), values=values.clone(), gamma=gamma, lam=lam))
+        return real["compute_gae"](rewards, values, mask, gamma, lam)
 
     def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip):
-        record["loss"].append(dict(iteration=record["iteration"], ratio=(logprobs - old_logprobs).exp().detach(),
-                                   advantages=advantages.clone(), mask=mask.clone()))
+        record["loss"].append(dict(iteration=record["iteration"],
+                                   ratio=(logprobs - old_logprobs).exp().detach(), old=old_logprobs.clone(),
+                                   advantages=advantages.clone(), mask=mask.clone(), clip=clip))
         return real["ppo_policy_loss"](logprobs, old_logprobs, advantages, mask, clip)
 
+    def ppo_value_loss(values, old_values, returns, mask, clip):
+        record["value_loss"].append(dict(clip=clip))
+        return real["ppo_value_loss"](values, old_values, returns, mask, clip)
+
     patch = pytest.MonkeyPatch()
-    for name, fn in [("rollout", rollout), ("take", take), ("kl_penalized_rewards", kl_penalized_rewards),
-                     ("compute_gae", compute_gae), ("ppo_policy_loss", ppo_policy_loss)]:
+    for name, fn in [("rollout", rollout), ("take", take), ("eos_trick", eos_trick),
+                     ("kl_penalized_rewards", kl_penalized_rewards), ("compute_gae", compute_gae),
+                     ("ppo_policy_loss", ppo_policy_loss), ("ppo_value_loss", ppo_value_loss)]:
         patch.setattr(ppo, name, fn)
-    args = ppo.Args(total_episodes=16, batch_size=8, minibatch_size=4, max_new_tokens=8, eval_split=None,
-                    learning_rate=1e-3, warmup_ratio=0.0, beta=0.5, log_every=1,
+    args = ppo.Args(total_episodes=16, batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=8,
+                    eval_split=None, learning_rate=1e-3, warmup_ratio=0.0, beta=0.5, gamma=0.99, lam=0.9,
+                    clip=0.15, log_every=1, save_every=1,
                     output_dir=str(tmp_path_factory.mktemp("ppo") / "run"))
     try:
         ppo.main(args)
@@ -66,7 +178,7 @@ def test_a_response_without_a_stop_token_scores_exactly_the_penalty(ppo_record):
     penalty = ppo_record["args"].missing_eos_penalty
     unfinished = 0
     for call in ppo_record["kl"]:
-        cut = ~call["finished"]
+        cut = ~call["mb"]["finished"]
         unfinished += cut.sum().item()
         assert (call["scores"][cut] == penalty).all()
         assert (call["scores"][~cut] != penalty).all()
@@ -77,7 +189,8 @@ def test_token_rewards_fed_to_gae_carry_minus_beta_kl(ppo_record):
     beta = ppo_record["args"].beta
     assert len(ppo_record["kl"]) == len(ppo_record["gae"]) == 4  # 2 iterations x 2 minibatches
     moved = 0.0
-    for call, rewards in zip(ppo_record["kl"], ppo_record["gae"]):
+    for call, gae in zip(ppo_record["kl"], ppo_record["gae"]):
+        rewards = gae["rewards"]
         expected = -beta * (call["logprobs"] - call["ref"]) * call["mask"]
         last = call["mask"].sum(1).long() - 1
         expected[torch.arange(len(last)), last] += call["scores"]
@@ -87,13 +200,72 @@ def test_token_rewards_fed_to_gae_carry_minus_beta_kl(ppo_record):
 
 
 def test_ratio_is_taken_against_the_rollout_policy(ppo_record):
-    """From the second iteration on the policy is not pi_ref, and the first (only) epoch's ratio is
-    still exactly 1: old log-probs come from the current model, per minibatch (Tulu 2.5 App. G)."""
-    later = [call for call in ppo_record["loss"] if call["iteration"] >= 2]
-    assert len(later) == 2
-    for call in later:
+    """The first epoch over a minibatch has a ratio of exactly 1, from the second iteration on too (the
+    policy is not pi_ref then): old log-probs come from the current model, per minibatch (Tulu 2.5
+    App. G). Every later epoch reuses those old log-probs, so after an optimiser step its ratio has
+    moved off 1 (recomputing them before each epoch would keep it at 1, and clipping would never act)."""
+    seen, later = [], []
+    for call in ppo_record["loss"]:
         ratio = call["ratio"][call["mask"].bool()]
+        if any(old.shape == call["old"].shape and torch.equal(old, call["old"]) for old in seen):
+            later.append(ratio)
+            continue
+        seen.append(call["old"])
         assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
+    assert len(seen) == 4 and any(call["iteration"] >= 2 for call in ppo_record["loss"])  # 2 x 2 minibatches
+    assert len(later) == len(seen) * (ppo_record["args"].ppo_epochs - 1), "no epoch reused the old log-probs"
+    assert all((r - 1).abs().max() > 1e-3 for r in later)
+
+
+def test_scores_are_the_frozen_reward_models_at_each_stop_token(ppo_record):
+    """The scores that enter the EOS trick are the frozen reward model's, read at the stop token of
+    query + response: the test scores every finished rollout itself. The value model starts as a copy
+    of the reward model and has moved by the second iteration, so scoring with it would show there."""
+    model = AutoModelForSequenceClassification.from_pretrained(TOY / "rm").eval()
+    for iteration, batch in enumerate(ppo_record["rollouts"], start=1):
+        expected = sorted(reward(model, batch["query"][i][batch["query_mask"][i].bool()].tolist()
+                                 + batch["response"][i][batch["mask"][i].bool()].tolist())
+                          for i in range(len(batch["finished"])) if batch["finished"][i])
+        got = sorted(x for call in ppo_record["eos"] if call["iteration"] == iteration
+                     for x in call["scores"][call["finished"]].tolist())
+        assert len(expected) > 0 and got == pytest.approx(expected, abs=1e-4)
+
+
+def test_old_log_probs_reference_and_values_are_each_models_own(ppo_record):
+    """The second iteration's first minibatch, token by token, against the test's own forwards of the
+    models saved after the first iteration: the KL's two arguments are the log-probs under that policy
+    and under pi_ref, in that order, at the rollout temperature; the values fed to GAE are the value
+    model's, read at the position before each response token (not the reward model's, not shifted)."""
+    checkpoint = Path(ppo_record["args"].output_dir) / "checkpoint-000001"
+    policy = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    value_model = AutoModelForSequenceClassification.from_pretrained(checkpoint / "value_model").eval()
+    ref = AutoModelForCausalLM.from_pretrained(TOY / "sft").eval()
+    call, gae, temperature = ppo_record["kl"][2], ppo_record["gae"][2], ppo_record["args"].temperature
+    mb = call["mb"]
+    for i in range(len(mb["mask"])):
+        query, n = mb["query"][i][mb["query_mask"][i].bool()].tolist(), int(mb["mask"][i].sum())
+        response = mb["response"][i][:n].tolist()
+        for model, got in ((policy, call["logprobs"]), (ref, call["ref"])):
+            expected = token_logprobs(model, query, response, temperature)
+            assert torch.allclose(got[i, :n].double(), expected, atol=1e-4)
+        values = head_outputs(value_model, query + response)[len(query) - 1 : len(query) - 1 + n]
+        assert torch.allclose(gae["values"][i, :n], values, atol=1e-4)
+
+
+def test_kl_is_zero_before_the_first_update(ppo_record):
+    """The first minibatch's policy is pi_ref itself: the log-probs of both, at the same temperature, are
+    equal (pi_ref's taken at another temperature, or from another model, would not be)."""
+    first = ppo_record["kl"][0]
+    assert torch.allclose(first["logprobs"] * first["mask"], first["ref"] * first["mask"], atol=1e-5)
+
+
+def test_main_passes_its_arguments_to_the_maths(ppo_record):
+    """--beta, --gamma, --lam and --clip reach the functions that use them (a default left in their
+    place learns just as well on the toy)."""
+    args = ppo_record["args"]
+    assert {c["beta"] for c in ppo_record["kl"]} == {args.beta}
+    assert {(c["gamma"], c["lam"]) for c in ppo_record["gae"]} == {(args.gamma, args.lam)}
+    assert {c["clip"] for c in ppo_record["loss"] + ppo_record["value_loss"]} == {args.clip}
 
 
 def test_advantages_fed_to_the_loss_are_whitened_over_the_minibatch(ppo_record):
@@ -148,3 +320,114 @@ def test_sft_step_loss_is_the_token_mean_over_the_whole_step(batch_size, accumul
                                  torch.autocast("cpu", enabled=False))
     logged = json.loads(open(out / "metrics.jsonl").readline())["train/loss"]
     assert logged == pytest.approx(expected, rel=1e-5)
+
+
+def test_reward_model_trains_on_the_score_at_the_eos_when_pad_is_eos(tier, tmp_path, monkeypatch):
+    """The rewards main feeds the Bradley-Terry loss are the head's output at each sequence's EOS, on the
+    real-like tier with pad == eos, where transformers' own pooling (`model(**batch).logits`) reads
+    the token before it (armed below). Dropout off in a copy, so train mode gives the same numbers."""
+    rm_dir = tmp_path / "rm"
+    shutil.copytree(tier["eos"]["rm"], rm_dir)
+    config = json.loads((rm_dir / "config.json").read_text())
+    (rm_dir / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.0}))
+    data = tmp_path / "pairs.jsonl"
+    rows = distinct_prompt_rows(4)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls = record(monkeypatch, reward_model, "bradley_terry_loss")
+    reward_model.main(reward_model.Args(model=str(rm_dir), dataset=str(data), train_split="train",
+                                        **TINY["reward_model"], output_dir=str(tmp_path / "out")))
+    tok = AutoTokenizer.from_pretrained(rm_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    chosen, rejected, _ = calls[0]
+    for side, got in (("chosen", chosen), ("rejected", rejected)):
+        expected = [reward(model, sum(chat_ids(tok, r["prompt"], r[side]), [])) for r in rows]
+        assert sorted(got.tolist()) == pytest.approx(sorted(expected), abs=1e-4), side
+    model.config.pad_token_id = tok.pad_token_id
+    ids = sum(chat_ids(tok, rows[0]["prompt"], rows[0]["chosen"]), [])
+    with torch.no_grad():
+        assert abs(model(torch.tensor([ids])).logits.item() - reward(model, ids)) > 1e-3  # armed
+
+
+def test_sft_labels_the_response_tokens_and_nothing_else(tmp_path, monkeypatch):
+    """The labelled tokens of every row fed to the loss are its assistant reply and the EOS: not the
+    prompt, not the padding."""
+    calls = record(monkeypatch, sft, "sft_loss_sum")
+    sft.main(sft.Args(**{**TINY["sft"], "batch_size": 8, "max_train_samples": 8},
+                      output_dir=str(tmp_path / "sft")))
+    tok = AutoTokenizer.from_pretrained(TOY / "sft")
+    rows = read_jsonl(TOY / "data" / "sft" / "train.jsonl")[:8]
+    expected = sorted(tuple(chat_ids(tok, r["messages"][:-1], r["messages"][-1:])[1]) for r in rows)
+    labels = calls[0][1]
+    assert sorted(tuple(row[row != -100].tolist()) for row in labels) == expected
+
+
+def test_var_scores_every_response_under_every_prompt_and_trains_each_group_on_its_weights(tmp_path,
+                                                                                       monkeypatch):
+    """rewards[i, j] = r(x_i, y_j) for the prompts and responses of each group, as the test's own
+    reward-model forward scores them; --beta reaches var_weights; and each step's loss weighs every
+    sequence by the weight of that very example (found by its log-prob under the policy, which a
+    learning rate of 1e-9 keeps at toy/sft's). Four rows with four different prompts, both responses
+    each: two groups of 4, one per step."""
+    data = tmp_path / "pairs.jsonl"
+    rows = distinct_prompt_rows(4)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    var_weights = var.var_weights  # the real one, for the test's own use
+    weight_calls, loss_calls = record(monkeypatch, var, "var_weights"), record(monkeypatch, var, "var_loss")
+    var.main(var.Args(**{**TINY["var"], "train_split": "train", "max_steps": 2}, dataset=str(data), beta=0.37,
+                      learning_rate=1e-9, output_dir=str(tmp_path / "var")))
+    tok = AutoTokenizer.from_pretrained(TOY / "sft")
+    model = AutoModelForSequenceClassification.from_pretrained(TOY / "rm").eval()
+    examples = [chat_ids(tok, r["prompt"], r[side]) for r in rows for side in ("chosen", "rejected")]
+    every = torch.tensor([[reward(model, x + y) for _, y in examples] for x, _ in examples])
+    assert len(weight_calls) == 2
+    weight_of = {}
+    for rewards, beta, *rest in weight_calls:
+        assert beta == 0.37
+        # which example each row of the group is: the one whose own reward is on the diagonal
+        index = [int(((every.diagonal() - r).abs() < 1e-4).nonzero().squeeze()) for r in rewards.diagonal()]
+        assert torch.allclose(rewards, every[index][:, index], atol=1e-4)
+        weight_of.update(zip(index, var_weights(rewards, beta, *rest[:-1]).tolist()))
+    policy = AutoModelForCausalLM.from_pretrained(TOY / "sft").eval()
+    own_logps = torch.tensor([logp(policy, x, y) for x, y in examples])
+    assert len(loss_calls) == 2
+    for policy_logps, weights, _ in loss_calls:
+        index = [int(((own_logps - x).abs() < 1e-3).nonzero().squeeze()) for x in policy_logps]
+        assert weights.tolist() == pytest.approx([weight_of[a] for a in index], abs=1e-6)
+
+
+def test_dpo_feeds_the_loss_the_policys_and_the_references_log_probs(tmp_path, monkeypatch):
+    """With a reference that is not the starting policy (--ref toy/dpo), the first step's four
+    log-probs are log pi_sft(y|x) and log pi_ref(y|x) of each pair's chosen and rejected responses,
+    summed over the response and its EOS (the test's own forward): not the prompt's, not the other
+    model's, not the other response's."""
+    calls = record(monkeypatch, dpo, "dpo_loss")
+    dpo.main(dpo.Args(**TINY["dpo"], ref=str(TOY / "dpo"), output_dir=str(tmp_path / "dpo")))
+    tok = AutoTokenizer.from_pretrained(TOY / "sft")
+    rows = read_jsonl(TOY / "data" / "prefs" / "train.jsonl")[:4]
+    policy, ref = (AutoModelForCausalLM.from_pretrained(TOY / name).eval() for name in ("sft", "dpo"))
+    which = [(policy, "chosen"), (policy, "rejected"), (ref, "chosen"), (ref, "rejected")]
+    for (model, side), logps in zip(which, calls[0][:4]):
+        expected = [logp(model, *chat_ids(tok, r["prompt"], r[side])) for r in rows]
+        assert sorted(logps.tolist()) == pytest.approx(sorted(expected), abs=1e-4), side
+
+
+@pytest.mark.parametrize("script", [sft, reward_model, dpo])
+def test_a_steps_gradient_does_not_depend_on_how_the_step_is_split(script, tmp_path):
+    """Seven rows in one micro-batch, or in micro-batches of 4 and 3 under gradient accumulation: the
+    same rows and the same loss (a mean over the step's tokens or pairs), hence the same gradient. A
+    loss divided by each micro-batch's own count, by the accumulation steps, or positions shifted by
+    another padding, would differ. No clipping (it would hide a scale)."""
+    whole, split = (step_gradients(script, tmp_path / str(b), batch_size=b, gradient_accumulation_steps=g,
+                                   max_train_samples=7, max_grad_norm=1e9)[0] for b, g in ((7, 1), (4, 2)))
+    assert (whole - split).norm() / whole.norm() < 1e-4
+
+
+@pytest.mark.parametrize("script", [sft, reward_model, dpo, var, ppo])
+def test_the_optimiser_steps_on_the_clipped_gradient(script, tmp_path):
+    """With --max_grad_norm 1e-3, every gradient the optimiser receives has at most that norm, while the
+    logged (pre-clipping) norm is far above it: the clip is applied, not just measured."""
+    grads = step_gradients(script, tmp_path / "run", max_grad_norm=1e-3)
+    logged = [r["train/grad_norm"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")
+              if "train/grad_norm" in r]
+    assert grads and min(logged) > 1e-2  # armed
+    assert max(g.norm().item() for g in grads) <= 1e-3 * (1 + 1e-4)

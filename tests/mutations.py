@@ -1,0 +1,177 @@
+"""Mistakes made by hand in the scripts, each with the test that must catch it: the proof that the
+suite can fail where an algorithm is wired wrong. Kept as data so that a rewrite can prove them again:
+
+    python tests/mutations.py              # each mutation on a copy of the repository: its test must fail
+    python tests/mutations.py ppo.py       # only those of one script
+    python tests/mutations.py --suite 3    # the whole suite on mutation 3: every test that catches it
+
+Not part of the suite (each mutation costs one pytest run); tests/test_mutations.py only checks that
+every `old` text is still in its script exactly once. After a script changes, update `old` and `new`
+here, run this file, and see every line say "caught"."""
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Mutation:
+    script: str
+    mistake: str
+    old: str
+    new: str
+    test: str  # the pytest node id that must fail
+
+
+WIRING = "tests/test_wiring.py::test_"
+SPLIT = WIRING + "a_steps_gradient_does_not_depend_on_how_the_step_is_split"
+RM_AT_EOS = WIRING + "reward_model_trains_on_the_score_at_the_eos_when_pad_is_eos"
+PPO_MODELS = WIRING + "old_log_probs_reference_and_values_are_each_models_own"
+VAR_GROUPS = WIRING + "var_scores_every_response_under_every_prompt_and_trains_each_group_on_its_weights"
+DPO_LOGPS = WIRING + "dpo_feeds_the_loss_the_policys_and_the_references_log_probs"
+PPO_RECOMPUTED = """            for _ in range(args.ppo_epochs):
+                with torch.no_grad():
+                    old["logprobs"], _ = policy_logprobs(policy, mb, args.temperature, autocast)
+                    old["values"], _ = values_and_scores(value_model, mb, autocast)
+"""
+
+
+def clip_off(script: str) -> Mutation:
+    return Mutation(script, "the gradient norm measured but never clipped (an infinite max norm)",
+                    "optimizer_step(optimizer, scheduler, args.max_grad_norm,",
+                    'optimizer_step(optimizer, scheduler, float("inf"),',
+                    f"{WIRING}the_optimiser_steps_on_the_clipped_gradient[{script[:-3]}]")
+
+
+MUTATIONS = [
+    Mutation("dpo.py", "each micro-batch's loss divided by its own pair count, not the optimiser step's",
+             "(losses.sum() / n_pairs).backward()", "(losses.sum() / len(pairs)).backward()",
+             f"{SPLIT}[dpo]"),
+    Mutation("dpo.py", "a mean per micro-batch divided by the accumulation steps (unequal micro-batches)",
+             "(losses.sum() / n_pairs).backward()",
+             "(losses.mean() / args.gradient_accumulation_steps).backward()", f"{SPLIT}[dpo]"),
+    Mutation("reward_model.py", "a mean per micro-batch, summed over the accumulation steps",
+             "(losses.sum() / n_pairs).backward()", "losses.mean().backward()", f"{SPLIT}[reward_model]"),
+    Mutation("reward_model.py", "the training loop scores with transformers' pooling (the token before "
+             "EOS when pad == eos), not score()",
+             'rewards = score(model, batch["input_ids"], batch["attention_mask"])\n'
+             '            chosen_rewards',
+             "rewards = model(**batch).logits.squeeze(-1).float()\n            chosen_rewards", RM_AT_EOS),
+    Mutation("reward_model.py", "chosen and rejected rows swapped after the concatenated forward",
+             "chosen_rewards, rejected_rewards = rewards.chunk(2)",
+             "rejected_rewards, chosen_rewards = rewards.chunk(2)", RM_AT_EOS),
+    Mutation("ppo.py", "with --ppo_epochs 2, the old log-probs and values recomputed before every epoch",
+             "            for _ in range(args.ppo_epochs):\n", PPO_RECOMPUTED,
+             WIRING + "ratio_is_taken_against_the_rollout_policy"),
+    Mutation("ppo.py", "the rollouts scored by the value model (the reward model's copy at the start only)",
+             "_, scores = values_and_scores(reward_model, mb, autocast)",
+             "_, scores = values_and_scores(value_model, mb, autocast)",
+             WIRING + "scores_are_the_frozen_reward_models_at_each_stop_token"),
+    Mutation("ppo.py", "the KL's arguments swapped: log pi_ref - log pi in the token rewards",
+             "rewards = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, args.beta)",
+             "rewards = kl_penalized_rewards(scores, ref_logprobs, old_logprobs, mask, args.beta)",
+             PPO_MODELS),
+    Mutation("ppo.py", "the values for GAE read from the frozen reward model, not the value model",
+             "old_values, _ = values_and_scores(value_model, mb, autocast)",
+             "old_values, _ = values_and_scores(reward_model, mb, autocast)", PPO_MODELS),
+    Mutation("ppo.py", "gamma and lambda swapped in the call to GAE",
+             "compute_gae(rewards, old_values * mask, mask, args.gamma, args.lam)",
+             "compute_gae(rewards, old_values * mask, mask, args.lam, args.gamma)",
+             WIRING + "main_passes_its_arguments_to_the_maths"),
+    Mutation("ppo.py", "the reference's log-probs at temperature 1 while the policy's are at T",
+             "ref_logprobs, _ = policy_logprobs(ref_model, mb, args.temperature, autocast)",
+             "ref_logprobs, _ = policy_logprobs(ref_model, mb, 1.0, autocast)",
+             WIRING + "kl_is_zero_before_the_first_update"),
+    Mutation("ppo.py", "the old log-probs at temperature 1 while the update's are at T",
+             "old_logprobs, _ = policy_logprobs(policy, mb, args.temperature, autocast)",
+             "old_logprobs, _ = policy_logprobs(policy, mb, 1.0, autocast)",
+             WIRING + "ratio_is_taken_against_the_rollout_policy"),
+    Mutation("var.py", "every response of a group scored under the group's first prompt, r(x_0, y_j)",
+             "seqs = [(group[i][0], group[j][1], True) for i, j in chunk]",
+             "seqs = [(group[0][0], group[j][1], True) for i, j in chunk]", VAR_GROUPS),
+    Mutation("var.py", "the reward matrix filled transposed, r(x_j, y_i)",
+             "seqs = [(group[i][0], group[j][1], True) for i, j in chunk]",
+             "seqs = [(group[j][0], group[i][1], True) for i, j in chunk]", VAR_GROUPS),
+    Mutation("var.py", "every group trained on the first group's weights",
+             "weights[k].to(device))  # Eq. 21", "weights[0].to(device))  # Eq. 21", VAR_GROUPS),
+    Mutation("sft.py", "the prompt tokens given labels (the loss on the prompt as well as the response)",
+             '"labels": [-100] * len(prompt_ids) + completion_ids})',
+             '"labels": prompt_ids + completion_ids})',
+             WIRING + "sft_labels_the_response_tokens_and_nothing_else"),
+    Mutation("dpo.py", "the reference log-probs computed with the policy",
+             "add_ref_logps(ref_model, train + evals if args.precompute_ref else evals,",
+             "add_ref_logps(policy, train + evals if args.precompute_ref else evals,", DPO_LOGPS),
+    Mutation("dpo.py", "chosen and rejected swapped after the concatenated forward",
+             "policy_chosen_logps, policy_rejected_logps = batch_logps(policy, batch, autocast).chunk(2)",
+             "policy_rejected_logps, policy_chosen_logps = batch_logps(policy, batch, autocast).chunk(2)",
+             DPO_LOGPS),
+    *[clip_off(script) for script in ("sft.py", "reward_model.py", "dpo.py", "var.py", "ppo.py")],
+]
+
+
+def copy_of_repository(into: Path) -> Path:
+    """The tracked and untracked (not ignored) files of the working tree, copied to `into`."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.splitlines()
+    for name in listed:
+        if (ROOT / name).is_file():
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, into / name)
+    return into
+
+
+def apply(mutation: Mutation, repo: Path) -> None:
+    path = repo / mutation.script
+    text = path.read_text()
+    count = text.count(mutation.old)
+    if count != 1:
+        raise SystemExit(f"error: {mutation.script}: the old text of '{mutation.mistake}' occurs {count} "
+                         "times (it must occur once); update tests/mutations.py")
+    path.write_text(text.replace(mutation.old, mutation.new))
+
+
+def pytest(repo: Path, *targets: str) -> int:
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *targets],
+                          cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("script", nargs="?", help="only the mutations of this script")
+    parser.add_argument("--suite", type=int, metavar="N", help="the whole suite on mutation N: its failures")
+    args = parser.parse_args()
+    if args.suite is not None:
+        mutation = MUTATIONS[args.suite]
+        with tempfile.TemporaryDirectory() as tmp:
+            repo = copy_of_repository(Path(tmp))
+            apply(mutation, repo)
+            print(f"{mutation.script}: {mutation.mistake}")
+            return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf"],
+                                  cwd=repo).returncode
+    chosen = [(i, m) for i, m in enumerate(MUTATIONS) if args.script in (None, m.script)]
+    with tempfile.TemporaryDirectory() as tmp:
+        clean = copy_of_repository(Path(tmp) / "clean")
+        if pytest(clean, *sorted({m.test for _, m in chosen})) != 0:  # failing anyway, it would prove nothing
+            raise SystemExit("error: the target tests fail on the unmutated scripts; fix them first")
+    missed = 0
+    for i, mutation in chosen:
+        with tempfile.TemporaryDirectory() as tmp:
+            repo = copy_of_repository(Path(tmp))
+            apply(mutation, repo)
+            code = pytest(repo, mutation.test)
+        caught = code == 1  # 1: tests ran and failed; 2-5 (an error, nothing collected) prove nothing
+        missed += not caught
+        print(f"{i:2} {'caught' if caught else f'MISSED (pytest exit {code})':<8} {mutation.script}: "
+              f"{mutation.mistake}", flush=True)
+    print(f"{len(chosen) - missed} of {len(chosen)} mutations caught by their tests")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
