@@ -1,12 +1,15 @@
 """Writes every assignment from the reference scripts, so that the two cannot drift apart:
 
-    python assignments/make.py           # (re)writes assignments/stubs/*.py and the handouts' points tables
+    python assignments/make.py             # writes assignments/stubs/*.py and the handouts' points tables
+    python assignments/make.py --out DIR   # the stubs into DIR instead
 
 A stub is the reference script with the body of each exercise (exercises.py) replaced by
-`raise NotImplementedError`: the signature and the docstring, the specification, stay. Each handout
-(assignments/<method>.md) gets its points table, rendered from checks.py between two markers.
-tests/test_assignments.py checks that what is committed is what this writes."""
+`raise NotImplementedError`: the signature and the docstring, the specification, stay. The stubs are
+not committed (they are made on demand). Each handout (assignments/<method>.md, committed) gets its
+points table, rendered from checks.py between two markers; tests/test_assignments.py checks that the
+committed handouts are what this writes."""
 
+import argparse
 import ast
 import sys
 from pathlib import Path
@@ -64,17 +67,29 @@ def handout(method: str) -> str:
     return text[:start] + "\n" + points_table(method) + "\n" + text[end:]
 
 
-def outputs() -> dict:
-    """Every file this program writes: path -> content."""
-    files = {}
+def handouts() -> dict:
+    """Every handout with its points table: path -> content."""
+    return {HERE / f"{method}.md": handout(method) for method in EXERCISES}
+
+
+def write_stubs(out: Path) -> list:
+    """Writes each assignment's stub, named as its script, into `out`; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
     for method, (script, _) in EXERCISES.items():
-        files[HERE / "stubs" / script] = stub(method)
-        files[HERE / f"{method}.md"] = handout(method)
-    return files
+        (out / script).write_text(stub(method))
+    return [out / script for script, _ in EXERCISES.values()]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=HERE / "stubs", help="the folder for the stubs")
+    args = parser.parse_args(argv)
+    for path in write_stubs(args.out):
+        print(f"wrote {path}")
+    for path, content in handouts().items():
+        path.write_text(content)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    for path, content in outputs().items():
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(content)
-        print(f"wrote {path.relative_to(ROOT)}")
+    main()
