@@ -17,7 +17,7 @@ turns that into a weighted SFT with positive weights exp(r(x, y) / beta) / Z(x),
 3.3, Eq. 16-20): the batch's other responses serve as samples for prompt x_i, and Algorithm 1 builds
 each prompt's normaliser from exponentiated rewards alone ("for j: compute the exponent of reward
 for the pair (x_i, y_j); add it to Z_i"). The paper's text lost its equations, so the exact formulas
-are a reconstruction from that prose (shared/notes/var.md). For a batch {(x_i, y_i)}, i = 1..B, without
+are a reconstruction from that prose (docs/var.md). For a batch {(x_i, y_i)}, i = 1..B, without
 gradient (the default, `--normalizer reward`):
 
     R[i, j] = r(x_i, y_j) / beta                                     every prompt with every response
@@ -444,7 +444,7 @@ def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, 
     KL(pi_T || pi_ref,T): the KL of what was sampled (at T = 1, of the models themselves). The samples
     go to `path` (jsonl), the metrics are returned."""
     training, batch_size = policy.training, 4 * args.batch_size
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), autocast:  # sampled in the precision its log-probs are taken in
         torch.manual_seed(args.seed)
         samples = sample_responses(policy, tokenizer, prompts, args.max_new_tokens, args.temperature,
                                    batch_size, device, stop_ids)

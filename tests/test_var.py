@@ -1,4 +1,4 @@
-"""var.py: the identities of shared/notes/var.md (the three normalisers, Theorem B.1, Appendix D on
+"""var.py: the identities of docs/var.md (the three normalisers, Theorem B.1, Appendix D on
 sampled batches, the beta limits), the grouping, micro-batched scoring, and a smoke run that learns."""
 
 import json
