@@ -24,11 +24,13 @@ applied at every response position. Each iteration:
 The paper prints pi_ref in the denominator of Eq. 5; standard PPO (and this file) divides by pi_old,
 the policy that generated the rollout. The loop's order is the paper's (App. G), not CleanRL's: CleanRL
 computes log-probs, values and advantages once per batch, before any update; Tulu 2.5 computes them
-per minibatch, from the current models, so a later minibatch's "old" policy and values already carry
-the earlier minibatches' updates (its first ratio is exactly 1). With the default one minibatch per
-batch (B = b = 64) the two orders coincide. Fixed beta, no reward normalisation or whitening,
-advantage whitening (Table 10). Log-probs are computed from logits / temperature, the distribution
-the rollout sampled.
+per minibatch, from the current models, so a later optimiser step's "old" policy and values already
+carry the earlier steps' updates (its first ratio is exactly 1); with one step per batch (the default)
+the two orders coincide. A step takes Table 9's b x g episodes in g forward-backward passes of b, its
+loss one token mean over them all (Table 11's B = 512, r = 2, b = 64, g = 2 is `--batch_size 512
+--num_rollouts_per_prompt 2 --minibatch_size 64 --gradient_accumulation_steps 2`). Fixed beta, no
+reward normalisation or whitening, advantage whitening (Table 10). Log-probs are computed from
+logits / temperature, the distribution the rollout sampled.
 
 Real checkpoints: the rollout samples exactly softmax(logits / T) (a complete generation config built
 from the arguments; the checkpoint's own sampling settings, such as a repetition penalty, are never
@@ -41,7 +43,7 @@ log-probs are computed in eval mode, so the first minibatch starts on-policy (ra
 
 Many GPUs (`torchrun`, README "Many GPUs"): each process rolls out --batch_size prompts of its own (the
 global batch is --batch_size x processes), scores them and updates on its own minibatches; the
-advantages are whitened over every process's minibatch together and FSDP averages the gradients.
+advantages are whitened over every process's step together and FSDP averages the gradients.
 Rollouts stay `model.generate` on the sharded policy, which gathers every layer's weights again for
 each new token: fine for a small model, slow for a 7B one. At that scale the rollouts belong in a
 serving engine (vLLM or the like) that holds a full bf16 copy of the policy, refreshed from the trainer
@@ -119,9 +121,10 @@ class Args:
     num_rollouts_per_prompt: int = 1
     """responses sampled per prompt (r); a batch holds B * r episodes"""
     minibatch_size: int = 64
-    """episodes per optimiser step (b; per process under torchrun, the advantages whitened over all)"""
+    """episodes per forward-backward pass (b; per process under torchrun)"""
     gradient_accumulation_steps: int = 1
-    """forward passes per minibatch (g)"""
+    """minibatches per optimiser step (g): a step takes b x g episodes, whitens their advantages together
+    and takes one token mean over them all"""
     max_new_tokens: int = 64
     """response length limit (L_c); a response that reaches it without EOS gets the EOS penalty"""
     temperature: float = 0.7
@@ -139,7 +142,9 @@ class Args:
     vf_coef: float = 0.1
     """value loss coefficient (alpha)"""
     ppo_epochs: int = 1
-    """inner epochs per batch (e)"""
+    """inner epochs (e): passes, one optimiser step each, over a step's b x g episodes right after their
+    old log-probs and values (App. G); Table 9's "inner epochs trained for each batch" passes over the
+    whole batch instead, the same when one step takes it all (b x g = B r, the default)"""
     missing_eos_penalty: float = -10.0
     """score of a response with no EOS (the EOS trick)"""
 
@@ -217,11 +222,10 @@ def check_args(args: Args) -> None:
          f"--num_rollouts_per_prompt ({episodes_per_batch}) episodes x processes: the run would have zero "
          "iterations"),
         (args.minibatch_size >= 1 and args.gradient_accumulation_steps >= 1  # no division by 0 here
-         and (episodes_per_batch % args.minibatch_size > 0
-              or args.minibatch_size % args.gradient_accumulation_steps > 0),
+         and episodes_per_batch % (args.minibatch_size * args.gradient_accumulation_steps) > 0,
          f"--batch_size * --num_rollouts_per_prompt ({episodes_per_batch}) must be a multiple of "
-         f"--minibatch_size ({args.minibatch_size}), itself a multiple of --gradient_accumulation_steps "
-         f"({args.gradient_accumulation_steps})"),
+         f"--minibatch_size x --gradient_accumulation_steps ({args.minibatch_size} x "
+         f"{args.gradient_accumulation_steps}: the episodes of one optimiser step)"),
         (args.log_every < 1, f"--log_every must be at least 1 (got {args.log_every})"),
         (args.save_every < 0, f"--save_every must be 0 (no checkpoints) or more (got {args.save_every})"),
     ]
@@ -241,7 +245,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(x - mean) / std over the masked positions; masked-out positions become 0. Under torchrun the
-    mean and the variance are those of every process's minibatch together (all_sum)."""
+    mean and the variance are those of every process's episodes together (all_sum)."""
     total, count = all_sum(torch.stack([(x * mask).sum(), mask.sum()]))
     mean = total / count.clamp(min=1)
     var = all_sum(((x - mean) ** 2 * mask).sum()) / count.clamp(min=1)
@@ -411,13 +415,28 @@ def load_models(args, pad_id: int, device, dtype: str) -> tuple:
     return policy, ref_model, reward_model, value_model
 
 
+@torch.no_grad()
+def rollout_forwards(policy, ref_model, reward_model, value_model, mb: dict, args, autocast) -> tuple:
+    """Steps 2-4's forward passes over a step's episodes, b at a time (the update's shapes: the first ratio
+    is exactly 1): the scores (B,); the policy's and pi_ref's log-probs and the values (B, R)."""
+    parts = []
+    for a in range(0, len(mb["mask"]), args.minibatch_size):
+        part = take(mb, slice(a, a + args.minibatch_size))
+        _, scores = values_and_scores(reward_model, part, autocast)
+        old_logprobs, _ = policy_logprobs(policy, part, args.temperature, autocast)
+        ref_logprobs, _ = policy_logprobs(ref_model, part, args.temperature, autocast)
+        old_values, _ = values_and_scores(value_model, part, autocast)
+        parts.append((scores, old_logprobs, ref_logprobs, old_values))
+    return tuple(torch.cat(x) for x in zip(*parts))
+
+
 def ppo_update(policy, value_model, mb: dict, old: dict, args, autocast) -> dict:
-    """One epoch of step 5 on a minibatch: the clipped policy and value losses (Eq. 5, 6), L_pi + alpha
-    L_V, accumulated over --gradient_accumulation_steps slices; the caller steps the optimiser.
-    `old` holds the no-grad quantities of steps 2-4. Returns the logged statistics, one per slice."""
-    stats, micro = {}, args.minibatch_size // args.gradient_accumulation_steps
-    for a in range(0, args.minibatch_size, micro):
-        sl = slice(a, a + micro)
+    """One epoch of step 5 on a step's b x g episodes: the clipped losses (Eq. 5, 6), L_pi + alpha L_V,
+    in g forward-backward passes of b, each weighted by its share of the tokens: one token mean over the
+    step, whatever g. `old`: steps 2-4's quantities; the caller steps. Returns the stats, one per pass."""
+    stats, n_tokens = {}, old["mask"].sum()
+    for a in range(0, len(old["mask"]), args.minibatch_size):
+        sl = slice(a, a + args.minibatch_size)
         mask = old["mask"][sl]
         logprobs, entropy = policy_logprobs(policy, take(mb, sl), args.temperature, autocast, entropy=True)
         values, _ = values_and_scores(value_model, take(mb, sl), autocast)
@@ -425,7 +444,7 @@ def ppo_update(policy, value_model, mb: dict, old: dict, args, autocast) -> dict
         pg_loss, clipfrac = ppo_policy_loss(logprobs, old["logprobs"][sl], old["advantages"][sl], mask,
                                             args.clip)
         vf_loss, vf_clipfrac = ppo_value_loss(values, old["values"][sl], old["returns"][sl], mask, args.clip)
-        ((pg_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps).backward()
+        ((pg_loss + args.vf_coef * vf_loss) * (mask.sum() / n_tokens)).backward()  # its share of the tokens
         with torch.no_grad():
             approx_kl = masked_mean(0.5 * (logprobs - old["logprobs"][sl]) ** 2, mask)
         append(stats, {"ppo/policy_loss": pg_loss, "ppo/value_loss": vf_loss, "ppo/clipfrac": clipfrac,
@@ -473,8 +492,8 @@ def dry_run(tokenizer, train_prompts: list, eval_prompts: list, num_iterations: 
                     add_special_tokens=not isinstance(first_prompt, list))["input_ids"]  # as rollout() does
     print(f"prompt: {tokenizer.decode(ids)!r}  ({len(ids)} tokens; the response follows)")
     print(f"dry run: {len(train_prompts)} train / {len(eval_prompts)} eval prompts, {num_iterations} "
-          f"iterations of {episodes} episodes, {total_steps} optimiser steps of {args.minibatch_size} "
-          "episodes; no model loaded, nothing written")
+          f"iterations of {episodes} episodes, {total_steps} optimiser steps of "
+          f"{args.gradient_accumulation_steps} x {args.minibatch_size} episodes; nothing loaded or written")
     return {"train/prompts": len(train_prompts), "eval/prompts": len(eval_prompts),
             "train/iterations": num_iterations, "train/episodes_per_batch": episodes,
             "train/steps": total_steps}
@@ -499,8 +518,8 @@ def main(args: Args) -> dict:
                          "--batch_size, or give more prompts")
     episodes_per_batch = args.batch_size * args.num_rollouts_per_prompt  # per process under torchrun
     num_iterations = args.total_episodes // (episodes_per_batch * world_size())
-    minibatches = episodes_per_batch // args.minibatch_size
-    total_steps = num_iterations * minibatches * args.ppo_epochs
+    step_size = args.minibatch_size * args.gradient_accumulation_steps  # episodes per optimiser step: b x g
+    total_steps = num_iterations * (episodes_per_batch // step_size) * args.ppo_epochs
     if args.dry_run:
         return dry_run(tokenizer, train_prompts, eval_prompts, num_iterations, total_steps, args)
 
@@ -509,8 +528,8 @@ def main(args: Args) -> dict:
                                           eps=args.adam_eps)  # Table 9: constant after warmup
     create_output_dir(out, args, device, dtype)
     print(f"ppo: {len(train_prompts)} train prompts, {num_iterations} iterations of {episodes_per_batch} "
-          f"episodes x {world_size()} process(es), {total_steps} optimiser steps, beta {args.beta}, "
-          f"device {device}, {dtype}")
+          f"episodes x {world_size()} process(es), {total_steps} optimiser steps of {step_size} episodes, "
+          f"beta {args.beta}, device {device}, {dtype}")
 
     stream = prompt_stream(train_prompts, args.batch_size, args.seed)
     times, window = {"rollout": 0.0, "update": 0.0}, {}
@@ -522,20 +541,18 @@ def main(args: Args) -> dict:
         times["rollout"] += time.time() - start
         start, stats = time.time(), {}
         order = torch.randperm(episodes_per_batch, device=device)
-        for m in range(minibatches):
-            mb = take(batch, order[m * args.minibatch_size : (m + 1) * args.minibatch_size])
+        for offset in range(0, episodes_per_batch, step_size):  # one optimiser step's b x g episodes
+            mb = take(batch, order[offset : offset + step_size])
             mask = mb["mask"].float()
             policy.eval(), value_model.eval()  # "old" quantities without dropout, whatever --dropout says
             with torch.no_grad():
                 # 2. score with the current models (App. G: per minibatch), with the EOS trick
-                _, scores = values_and_scores(reward_model, mb, autocast)
+                scores, old_logprobs, ref_logprobs, old_values = rollout_forwards(
+                    policy, ref_model, reward_model, value_model, mb, args, autocast)
                 scores = eos_trick(scores, mb["finished"], args.missing_eos_penalty)
-                old_logprobs, _ = policy_logprobs(policy, mb, args.temperature, autocast)
-                ref_logprobs, _ = policy_logprobs(ref_model, mb, args.temperature, autocast)
-                old_values, _ = values_and_scores(value_model, mb, autocast)
                 # 3. KL-penalised token rewards (Eq. 4): fixed beta, no reward normalisation or whitening
                 rewards = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, args.beta)
-                # 4. GAE (gamma 1, lambda 0.95), then the advantages whitened over the minibatch
+                # 4. GAE (gamma 1, lambda 0.95), then the advantages whitened over the step's episodes
                 advantages, returns = compute_gae(rewards, old_values * mask, mask, args.gamma, args.lam)
                 advantages = masked_whiten(advantages, mask)
             policy.train(), value_model.train()
@@ -545,7 +562,7 @@ def main(args: Args) -> dict:
                            "val/eos_rate": mb["finished"].float().mean(), "val/length": mask.sum(1).mean()})
             old = {"logprobs": old_logprobs, "values": old_values, "advantages": advantages,
                    "returns": returns, "mask": mask}
-            # 5. clipped updates (Eq. 5, 6), --ppo_epochs passes over the minibatch
+            # 5. clipped updates (Eq. 5, 6), --ppo_epochs passes over the step's episodes
             for _ in range(args.ppo_epochs):
                 for key, values in ppo_update(policy, value_model, mb, old, args, autocast).items():
                     stats.setdefault(key, []).extend(values)

@@ -136,6 +136,19 @@ def test_rollout_layout_matches_the_models_own_outputs(toy_models):
         assert torch.allclose(scores[i], own_score, atol=1e-4)
 
 
+@pytest.mark.parametrize("batch, rollouts, b, g, iterations, steps",
+                         [(512, 2, 64, 2, 2, 16), (8, 1, 4, 2, 2, 2)])
+def test_minibatch_size_and_accumulation_are_table_9s_b_and_g(batch, rollouts, b, g, iterations, steps):
+    """--minibatch_size is Table 9's b (episodes per forward-backward pass) and
+    --gradient_accumulation_steps its g (minibatches per optimiser step), so a step takes b x g
+    episodes: Table 11's row B = 512, r = 2, b = 64, g = 2 makes 8 steps of 128 episodes per batch;
+    8 episodes at b = 4, g = 2 make one step of 8, not two of 4."""
+    counts = ppo.main(ppo.Args(dry_run=True, batch_size=batch, num_rollouts_per_prompt=rollouts,
+                               minibatch_size=b, gradient_accumulation_steps=g,
+                               total_episodes=iterations * batch * rollouts))
+    assert counts["train/iterations"] == iterations and counts["train/steps"] == steps
+
+
 def test_smoke_run_learns(tmp_path):
     """A few iterations on the toy: the reward-model score of the rollouts rises."""
     out = tmp_path / "ppo"

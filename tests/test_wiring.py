@@ -422,6 +422,17 @@ def test_a_steps_gradient_does_not_depend_on_how_the_step_is_split(script, tmp_p
     assert (whole - split).norm() / whole.norm() < 1e-4
 
 
+def test_a_ppo_steps_gradient_does_not_depend_on_how_the_step_is_split(tmp_path):
+    """One optimiser step on 8 episodes in one forward-backward pass (b = 8, g = 1) or in two (b = 4,
+    g = 2): the same rollouts, the advantages whitened over the same 8 episodes, one token mean over
+    them (Table 9's b and g), hence the same gradient. Responses of up to 48 tokens, so the two passes
+    hold different token counts and a mean of the passes' means would differ."""
+    whole, split = (step_gradients(ppo, tmp_path / str(b), minibatch_size=b, gradient_accumulation_steps=g,
+                                   max_new_tokens=48, max_grad_norm=1e9) for b, g in ((8, 1), (4, 2)))
+    assert len(whole) == len(split) == 1
+    assert (whole[0] - split[0]).norm() / whole[0].norm() < 1e-6
+
+
 @pytest.mark.parametrize("script", [sft, reward_model, dpo, var, ppo])
 def test_the_optimiser_steps_on_the_clipped_gradient(script, tmp_path):
     """With --max_grad_norm 1e-3, every gradient the optimiser receives has at most that norm, while the
