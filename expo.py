@@ -404,8 +404,9 @@ def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, 
     """Samples the policy at args.temperature, then scores each response with the reward model and
     measures log pi_T(y|x) - log pi_ref,T(y|x) (both from logits / T), whose mean over samples
     estimates KL(pi_T || pi_ref,T): the KL of what was sampled (at T = 1, of the models themselves)."""
-    samples = sample_responses(policy, tokenizer, prompts, args.max_new_tokens, args.temperature,
-                               args.batch_size, device, stop_ids)
+    with autocast:  # sampled in the precision its log-probs are taken in
+        samples = sample_responses(policy, tokenizer, prompts, args.max_new_tokens, args.temperature,
+                                   args.batch_size, device, stop_ids)
     rows = []
     for i in range(0, len(samples), args.batch_size):
         chunk = samples[i : i + args.batch_size]

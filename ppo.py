@@ -397,19 +397,19 @@ def take(batch: dict, index) -> dict:
 # ---- Training -------------------------------------------------------------------------------------
 
 
-def load_models(args, pad_id: int, device, dtype: str) -> tuple:
+def load_models(args, pad_id: int, device) -> tuple:
     """The four models: the policy (trained), the reference and the reward model (frozen), and the
     value model (trained), from the reward model unless --value_model names another. Dropout is off
     in the two trained ones unless --dropout."""
     ref_name, value_name = args.ref or args.model, args.value_model or args.reward_model
-    policy = place(load_model(args.model, args.trust_remote_code), device, dtype)
-    ref_model = place(load_model(ref_name, args.trust_remote_code), device, dtype, frozen=True)
+    policy = place(load_model(args.model, args.trust_remote_code), device)
+    ref_model = place(load_model(ref_name, args.trust_remote_code), device, frozen=True)
     reward_model = load_scalar_model(args.reward_model, pad_id, args.trust_remote_code)
-    reward_model = place(reward_model, device, dtype, frozen=True)
+    reward_model = place(reward_model, device, frozen=True)
     # the reward model must have a trained head; a value model given explicitly may start from a causal
     # LM, its head then random (the paper starts V from the reward model)
     value_model = place(load_scalar_model(value_name, pad_id, args.trust_remote_code,
-                                          new_head=args.value_model is not None), device, dtype)
+                                          new_head=args.value_model is not None), device)
     if not args.dropout:
         disable_dropout(policy), disable_dropout(value_model)
     return policy, ref_model, reward_model, value_model
@@ -466,7 +466,8 @@ def evaluate(policy, ref_model, reward_model, tokenizer, prompts: list, args, de
         torch.manual_seed(args.seed)
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
-            batch = rollout(policy, tokenizer, chunk, args, device, stop_ids)
+            with autocast:  # the training's sampler, in its precision
+                batch = rollout(policy, tokenizer, chunk, args, device, stop_ids)
             _, scores = values_and_scores(reward_model, batch, autocast)
             logprobs, _ = policy_logprobs(policy, batch, args.temperature, autocast)
             ref_logprobs, _ = policy_logprobs(ref_model, batch, args.temperature, autocast)
@@ -523,7 +524,7 @@ def main(args: Args) -> dict:
     if args.dry_run:
         return dry_run(tokenizer, train_prompts, eval_prompts, num_iterations, total_steps, args)
 
-    policy, ref_model, reward_model, value_model = load_models(args, pad_id, device, dtype)
+    policy, ref_model, reward_model, value_model = load_models(args, pad_id, device)
     optimizer, scheduler = start_training([policy, value_model], args, total_steps, "constant",
                                           eps=args.adam_eps)  # Table 9: constant after warmup
     create_output_dir(out, args, device, dtype)
@@ -537,7 +538,8 @@ def main(args: Args) -> dict:
         # 1. rollout: one response per prompt, sampled at --temperature and cut after its first stop id
         start = time.time()
         prompts = [p for p in next(stream) for _ in range(args.num_rollouts_per_prompt)]
-        batch = rollout(policy, tokenizer, prompts, args, device, stop_ids)
+        with autocast:  # sampled in the precision the old log-probs and the KL are taken in
+            batch = rollout(policy, tokenizer, prompts, args, device, stop_ids)
         times["rollout"] += time.time() - start
         start, stats = time.time(), {}
         order = torch.randperm(episodes_per_batch, device=device)
@@ -939,24 +941,24 @@ def start_processes(device):
     return device
 
 
-def place(model, device, dtype: str, frozen: bool = False):
+def place(model, device, frozen: bool = False):
     """The model on `device` (`frozen`: in eval mode, without gradients); under torchrun, sharded over
     the processes with FSDP2: each decoder layer, then the rest (embeddings, head), so that a forward
     pass gathers one layer's full weights at a time. A frozen model (reference, reward) is sharded too:
-    replicated, a 13B one would take 52 GB of fp32 on every GPU. With bf16, the gathered weights are
-    bf16 and the gradients are averaged in fp32."""
+    replicated, a 13B one would take 52 GB of fp32 on every GPU. With bf16, the gathered weights stay
+    fp32 and the forward runs under the same autocast as one process: twice the all-gather bytes of bf16
+    weights, for the numbers of one process (FSDP's bf16 policy would run the whole model in bf16,
+    residual stream included, which autocast on one process does not: 0.024 nats per token apart)."""
     model = model.to(device)
     if frozen:
         model.eval().requires_grad_(False)
     if world_size() == 1:
         return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    bf16 = dtype == "bfloat16"
-    policy = MixedPrecisionPolicy(torch.bfloat16 if bf16 else None, torch.float32 if bf16 else None)
     # FSDP keeps a root's weights gathered from its forward pass to its backward pass, which a frozen
     # model never has: frozen, every unit reshards after its forward pass
-    shard = dict(mp_policy=policy, reshard_after_forward=True if frozen else None)
+    shard = dict(reshard_after_forward=True if frozen else None)
     for module in model.modules():
         if type(module).__name__ in (model._no_split_modules or []):  # the decoder layers
             fully_shard(module, **shard)

@@ -507,12 +507,12 @@ def main(args: Args) -> dict:
     checkpoint = last_checkpoint(out) if args.resume else None
 
     # models: the policy trains; the reference and the reward model are frozen
-    policy = place(load_model(str(checkpoint or args.model), args.trust_remote_code), device, dtype)
+    policy = place(load_model(str(checkpoint or args.model), args.trust_remote_code), device)
     if not args.dropout:
         disable_dropout(policy)
-    ref_model = place(load_model(ref_name, args.trust_remote_code), device, dtype, frozen=True)
+    ref_model = place(load_model(ref_name, args.trust_remote_code), device, frozen=True)
     reward_model = load_scalar_model(args.reward_model, pad_id, args.trust_remote_code)
-    reward_model = place(reward_model, device, dtype, frozen=True)
+    reward_model = place(reward_model, device, frozen=True)
     optimizer, scheduler = start_training([policy], args, total_steps, "cosine")
     start_step, progress = 0, {"time": 0.0, "tokens": 0, "window": {}}
     if checkpoint:  # --resume: the optimiser, schedule, data position, random state and weights as they were
@@ -979,24 +979,24 @@ def start_processes(device):
     return device
 
 
-def place(model, device, dtype: str, frozen: bool = False):
+def place(model, device, frozen: bool = False):
     """The model on `device` (`frozen`: in eval mode, without gradients); under torchrun, sharded over
     the processes with FSDP2: each decoder layer, then the rest (embeddings, head), so that a forward
     pass gathers one layer's full weights at a time. A frozen model (reference, reward) is sharded too:
-    replicated, a 13B one would take 52 GB of fp32 on every GPU. With bf16, the gathered weights are
-    bf16 and the gradients are averaged in fp32."""
+    replicated, a 13B one would take 52 GB of fp32 on every GPU. With bf16, the gathered weights stay
+    fp32 and the forward runs under the same autocast as one process: twice the all-gather bytes of bf16
+    weights, for the numbers of one process (FSDP's bf16 policy would run the whole model in bf16,
+    residual stream included, which autocast on one process does not: 0.024 nats per token apart)."""
     model = model.to(device)
     if frozen:
         model.eval().requires_grad_(False)
     if world_size() == 1:
         return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    bf16 = dtype == "bfloat16"
-    policy = MixedPrecisionPolicy(torch.bfloat16 if bf16 else None, torch.float32 if bf16 else None)
     # FSDP keeps a root's weights gathered from its forward pass to its backward pass, which a frozen
     # model never has: frozen, every unit reshards after its forward pass
-    shard = dict(mp_policy=policy, reshard_after_forward=True if frozen else None)
+    shard = dict(reshard_after_forward=True if frozen else None)
     for module in model.modules():
         if type(module).__name__ in (model._no_split_modules or []):  # the decoder layers
             fully_shard(module, **shard)

@@ -27,6 +27,9 @@ RUNS = {
     # VAR's batch is one prompt's group (its normaliser), so two processes halve the accumulation
     "var": ("var", dict(train_split="train[:8]", batch_size=4, gradient_accumulation_steps=2, max_steps=1,
                         eval_prompts="none", log_every=1), "gradient_accumulation_steps"),
+    # the CUDA default, bf16 autocast, on the CPU: FSDP gathers fp32 weights, so both run the same autocast
+    "sft_bf16": ("sft", dict(model="toy/sft", max_train_samples=48, max_steps=3, batch_size=8, log_every=1,
+                             eval_split=None, num_samples=0, device="cpu", dtype="bfloat16"), "batch_size"),
     # stopped after step 3, resumed from the checkpoint of step 2, whose log window (steps 1-2) is open
     "sft_resumed": ("sft", dict(model="toy/sft", max_train_samples=48, max_eval_samples=8, max_steps=4,
                                 batch_size=8, log_every=3, eval_every=0, save_every=2, num_samples=0),

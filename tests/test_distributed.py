@@ -16,6 +16,14 @@ from conftest import ROOT
 from distributed_runs import PPO, RUNS, run_args
 
 
+# Runs whose later losses and saved weights may differ more than fp32's 1e-5 and 1e-4. In bf16 the first
+# step's loss agrees to 1e-7 (FSDP gathers fp32 weights and both run the same autocast; FSDP's bf16
+# policy was 1.2e-3 off), but bf16's rounding of the gradients differs between one backward pass over
+# 8 rows and two over 4, and AdamW's first steps move a weight by about lr x sign(gradient) wherever the
+# gradient is near 0: measured 1.5e-3 on the loss of steps 2-3 and 3.0e-3 on the weights (lr 1.5e-3).
+TOLERANCES = {"sft_bf16": (5e-3, 1e-2)}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """(two-process folder, one-process folder, torchrun's output): every run of RUNS in both."""
@@ -57,8 +65,10 @@ def test_two_processes_train_as_one_with_the_whole_batch(runs, name):
     steps, every = RUNS[name][1]["max_steps"], RUNS[name][1]["log_every"]
     logged = [s for s in range(1, steps + 1) if s % every == 0 or s == steps]
     assert [s for s, _ in curve] == [s for s, _ in expected] == logged
-    assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(curve, expected)), (curve, expected)
-    assert max_difference(two / name, one / name) < 1e-4
+    loss_tolerance, weight_tolerance = TOLERANCES.get(name, (1e-5, 1e-4))
+    assert abs(curve[0][1] - expected[0][1]) < 1e-5, (curve, expected)  # the same weights, the same forward
+    assert all(abs(a - b) < loss_tolerance for (_, a), (_, b) in zip(curve, expected)), (curve, expected)
+    assert max_difference(two / name, one / name) < weight_tolerance
     assert json.load(open(two / name / "eval.json")).keys() == json.load(open(one / name / "eval.json")).keys()
 
 
