@@ -83,6 +83,8 @@ class Args:
     """its split: the dev set, where a lambda is chosen"""
     num_prompts: Optional[int] = None
     """use the first N prompts only (None: all)"""
+    max_prompt_length: int = 1024
+    """prompts longer than this many tokens, as the model sees them, are dropped and counted (L_p)"""
 
     # decoding
     max_new_tokens: int = 256
@@ -115,6 +117,8 @@ def check_args(args: Args) -> None:
     """Every argument checked before anything is loaded or written: one line each, exit code 2."""
     K = len(args.aligned)
     problems = [
+        (args.max_prompt_length < 1,
+         f"--max_prompt_length must be at least 1 (got {args.max_prompt_length})"),
         (int(os.environ.get("WORLD_SIZE", 1)) > 1,  # set by torchrun
          "dera.py runs as one process (it trains nothing to shard): start it with python, not torchrun"),
         (K == 0, "--aligned is empty; give at least one aligned model"),
@@ -399,6 +403,7 @@ def main(args: Args) -> dict:
     if use_rm:
         check_architecture(args.reward_model, args.trust_remote_code, "ForSequenceClassification")
     prompts = first(load_split(args.prompts, args.prompts_split, [("prompt",)]), args.num_prompts)["prompt"]
+    prompts = drop_long_prompts(prompts, tokenizer, args.max_prompt_length, f"'{args.prompts}'")
 
     ref = load_causal_lm(args.ref, dtype, args.trust_remote_code).to(device).eval()
     aligned = [load_causal_lm(name, dtype, args.trust_remote_code).to(device).eval() for name in args.aligned]
@@ -548,6 +553,23 @@ def load_split(name: str, split: str, needs: list):
 def first(data, n: Optional[int]):
     """The first n rows of a dataset (all of them when n is None)."""
     return data.select(range(min(n, len(data)))) if n else data
+
+
+def drop_long_prompts(prompts: list, tokenizer, max_prompt_length: int, where: str) -> list:
+    """The prompts of at most max_prompt_length tokens as the model sees them (Table 9's L_p: one long
+    prompt would set the memory of its whole batch); the others are dropped, and counted."""
+    kept = []
+    for prompt in prompts:
+        ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=not isinstance(prompt, list))
+        if len(ids["input_ids"]) <= max_prompt_length:
+            kept.append(prompt)
+    if len(kept) < len(prompts):
+        print(f"note: {where}: dropped {len(prompts) - len(kept)} of {len(prompts)} prompts longer than "
+              f"--max_prompt_length {max_prompt_length} tokens")
+    if not kept:
+        raise SystemExit(f"error: {where}: every prompt is longer than --max_prompt_length "
+                         f"{max_prompt_length} tokens; raise it")
+    return kept
 
 
 # Used only for a tokenizer without a chat template; documented in the README.

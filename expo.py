@@ -89,6 +89,8 @@ class Args:
     """its split: the dev set alpha is chosen on (keep the test split for the final comparison)"""
     num_prompts: Optional[int] = None
     """sample one response for each of the first N prompts (None: all)"""
+    max_prompt_length: int = 1024
+    """prompts longer than this many tokens, as the model sees them, are dropped and counted (L_p)"""
     max_new_tokens: int = 256
     """length limit of the sampled responses"""
     temperature: float = 1.0
@@ -118,6 +120,8 @@ class Args:
 def check_args(args: Args) -> None:
     """Every argument checked before anything is loaded or written: one line each, exit code 2."""
     problems = [
+        (args.max_prompt_length < 1,
+         f"--max_prompt_length must be at least 1 (got {args.max_prompt_length})"),
         (int(os.environ.get("WORLD_SIZE", 1)) > 1,  # set by torchrun
          "expo.py runs as one process (it trains nothing to shard): start it with python, not torchrun"),
         (not args.alphas, "--alphas is empty; give at least one extrapolation strength"),
@@ -458,6 +462,7 @@ def main(args: Args) -> dict:
     stop_ids = stop_token_ids(tokenizer, args.aligned)
     check_tokenizers(tokenizer, args.aligned, [args.sft, args.reward_model], args.trust_remote_code)
     prompts = first(load_split(args.prompts, args.prompts_split, [("prompt",)]), args.num_prompts)["prompt"]
+    prompts = drop_long_prompts(prompts, tokenizer, args.max_prompt_length, f"'{args.prompts}'")
 
     # the models that stay loaded: the aligned model (the KL reference) and the reward model
     ref_model = load_model(str(aligned_dir), args.trust_remote_code, weights_dtype).to(device).eval()
@@ -610,6 +615,23 @@ def load_split(name: str, split: str, needs: list):
 def first(data, n: Optional[int]):
     """The first n rows of a dataset (all of them when n is None)."""
     return data.select(range(min(n, len(data)))) if n else data
+
+
+def drop_long_prompts(prompts: list, tokenizer, max_prompt_length: int, where: str) -> list:
+    """The prompts of at most max_prompt_length tokens as the model sees them (Table 9's L_p: one long
+    prompt would set the memory of its whole batch); the others are dropped, and counted."""
+    kept = []
+    for prompt in prompts:
+        ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=not isinstance(prompt, list))
+        if len(ids["input_ids"]) <= max_prompt_length:
+            kept.append(prompt)
+    if len(kept) < len(prompts):
+        print(f"note: {where}: dropped {len(prompts) - len(kept)} of {len(prompts)} prompts longer than "
+              f"--max_prompt_length {max_prompt_length} tokens")
+    if not kept:
+        raise SystemExit(f"error: {where}: every prompt is longer than --max_prompt_length "
+                         f"{max_prompt_length} tokens; raise it")
+    return kept
 
 
 # Used only for a tokenizer without a chat template; documented in the README.

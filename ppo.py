@@ -44,10 +44,9 @@ log-probs are computed in eval mode, so the first minibatch starts on-policy (ra
 Many GPUs (`torchrun`, README "Many GPUs"): each process rolls out --batch_size prompts of its own (the
 global batch is --batch_size x processes), scores them and updates on its own minibatches; the
 advantages are whitened over every process's step together and FSDP averages the gradients.
-Rollouts stay `model.generate` on the sharded policy, which gathers every layer's weights again for
-each new token: fine for a small model, slow for a 7B one. At that scale the rollouts belong in a
-serving engine (vLLM or the like) that holds a full bf16 copy of the policy, refreshed from the trainer
-after each iteration, with the reward and reference models scoring from it; that is not built here.
+Rollouts stay `model.generate` on the sharded policy, which gathers every layer's weights for each
+new token: fine for a small model, slow for a 7B one, whose rollouts belong in a serving engine (vLLM
+or the like) holding a bf16 copy of the policy refreshed after each iteration: not built here.
 
     python ppo.py                                          # the toy: toy/sft aligned against toy/rm
     python ppo.py --model my-sft --reward_model my-rm --prompts my-prompts --learning_rate 1e-6
@@ -79,8 +78,7 @@ class Args:
     steps; then samples held-out prompts and scores them. The defaults align the toy's pi_sft (toy/sft)
     against its reward model (toy/rm).
 
-    Example: python ppo.py --model my-sft --reward_model my-rm --prompts my-prompts.jsonl
-    --learning_rate 1e-6 --batch_size 16 --minibatch_size 16"""
+    Example: python ppo.py --model my-sft --reward_model my-rm --prompts my-prompts.jsonl"""
 
     # data
     prompts: str = "toy/data/prompts"
@@ -94,6 +92,8 @@ class Args:
     end-of-run samples, never trained on"""
     num_eval_prompts: Optional[int] = 256
     """sample one response for each of the first N eval prompts (None: all)"""
+    max_prompt_length: int = 1024
+    """prompts longer than this many tokens, as the model sees them, are dropped and counted (L_p)"""
 
     # models
     model: str = "toy/sft"
@@ -109,9 +109,8 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% slower"""
     dropout: bool = False
-    """keep the checkpoint's dropout in the policy and value model while training (default: off, so
-    that the first update starts on-policy: ratio 1, approx_kl 0); the rollout's log-probs and values
-    are taken in eval mode either way"""
+    """keep the checkpoint's dropout in the policy and value model for the update (default: off, so the
+    first update starts on-policy); the rollout's log-probs and values are taken in eval mode either way"""
 
     # rollouts (Table 9)
     total_episodes: int = 6144
@@ -123,8 +122,7 @@ class Args:
     minibatch_size: int = 64
     """episodes per forward-backward pass (b; per process under torchrun)"""
     gradient_accumulation_steps: int = 1
-    """minibatches per optimiser step (g): a step takes b x g episodes, whitens their advantages together
-    and takes one token mean over them all"""
+    """minibatches per optimiser step (g): a step whitens and takes one token mean over b x g episodes"""
     max_new_tokens: int = 64
     """response length limit (L_c); a response that reaches it without EOS gets the EOS penalty"""
     temperature: float = 0.7
@@ -173,9 +171,8 @@ class Args:
     log_every: int = 10
     """iterations between log lines"""
     save_every: int = 0
-    """iterations between checkpoints of the policy and the value model (output_dir/checkpoint-<iteration>,
-    the last one kept; 0: none). PPO cannot --resume: a checkpoint is models to load, not a run to
-    continue"""
+    """iterations between checkpoints of the policy and value model (output_dir/checkpoint-<iteration>,
+    the last one kept; 0: none); PPO cannot --resume: a checkpoint is models to load, not a run"""
     dry_run: bool = False
     """print one formatted, tokenised prompt and the counts, then stop before loading any model and
     write nothing: the first thing to run on new data"""
@@ -195,6 +192,8 @@ def check_args(args: Args) -> None:
     """Every argument checked before anything is loaded or written: one line each, exit code 2."""
     episodes_per_batch = args.batch_size * args.num_rollouts_per_prompt
     problems = [
+        (args.max_prompt_length < 1,
+         f"--max_prompt_length must be at least 1 (got {args.max_prompt_length})"),
         (args.beta < 0, f"--beta must be 0 (no KL penalty) or more (got {args.beta}); below 0 the policy is "
                         "rewarded for moving away from the reference"),
         (args.temperature <= 0, f"--temperature must be positive (got {args.temperature}); PPO samples, and "
@@ -495,9 +494,8 @@ def dry_run(tokenizer, train_prompts: list, eval_prompts: list, num_iterations: 
     print(f"dry run: {len(train_prompts)} train / {len(eval_prompts)} eval prompts, {num_iterations} "
           f"iterations of {episodes} episodes, {total_steps} optimiser steps of "
           f"{args.gradient_accumulation_steps} x {args.minibatch_size} episodes; nothing loaded or written")
-    return {"train/prompts": len(train_prompts), "eval/prompts": len(eval_prompts),
-            "train/iterations": num_iterations, "train/episodes_per_batch": episodes,
-            "train/steps": total_steps}
+    return {"train/prompts": len(train_prompts), "eval/prompts": len(eval_prompts), "train/iterations":
+            num_iterations, "train/episodes_per_batch": episodes, "train/steps": total_steps}
 
 
 def main(args: Args) -> dict:
@@ -511,8 +509,11 @@ def main(args: Args) -> dict:
     check_tokenizers(tokenizer, args.model, others, args.trust_remote_code)
     train_data, eval_data = load_splits(args.prompts, args.train_split, args.eval_split, [("prompt",)],
                                         args.eval_fraction, args.seed)
-    train_prompts = train_data["prompt"]
+    train_prompts = drop_long_prompts(train_data["prompt"], tokenizer, args.max_prompt_length,
+                                      "train prompts")
     eval_prompts = [] if eval_data is None else first(eval_data, args.num_eval_prompts)["prompt"]
+    if eval_prompts:
+        eval_prompts = drop_long_prompts(eval_prompts, tokenizer, args.max_prompt_length, "eval prompts")
     if len(train_prompts) < args.batch_size * world_size():  # the prompt stream would yield no batch
         raise UsageError(f"{len(train_prompts)} train prompts in '{args.prompts}' are fewer than one batch "
                          f"of --batch_size {args.batch_size} x {world_size()} process(es): lower "
@@ -741,6 +742,23 @@ def load_splits(name: str, train_split: str, eval_split: Optional[str], needs: l
 def first(data, n: Optional[int]):
     """The first n rows of a dataset (all of them when n is None)."""
     return data.select(range(min(n, len(data)))) if n else data
+
+
+def drop_long_prompts(prompts: list, tokenizer, max_prompt_length: int, where: str) -> list:
+    """The prompts of at most max_prompt_length tokens as the model sees them (Table 9's L_p: one long
+    prompt would set the memory of its whole batch); the others are dropped, and counted."""
+    kept = []
+    for prompt in prompts:
+        ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=not isinstance(prompt, list))
+        if len(ids["input_ids"]) <= max_prompt_length:
+            kept.append(prompt)
+    if len(kept) < len(prompts):
+        print(f"note: {where}: dropped {len(prompts) - len(kept)} of {len(prompts)} prompts longer than "
+              f"--max_prompt_length {max_prompt_length} tokens")
+    if not kept:
+        raise SystemExit(f"error: {where}: every prompt is longer than --max_prompt_length "
+                         f"{max_prompt_length} tokens; raise it")
+    return kept
 
 
 # Used only for a tokenizer without a chat template; documented in the README.

@@ -147,6 +147,8 @@ class Args:
     """its split"""
     num_eval_prompts: Optional[int] = 256
     """sample one response for each of the first N prompts (None: all)"""
+    max_prompt_length: int = 1024
+    """prompts longer than this many tokens, as the model sees them, are dropped and counted (L_p)"""
     max_new_tokens: int = 256
     """length limit of the sampled responses"""
     temperature: float = 1.0
@@ -185,6 +187,8 @@ class Args:
 def check_args(args: Args) -> None:
     """Every argument checked before anything is loaded or written: one line each, exit code 2."""
     problems = [
+        (args.max_prompt_length < 1,
+         f"--max_prompt_length must be at least 1 (got {args.max_prompt_length})"),
         (args.beta <= 0, f"--beta must be positive (got {args.beta}): it is the temperature of the reward "
                           "softmax; at 0 or below the weights are undefined or favour low rewards"),
         (args.score_batch_size < 1, f"--score_batch_size must be at least 1 (got {args.score_batch_size})"),
@@ -502,6 +506,7 @@ def main(args: Args) -> dict:
     if args.eval_prompts.lower() != "none":
         prompts = first(load_split(args.eval_prompts, args.eval_prompts_split, [("prompt",)]),
                         args.num_eval_prompts)["prompt"]
+        prompts = drop_long_prompts(prompts, tokenizer, args.max_prompt_length, f"'{args.eval_prompts}'")
     if args.dry_run:
         return dry_run(tokenizer, groups, total_steps, args)
     checkpoint = last_checkpoint(out) if args.resume else None
@@ -735,6 +740,23 @@ def report_dropped(kept: int, dropped: int, max_length: int, where: str) -> None
               f"{max_length} (no response token left)")
     if not kept:
         raise SystemExit(f"error: {where}: every prompt fills --max_length {max_length}; raise it")
+
+
+def drop_long_prompts(prompts: list, tokenizer, max_prompt_length: int, where: str) -> list:
+    """The prompts of at most max_prompt_length tokens as the model sees them (Table 9's L_p: one long
+    prompt would set the memory of its whole batch); the others are dropped, and counted."""
+    kept = []
+    for prompt in prompts:
+        ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=not isinstance(prompt, list))
+        if len(ids["input_ids"]) <= max_prompt_length:
+            kept.append(prompt)
+    if len(kept) < len(prompts):
+        print(f"note: {where}: dropped {len(prompts) - len(kept)} of {len(prompts)} prompts longer than "
+              f"--max_prompt_length {max_prompt_length} tokens")
+    if not kept:
+        raise SystemExit(f"error: {where}: every prompt is longer than --max_prompt_length "
+                         f"{max_prompt_length} tokens; raise it")
+    return kept
 
 
 # Used only for a tokenizer without a chat template; documented in the README.

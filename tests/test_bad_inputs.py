@@ -83,6 +83,8 @@ ARGUMENT_CASES = [
     (var, dict(beta=0.0), "--beta must be positive"),
     (var, dict(beta=-1.0), "--beta must be positive"),
     (ppo, dict(beta=-0.05), "--beta"),
+    (ppo, dict(max_prompt_length=0), "--max_prompt_length must be at least 1"),
+    (dera, dict(max_prompt_length=0), "--max_prompt_length must be at least 1"),
     (dpo, dict(label_smoothing=2.0), "[0, 0.5)"),
     (dpo, dict(label_smoothing=0.1, loss_type="ipo"), "sigmoid loss only"),
     (sft, dict(temperature=0.0), "--temperature must be positive"),
@@ -175,6 +177,27 @@ def test_prompts_that_fill_max_length_are_dropped_and_counted(tmp_path, capsys):
     fails(lambda: sft.main(sft.Args(dataset=write_jsonl(tmp_path / "s.jsonl", [
         {"prompt": "x " * 50, "completion": "y"}]), eval_split=None, max_length=8, dry_run=True)),
           "every prompt fills --max_length")
+
+
+def test_prompts_longer_than_max_prompt_length_are_dropped_and_counted(tmp_path, capsys):
+    """Table 9's L_p wherever prompts are sampled from: a longer prompt is dropped at load and counted,
+    and a set with none left fails before any model loads."""
+    rows = [{"prompt": r["prompt"]} for r in pref_rows(8)]
+    for r in rows[:3]:
+        r["prompt"][0]["content"] = "How was the jacket? " * 30
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    result = ppo.main(ppo.Args(prompts=prompts, eval_split=None, max_prompt_length=40, batch_size=4,
+                               minibatch_size=4, total_episodes=8, dry_run=True))
+    assert result["train/prompts"] == 5
+    assert "train prompts: dropped 3 of 8 prompts longer than --max_prompt_length 40" in capsys.readouterr().out
+    for script, changes in [(ppo, dict(prompts=prompts, eval_split=None, dry_run=True)),
+                            (dpo, dict(eval_prompts=prompts, dry_run=True)),
+                            (var, dict(eval_prompts=prompts, dry_run=True)),
+                            (dera, dict(prompts=prompts, prompts_split="train")),
+                            (expo, dict(prompts=prompts, prompts_split="train"))]:
+        fails(lambda: script.main(script.Args(**changes, max_prompt_length=5, output_dir=str(tmp_path / "out"))),
+              "every prompt is longer than --max_prompt_length 5")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("row,match", [
