@@ -32,7 +32,8 @@ Fairness:
 - the same model weights (loaded by both in fp32), the same rows (written to one file both read, one
   epoch's worth: batch_size x steps), batch size, max_length, learning rate and schedule shape, AdamW
   betas, no gradient accumulation, no gradient checkpointing (TRL turns it on by default: off here),
-  no mixed precision (TRL's default bf16: off), no evaluation, no saving, dropout off in both;
+  the same --dtype (fp32 by default: TRL's bf16 off; bfloat16: both autocast), no evaluation, no saving,
+  dropout off in both;
 - tokens/s counts the non-pad tokens of the rows fed (chat template applied, cut at max_length), once,
   in this process, the same way for both sides: so the two tokens/s differ exactly as the step times;
 - TRL at its fastest documented settings that apply to a CPU: DPO with precompute_ref_log_probs=True
@@ -62,7 +63,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import tyro
 
@@ -120,6 +121,10 @@ class Args:
     """prompt + response tokens per sequence (the toy's rows are far shorter)"""
     learning_rate: float = 1e-4
     """peak learning rate, both sides (linear warmup over 10% of the steps, then linear decay)"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """compute dtype of the sft, reward_model and dpo comparison, both sides: bfloat16 is minialign's
+    --dtype bfloat16 and TRL's bf16=True, both autocast over fp32 weights (ppo and the scaling parts
+    stay fp32)"""
 
     # ppo
     ppo_iterations: int = 4
@@ -208,7 +213,7 @@ def format_tables(results: dict) -> str:
              f"code `{s['code']}` ({s['code_rev']}); {s['date']}.", ""]
     if results.get("trainers"):
         lines += [f"## Training steps ({s['steps']} timed after {s['warmup']} warm-up, batch "
-                  f"{s['batch_size']}, {s['pairs']} A/B pairs)", "",
+                  f"{s['batch_size']}, {s['pairs']} A/B pairs, {s.get('dtype', 'float32')})", "",
                   "Step time: median over the timed steps of a run, then over the pairs. TRL / minialign: "
                   "min / median / max over the pairs (above 1: minialign is faster).", "",
                   "| method | tokens/step | minialign ms/step | TRL ms/step | TRL / minialign | "
@@ -410,7 +415,7 @@ def run_minialign(spec: dict) -> dict:
                   gradient_accumulation_steps=1, learning_rate=spec["learning_rate"], warmup_ratio=0.1,
                   adam_betas=(0.9, 0.95), weight_decay=0.0, max_grad_norm=1.0, output_dir=spec["out"],
                   overwrite=True, log_every=total, save_every=0, seed=0, device=spec["device"],
-                  dtype="float32")
+                  dtype=spec["dtype"])
     if spec["method"] == "sft":
         values.update(eval_every=0, num_samples=0)
     elif spec["method"] == "reward_model":
@@ -436,7 +441,8 @@ def run_trl(spec: dict) -> dict:
     common = dict(output_dir=spec["out"], max_steps=total, per_device_train_batch_size=spec["batch_size"],
                   gradient_accumulation_steps=1, learning_rate=spec["learning_rate"],
                   lr_scheduler_type="linear", warmup_steps=int(0.1 * total), adam_beta1=0.9, adam_beta2=0.95,
-                  weight_decay=0.0, max_grad_norm=1.0, bf16=False, fp16=False, gradient_checkpointing=False,
+                  weight_decay=0.0, max_grad_norm=1.0, bf16=spec["dtype"] == "bfloat16", fp16=False,
+                  gradient_checkpointing=False,
                   eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
                   disable_tqdm=True, seed=0, use_cpu=spec["device"] == "cpu", dataloader_num_workers=0,
                   max_length=spec["max_length"])
@@ -671,7 +677,7 @@ def compare_trainer(method: str, rows: list, tokenizer, args: Args, work: Path, 
     tokens = tokens_per_row(tokenizer, method, rows, max_length) * batch_size
     spec = {"method": method, "model": args.model, "data": str(data), "max_length": max_length,
             "batch_size": batch_size, "learning_rate": args.learning_rate, "warmup": args.warmup,
-            "steps": args.steps}
+            "steps": args.steps, "dtype": args.dtype}
     runs = [tuple(launch({**spec, "side": side}, args, work, f"{tag}-{p + 1}-{side}")
                   for side in ("minialign", "trl")) for p in range(pairs)]
     return {**summarise_trainer(runs, tokens), "runs": runs}
@@ -777,7 +783,7 @@ def main(args: Args) -> None:
         "transformers": transformers.__version__, "trl": trl_version, "code": args.code,
         "code_rev": code_revision(args.code), "date": time.strftime("%Y-%m-%d %H:%M"), "steps": args.steps,
         "warmup": args.warmup, "pairs": args.pairs, "batch_size": args.batch_size,
-        "max_length": args.max_length, "learning_rate": args.learning_rate,
+        "max_length": args.max_length, "learning_rate": args.learning_rate, "dtype": args.dtype,
         "length_batch_size": args.length_batch_size}}
     work = Path(tempfile.mkdtemp(prefix="minialign-speed-"))
     try:
