@@ -6,6 +6,7 @@ against the floor of the passes they cannot avoid; and how DPO and VAR scale.
     python benchmark/speed.py --code ../old     # the same numbers for another checkout: before / after
     python benchmark/speed.py --make-smollm-shape /tmp/smol   # a random model of SmolLM2-135M's shapes
     python benchmark/speed.py --model /tmp/smol --reward_model /tmp/smol-rm
+    python benchmark/speed.py --model /tmp/smol --parts sft reward_model dpo --dtype bfloat16   # both in bf16
 
 What is measured, and how:
 1. sft, reward_model, dpo: minialign's script (`main(Args(...))`, imported from --code) and its TRL
