@@ -433,7 +433,7 @@ def ppo_update(policy, value_model, mb: dict, old: dict, args, autocast) -> dict
     """One epoch of step 5 on a step's b x g episodes: the clipped losses (Eq. 5, 6), L_pi + alpha L_V,
     in g forward-backward passes of b, each weighted by its share of the tokens: one token mean over the
     step, whatever g. `old`: steps 2-4's quantities; the caller steps. Returns the stats, one per pass."""
-    stats, n_tokens = {}, old["mask"].sum()
+    stats, n_tokens = {}, all_sum(old["mask"].sum()) / world_size()  # FSDP averages: the global token mean
     for a in range(0, len(old["mask"]), args.minibatch_size):
         sl = slice(a, a + args.minibatch_size)
         mask = old["mask"][sl]

@@ -125,11 +125,13 @@ def ppo_record(tmp_path_factory):
         record["iteration"] += 1
         batch = real["rollout"](*args, **kwargs)
         record["rollouts"].append({k: v.clone() for k, v in batch.items()})
+        record["batch"] = batch
         return batch
 
     def take(batch, index):
         part = real["take"](batch, index)
-        record["last_take"] = part
+        if batch is record["batch"]:  # a step's episodes out of the rollout (not a pass's slice)
+            record["last_take"] = part
         return part
 
     def eos_trick(scores, finished, penalty):
