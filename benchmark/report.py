@@ -1,10 +1,10 @@
 """summary.json and the tables, from the runs that benchmark/run.py wrote: benchmark/results/summary.json
 (every number a table shows, and the curves the plots draw), benchmark/results/results.md, and the same
-tables in the README between their <!-- benchmark:<name> --> markers. No matplotlib: the plots are
+tables in docs/benchmark.md between their <!-- benchmark:<name> --> markers. No matplotlib: the plots are
 benchmark/plots.py's, drawn from summary.json.
 
-    python benchmark/report.py             # summarise the runs, render the tables, update the README
-    python benchmark/report.py --no-readme # leave the README alone
+    python benchmark/report.py             # summarise the runs, render the tables, update docs/benchmark.md
+    python benchmark/report.py --no-docs   # leave docs/benchmark.md alone
 
 Gold reward and grammaticality are the toy world's own (toy/make.py), computed here on every run's
 samples; KL is the samples' mean log pi(y|x) - log pi_ref(y|x), each script's eval/kl; score is toy/rm's.
@@ -42,8 +42,8 @@ class Args:
     """the runs written by benchmark/run.py"""
     results_dir: str = "benchmark/results"
     """where summary.json and results.md go (and results_dir/probes/*.jsonl are read from)"""
-    readme: bool = True
-    """also write the tables into README.md (only from benchmark/runs into benchmark/results)"""
+    docs: bool = True
+    """also write the tables into docs/benchmark.md (only from benchmark/runs into benchmark/results)"""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -430,7 +430,8 @@ def results_md(summary: dict) -> str:
         "# Benchmark results\n",
         f"Written by `python benchmark/report.py` from the runs of `python benchmark/run.py`: "
         f"{summary['runs']} runs, {summary['minutes']:.0f} minutes of compute in all (2 CPU cores, one "
-        "run at a time). The readings are in the README.\n", block("parts", t["parts"]),
+        "run at a time). The readings are in [docs/benchmark.md](../../docs/benchmark.md).\n",
+        block("parts", t["parts"]),
         "## 1. DeRa vs DPO retrained to convergence (DeRa Fig. 2)\n", block("probes", t["probes"]),
         "![convergence](convergence.png)\n", block("convergence", t["convergence"]), "![DeRa](dera.png)\n",
         block("dera", t["dera"]),
@@ -444,14 +445,15 @@ def results_md(summary: dict) -> str:
         "## Speed (2 CPU cores)\n", block("speed", t["speed"])])
 
 
-def blocks(text: str) -> dict[str, str]:
-    """The <!-- benchmark:<name> --> ... <!-- /benchmark:<name> --> blocks of a markdown file."""
-    return dict(re.findall(r"<!-- benchmark:(\w+) -->\n(?:(.*?)\n)?<!-- /benchmark:\1 -->", text, flags=re.S))
+def blocks(text: str, kind: str = "benchmark") -> dict[str, str]:
+    """The <!-- <kind>:<name> --> ... <!-- /<kind>:<name> --> blocks of a markdown file (docs/render.py's
+    tables are kind "table")."""
+    return dict(re.findall(rf"<!-- {kind}:(\w+) -->\n(?:(.*?)\n)?<!-- /{kind}:\1 -->", text, flags=re.S))
 
 
-def fill_blocks(text: str, tables: dict[str, str]) -> str:
+def fill_blocks(text: str, tables: dict[str, str], kind: str = "benchmark") -> str:
     """`text` with each of its blocks replaced by the table of that name."""
-    return re.sub(r"(<!-- benchmark:(\w+) -->\n)(?:.*?\n)?(<!-- /benchmark:\2 -->)",
+    return re.sub(rf"(<!-- {kind}:(\w+) -->\n)(?:.*?\n)?(<!-- /{kind}:\2 -->)",
                   lambda m: m.group(1) + tables[m.group(2)] + "\n" + m.group(3), text, flags=re.S)
 
 
@@ -464,11 +466,12 @@ def main(args: Args) -> None:
     (results / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
     (results / "results.md").write_text(results_md(summary))
     committed = runs == ROOT / "benchmark/runs" and results == ROOT / "benchmark/results"
-    if args.readme and committed:
-        readme = ROOT / "README.md"
-        readme.write_text(fill_blocks(readme.read_text(), render(summary)))
-    print(f"wrote {results / 'summary.json'} and {results / 'results.md'}" + (" and the README's tables" if
-          args.readme and committed else "") + f" ({summary['runs']} runs, {summary['minutes']:.0f} minutes)")
+    if args.docs and committed:
+        page = ROOT / "docs" / "benchmark.md"
+        page.write_text(fill_blocks(page.read_text(), render(summary)))
+    pages = " and docs/benchmark.md's tables" if args.docs and committed else ""
+    print(f"wrote {results / 'summary.json'} and {results / 'results.md'}{pages} ({summary['runs']} runs, "
+          f"{summary['minutes']:.0f} minutes)")
 
 
 if __name__ == "__main__":

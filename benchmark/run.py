@@ -3,7 +3,7 @@ everything through the scripts' own command lines, as a user would, then writes 
 matplotlib installed, the plots).
 
     pip install -r benchmark/requirements.txt
-    python benchmark/run.py                  # everything (README: the time it takes)
+    python benchmark/run.py                  # everything (docs/benchmark.md: the time it takes)
     python benchmark/run.py --quick          # every study's shape, 1 seed, each run 1/8 long: 12 min
     python benchmark/run.py --studies dera   # one study (runs shared with other studies are reused)
     python benchmark/run.py --dry_run        # print the commands only
@@ -47,7 +47,7 @@ PPO_BETAS = [0.05, 0.2]  # ppo.py's default, and a stronger KL penalty for a sec
 COMMON_TEMPERATURE = 1.0  # every method is sampled as the policy itself, so every KL is the true KL
 # Study 1's DPO runs: every pair of the toy's train split (3x the default's) for CONVERGED_EPOCHS at
 # CONVERGED_LR, the held-out loss and margins logged every EVAL_EVERY steps; chosen once for every beta
-# from the curves of probes at beta 0.02, the slowest to converge (README, study 1)
+# from the curves of probes at beta 0.02, the slowest to converge (docs/benchmark.md, study 1)
 CONVERGED_EPOCHS, CONVERGED_LR, EVAL_EVERY = 1, 3e-4, 64
 TRAIN_PAIRS = 12288  # the toy's train split (toy/data/prefs/train.jsonl)
 DPO_STEPS = 256  # dpo.py's default length: 4096 pairs / 16 per step

@@ -1,6 +1,6 @@
 """benchmark/: the plan of benchmark/run.py (the runs themselves take over an hour and are not part of the
 suite) and the tables, which must be exactly what benchmark/report.py renders from the committed
-summary.json, in results.md and in the README alike."""
+summary.json, in results.md and in docs/benchmark.md alike."""
 
 import json
 import sys
@@ -91,16 +91,16 @@ def test_a_run_is_redone_when_its_command_or_its_input_changed(tmp_path, monkeyp
 
 
 def test_tables_are_rendered_from_the_committed_summary():
-    """Every number of the benchmark's tables, in results.md and in the README, is summary.json's."""
+    """Every number of the benchmark's tables, in results.md and in docs/benchmark.md, is summary.json's."""
     summary = json.loads((ROOT / "benchmark/results/summary.json").read_text())
     tables = report.render(summary)
     assert all(summary.get(key) for key in ("convergence", "dera", "expo", "methods", "stability", "speed"))
     results = (ROOT / "benchmark/results/results.md").read_text()
     assert results.strip() == report.results_md(summary).strip()
-    readme = report.blocks((ROOT / "README.md").read_text())
-    assert set(readme) == set(report.SECTIONS)
-    for name, text in readme.items():
-        assert text == tables[name], f"README's {name} table differs from summary.json's"
+    page = report.blocks((ROOT / "docs" / "benchmark.md").read_text())
+    assert set(page) == set(report.SECTIONS)
+    for name, text in page.items():
+        assert text == tables[name], f"docs/benchmark.md's {name} table differs from summary.json's"
 
 
 def test_fill_blocks_replaces_only_the_blocks():
