@@ -10,26 +10,20 @@
 """Decoding-time realignment (DeRa): change the KL strength of an aligned model without retraining.
 
 Liu et al. (2024), ICML. An aligned model pi_theta(beta), trained from pi_ref with KL strength beta,
-approximates pi*(beta) = pi_ref exp(r / beta) / Z. The model realigned to strength beta / lambda is
+approximates pi*(beta) = pi_ref exp(r / beta) / Z. The model realigned to strength beta / lambda,
 
     pi*(beta/lam)(y|x)  proportional to  pi_ref(y|x) [pi*(beta)(y|x) / pi_ref(y|x)]^lam         (Eq. 5)
 
-approximated token by token (Eq. 6), which Proposition 1 turns into a mixture of logits:
+is approximated token by token (Eq. 6), which Proposition 1 turns into a mixture of logits:
 
     pi_hat(. | x, y_<t) = softmax( lam * h_aligned + (1 - lam) * h_ref )                        (Eq. 9)
 
-lam = 0 is the reference, lam = 1 the aligned model, lam > 1 a weaker KL than training used. With
-several aligned models (Appendix B) the logits are (1 - sum_i lam_i) h_ref + sum_i lam_i h_i.
-Algorithm 1 samples from Eq. 9 one token at a time; here both models decode in one loop, each with
-its own KV cache, on left-padded batches, so the cost is about twice one model's decoding. Logits are
-mixed raw, before temperature / top-k / top-p, as in the authors' code. `--mode weights` is the
-weight-combining variant of Appendix D.5: one model with parameters lam theta_aligned + (1 - lam) theta_ref.
-
-Each lambda is evaluated on the dev prompts: reward-model score, the sequence KL to the reference
-(mean over samples of log pi_hat(y|x) - log pi_ref(y|x), both from logits / temperature, accumulated
-while decoding; unbiased without top-k / top-p, the defaults), response length and EOS rate. A response
-ends at its first stop id (the tokenizer's EOS or any `eos_token_id` of the generation config) and is
-scored at that token, where the reward model was trained to read it.
+lam = 0 is the reference, lam = 1 the aligned model, lam > 1 a weaker KL than training used; several
+aligned models mix as (1 - sum_i lam_i) h_ref + sum_i lam_i h_i (Appendix B). All models decode in one
+loop (Algorithm 1), each with its own KV cache; the raw logits are mixed before temperature / top-k /
+top-p, as in the authors' code. `--mode weights` mixes the parameters instead (Appendix D.5). Each lambda
+gets a reward-model score, the sequence KL to the reference (the mean of log pi_hat(y|x) - log pi_ref(y|x)
+from logits / temperature: unbiased without top-k / top-p), the length and the EOS rate.
 
     python dera.py                                    # the toy: toy/sft + toy/dpo, lambdas 0 0.5 1 2
     python dera.py --ref HuggingFaceH4/mistral-7b-sft-beta --aligned HuggingFaceH4/zephyr-7b-beta \
@@ -54,10 +48,9 @@ import tyro
 
 @dataclass
 class Args:
-    """DeRa: sample an aligned model realigned to other KL strengths at decoding time, by mixing its logits
-    with the reference model's (lambda 0: the reference, 1: the aligned model, above 1: a weaker KL than
-    training used); for each lambda, score the samples with a reward model and report the KL to the
-    reference. The defaults sweep the toy's pi_dpo against pi_sft in a minute on a CPU.
+    """DeRa: realign an aligned model to other KL strengths by mixing its logits with the reference's
+    (lambda 0: the reference, 1: the aligned model, above 1: a weaker KL); score each lambda's samples and
+    report their KL to the reference. The defaults sweep the toy in a minute on a CPU.
 
     Example: python dera.py --ref HuggingFaceH4/mistral-7b-sft-beta --aligned HuggingFaceH4/zephyr-7b-beta
     --reward_model none --prompts my_prompts.jsonl --lambdas 0.5 1 2 --temperature 0.7 --top_k 50"""
@@ -146,11 +139,9 @@ def check_args(args: Args) -> None:
 
 def realigned_logits(h_ref: torch.Tensor, h_aligned: Union[torch.Tensor, Sequence[torch.Tensor]],
                      lam: Union[float, Sequence[float]]) -> torch.Tensor:
-    """Logits of the realigned model, in fp32.
-
-    h_ref, h_aligned: (..., V) raw logits of the reference and the aligned model(s); lam: one
-    strength per aligned model. softmax of the result is p_ref * prod_i (p_i / p_ref)^lam_i,
-    normalised (Proposition 1)."""
+    """Logits of the realigned model, in fp32. h_ref, h_aligned: (..., V) raw logits of the reference
+    and the aligned model(s); lam: one strength per aligned model. softmax of the result is
+    p_ref * prod_i (p_i / p_ref)^lam_i, normalised (Proposition 1)."""
     if isinstance(h_aligned, torch.Tensor):
         h_aligned, lam = [h_aligned], [lam]
     mixed = (1.0 - sum(lam)) * h_ref.float()  # Eq. 9; Appendix B for several aligned models
@@ -183,78 +174,63 @@ def dera_generate(ref, aligned, input_ids: torch.Tensor, attention_mask: torch.T
                   stop_ids: Sequence[int] = (), pad_token_id: int = 0,
                   generator: Optional[torch.Generator] = None) -> tuple:
     """Algorithm 1, batched: every model decodes with its own KV cache; the next token is drawn from
-    the realigned logits (Eq. 9). `aligned` and `lam` may be lists (Appendix B); with aligned = []
-    and lam = [] this is plain decoding of `ref`.
-
-    input_ids, attention_mask: (B, T) left-padded prompts. Returns (tokens, realigned_logprobs,
-    ref_logprobs), each (B, N) with N <= max_new_tokens: tokens after a row's first stop id are
-    pad_token_id and their log-probs 0. Log-probs are of logits / temperature (before top-k / top-p)."""
+    the realigned logits (Eq. 9). `aligned` and `lam` may be lists (Appendix B); aligned = lam = [] is
+    plain decoding of `ref`. input_ids, attention_mask: (B, T) left-padded prompts. Returns (tokens,
+    realigned_logprobs, ref_logprobs), each (B, N), N <= max_new_tokens: after a row's first stop id its
+    tokens are pad_token_id and their log-probs 0. Log-probs are of logits / T (before top-k / top-p)."""
     if not isinstance(aligned, (list, tuple)):
         aligned, lam = [aligned], [lam]
     models = [ref, *aligned]
+    caches = [None] * len(models)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
-    caches, logits = [], []
-    for model in models:  # the prompt, once per model
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                    use_cache=True)
-        caches.append(out.past_key_values)
-        logits.append(out.logits[:, -1].float())
-    next_position = positions[:, -1:] + 1  # (B, 1)
+    step_ids = input_ids  # the prompt, then one new token per step on top of each model's cache
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
+    scale = temperature if temperature > 0 else 1.0  # log-probs of the tempered distributions sampled
     tokens, realigned_logprobs, ref_logprobs = [], [], []
     for _ in range(max_new_tokens):
+        logits = []
+        for i, model in enumerate(models):
+            out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
+                        past_key_values=caches[i], use_cache=True)
+            caches[i] = out.past_key_values
+            logits.append(out.logits[:, -1].float())
         h = realigned_logits(logits[0], logits[1:], lam)  # (B, V), Eq. 9
-        token = sample_token(h, temperature, top_k, top_p, generator)
-        token = token.masked_fill(finished, pad_token_id)
+        token = sample_token(h, temperature, top_k, top_p, generator).masked_fill(finished, pad_token_id)
         tokens.append(token)
-        scale = temperature if temperature > 0 else 1.0  # log-probs of the tempered distributions sampled
         for store, hh in ((realigned_logprobs, h), (ref_logprobs, logits[0])):
             logprobs = torch.log_softmax(hh / scale, -1)
             store.append(logprobs.gather(-1, token[:, None]).squeeze(-1).masked_fill(finished, 0.0))
         finished = finished | torch.isin(token, stops)
         if finished.all():
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)],
-                                   dim=1)
-        for i, model in enumerate(models):  # one new token per model, on top of its own cache
-            out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                        past_key_values=caches[i], use_cache=True)
-            caches[i] = out.past_key_values
-            logits[i] = out.logits[:, -1].float()
-        next_position = next_position + 1
+        step_ids, positions = token[:, None], positions[:, -1:] + 1
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], dim=1)
     return torch.stack(tokens, 1), torch.stack(realigned_logprobs, 1), torch.stack(ref_logprobs, 1)
 
 
 def combine_weights(ref, aligned: list, lam: list):
     """Appendix D.5: one model with parameters (1 - sum lam) theta_ref + sum_i lam_i theta_i, in fp32
     arithmetic (non-floating buffers are the reference's)."""
-    combined = copy.deepcopy(ref)
     states = [m.state_dict() for m in aligned]
     new_state = {}
     for name, t in ref.state_dict().items():
-        if not t.is_floating_point():
-            new_state[name] = t
-            continue
-        mixed = (1.0 - sum(lam)) * t.float()
-        for state, l in zip(states, lam):
-            mixed = mixed + l * state[name].float()
-        new_state[name] = mixed.to(t.dtype)
+        new_state[name] = t
+        if t.is_floating_point():
+            mixed = (1.0 - sum(lam)) * t.float()
+            for state, l in zip(states, lam):
+                mixed = mixed + l * state[name].float()
+            new_state[name] = mixed.to(t.dtype)
+    combined = copy.deepcopy(ref)
     combined.load_state_dict(new_state)
     return combined.eval()
 
 
-# ---- Data and models ------------------------------------------------------------------------------
-
-
 def collate_sequences(samples: list, pad_id: int) -> dict:
-    """(prompt_ids, response_ids, ...) samples as one batch in which every response starts at the same
-    column: prompts left-padded to the longest prompt P, responses right-padded to the longest
-    response R. Log-probs then need the logits of the last R + 1 positions only (`logits_to_keep`;
-    position P - 1 predicts the first response token), not those of the prompts and their padding.
-    Positions count from each row's first token, so the padding changes no number.
-    input_ids, attention_mask, position_ids: (B, P + R); labels: (B, R + 1), aligned with the kept
-    logits: the response tokens in the last R columns, -100 elsewhere."""
+    """(prompt_ids, response_ids, ...) as one batch with every response starting at the same column
+    (prompts left-padded, responses right-padded), so log-probs need only the last R + 1 logits
+    (`logits_to_keep`). Positions count from each row's first token: padding changes no number.
+    input_ids, attention_mask, position_ids: (B, P + R); labels: (B, R + 1), -100 off the response."""
     # a response with no prompt before it: its first token has no position to be predicted from
     samples = [(p, r) if p else (r[:1], r[1:]) for p, r, *_ in samples]
     P, R = max(len(p) for p, _ in samples), max(len(r) for _, r in samples)
@@ -283,20 +259,16 @@ def load_causal_lm(name: str, dtype, trust_remote_code: bool):
 
 def check_compatible(ref, aligned: list, names: list, mode: str) -> None:
     """Logits can only be mixed over the same vocabulary; weights only between identical shapes."""
+    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     for model, name in zip(aligned, names):
         if model.config.vocab_size != ref.config.vocab_size:
             raise SystemExit(f"error: '{name}' has {model.config.vocab_size} logits per token, the reference "
                              f"{ref.config.vocab_size}; DeRa mixes the logits of models with one vocabulary")
-        if mode == "weights":
-            ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-            shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-            if shapes != ref_shapes:
-                bad = sorted(k for k in set(shapes) | set(ref_shapes) if shapes.get(k) != ref_shapes.get(k))
-                raise SystemExit(f"error: --mode weights needs identical architectures; '{name}' differs in "
-                                 f"{len(bad)} tensors, e.g. {bad[:5]}")
-
-
-# ---- Evaluation -----------------------------------------------------------------------------------
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if mode == "weights" and shapes != ref_shapes:
+            bad = sorted(k for k in set(shapes) | set(ref_shapes) if shapes.get(k) != ref_shapes.get(k))
+            raise SystemExit(f"error: --mode weights needs identical architectures; '{name}' differs in "
+                             f"{len(bad)} tensors, e.g. {bad[:5]}")
 
 
 @torch.no_grad()
@@ -313,8 +285,7 @@ def decode_all(ref, aligned: list, lam: list, prompts: list, tokenizer, args, de
                           add_special_tokens=not isinstance(chunk[0], list)).to(device)
         tokens, realigned_lp, ref_lp = dera_generate(
             ref, aligned, batch["input_ids"], batch["attention_mask"], lam, args.max_new_tokens,
-            args.temperature, args.top_k, args.top_p, stop_ids, tokenizer.pad_token_id,
-            generator)
+            args.temperature, args.top_k, args.top_p, stop_ids, tokenizer.pad_token_id, generator)
         for row, mask, generated, lr in zip(batch["input_ids"], batch["attention_mask"], tokens.tolist(),
                                             (realigned_lp - ref_lp).sum(-1).tolist()):
             ends = [t for t, token in enumerate(generated) if token in stop_ids]
@@ -342,11 +313,9 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The reward of each sequence: the score head at its last attended token, the EOS that ends
-    prompt + response. The index comes from the attention mask, never from pad_token_id:
-    transformers' own pooling reads the last token that is not pad, which with pad == eos (common in
-    chat checkpoints) is the token before the EOS. Positions count from the first attended token, so
-    left and right padding give the same score. input_ids, attention_mask: (B, T). Returns (B,), fp32."""
+    """The reward of each sequence: the score head at its last attended token (the EOS after the response).
+    The index comes from the attention mask, never pad_token_id: transformers' own pooling reads the last
+    non-pad token, which with pad == eos is the token before the EOS. (B, T) -> (B,), fp32."""
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
@@ -374,9 +343,6 @@ def print_table(rows: list) -> None:
         print(" ".join(f"{row[k]:>10}" if isinstance(row[k], str) else f"{row[k]:>10.3f}" for k, _ in cols))
 
 
-# ---- The run --------------------------------------------------------------------------------------
-
-
 def main(args: Args) -> dict:
     # setup: every argument and the output dir checked before anything loads. From Python, one aligned
     # model or one lambda may be given bare; the command line always gives lists.
@@ -388,20 +354,17 @@ def main(args: Args) -> dict:
     device, dtype_name, _ = setup(args)  # no autocast: the models are loaded in the compute dtype
     dtype = getattr(torch, dtype_name)
     use_rm = args.reward_model.lower() != "none"
-    K = len(args.aligned)
-    rows_lam = [args.lambdas[i : i + K] for i in range(0, len(args.lambdas), K)]
-    out = check_output_dir(args, "dera", [args.ref, *args.aligned] + ([args.reward_model] if use_rm else []),
-                           resume=None)
+    scorers = [args.reward_model] if use_rm else []
+    out = check_output_dir(args, "dera", [args.ref, *args.aligned, *scorers])
 
-    # every tokenizer checked against the reference's before any compute
+    # every tokenizer checked against the reference's, and every model's kind, before any weights load
     tokenizer = load_tokenizer(args.ref, args.trust_remote_code)
     stop_ids = stop_token_ids(tokenizer, args.ref)
-    check_tokenizers(tokenizer, args.ref, args.aligned + ([args.reward_model] if use_rm else []),
-                     args.trust_remote_code)
-    for name in [args.ref, *args.aligned]:  # each a causal LM, before any weights load
+    check_tokenizers(tokenizer, args.ref, args.aligned + scorers, args.trust_remote_code)
+    for name in [args.ref, *args.aligned]:
         check_architecture(name, args.trust_remote_code, "ForCausalLM")
-    if use_rm:
-        check_architecture(args.reward_model, args.trust_remote_code, "ForSequenceClassification")
+    for name in scorers:
+        check_architecture(name, args.trust_remote_code, "ForSequenceClassification")
     prompts = first(load_split(args.prompts, args.prompts_split, [("prompt",)]), args.num_prompts)["prompt"]
     prompts = drop_long_prompts(prompts, tokenizer, args.max_prompt_length, f"'{args.prompts}'")
 
@@ -413,6 +376,8 @@ def main(args: Args) -> dict:
         reward_model = load_scalar_model(args.reward_model, tokenizer.pad_token_id, args.trust_remote_code,
                                          dtype).to(device).eval()
     create_output_dir(out, args, device, dtype_name)
+    K = len(args.aligned)
+    rows_lam = [args.lambdas[i : i + K] for i in range(0, len(args.lambdas), K)]
     print(f"dera: {len(prompts)} prompts, {len(rows_lam)} settings of lambda, mode {args.mode}, "
           f"device {device}")
 
@@ -448,8 +413,7 @@ def main(args: Args) -> dict:
     print_table(rows)
     print(f"\none model alone: {single_speed:.0f} tokens/s" +
           (f"; DeRa {results['perf/tokens_per_s']:.0f} tokens/s "
-           f"({results['perf/slowdown_vs_one_model']:.2f}x slower)"
-           if speeds else ""))
+           f"({results['perf/slowdown_vs_one_model']:.2f}x slower)" if speeds else ""))
     with open(out / "eval.json", "w") as f:
         json.dump(results, f, indent=2)
     write_jsonl(out / "samples.jsonl", all_samples)
@@ -462,29 +426,25 @@ def main(args: Args) -> dict:
 
 
 class UsageError(SystemExit):
-    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
-    for a malformed command line (str() gives the message, for code that calls main directly)."""
+    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2."""
 
     def __init__(self, message: str):
         super().__init__(2)
         self.message = f"error: {message}"
 
-    def __str__(self) -> str:
+    def __str__(self) -> str:  # the message, for code that calls main directly
         return self.message
 
 
 def resolve(path: str) -> str:
-    """A relative path that is not under the working directory but is next to this script (the toy
-    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder; `~` is expanded."""
+    """`~` expanded; a relative path missing here but present next to this script (the toy) resolves there."""
     path = os.path.expanduser(path)
     here = Path(__file__).resolve().parent / path
     return str(here) if not Path(path).exists() and here.exists() else path
 
 
 def locate(name: str, what: str) -> str:
-    """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
-    a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
-    fails at once, instead of after a minute of trying the hub."""
+    """The path `name` resolves to, or `name` as a hub id; a missing path fails now, not after the hub."""
     path = resolve(name)
     if Path(path).exists():
         return path
@@ -505,23 +465,8 @@ def load_failure(name: str, what: str, error: Exception) -> SystemExit:
     return SystemExit(f"error: could not load {what} '{name}': {reason}")
 
 
-def field_problem(value) -> Optional[str]:
-    """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
-    if value is None:
-        return "is missing"
-    if isinstance(value, str) or (isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value)):
-        return None
-    return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
-            "{role, content} messages")
-
-
 def load_split(name: str, split: str, needs: list):
-    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (its rows
-    are the split "train", so train[:100] slices it; load_splits holds some out for evaluation).
-    `needs` lists alternatives: each a tuple of columns that together suffice. Every row's fields are
-    checked here, so a bad row fails with its number, not deep inside."""
+    """One split of a hub dataset, a folder of {split}.jsonl files or one .jsonl file, every row checked."""
     from datasets import load_dataset
 
     path = locate(name, "dataset")
@@ -532,7 +477,7 @@ def load_split(name: str, split: str, needs: list):
         raise SystemExit(f"error: {where} is empty: {file} has no rows")
     try:
         data = (load_dataset("json", data_files=path, split=split if split.startswith("train") else "train")
-                if one_file else load_dataset(path, split=split))  # a file's rows are its split "train"
+                if one_file else load_dataset(path, split=split))
     except Exception as e:  # datasets raises many types; all mean the same to a user
         raise load_failure(name, f"split '{split}' of dataset", e)
     columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
@@ -541,12 +486,18 @@ def load_split(name: str, split: str, needs: list):
         raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
     if len(data) == 0:
         raise SystemExit(f"error: {where} has no rows")
-    columns = list(dict.fromkeys([c for c in ("prompt",) if c in data.column_names] + list(columns)))
+    columns = list(dict.fromkeys(["prompt"] * ("prompt" in data.column_names) + list(columns)))
     for i, row in enumerate(data.select_columns(columns)):
-        for column in columns:
-            problem = field_problem(row[column])
-            if problem and not (column == "prompt" and row[column] == ""):
-                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' {problem}")
+        for column, value in row.items():
+            messages = isinstance(value, list) and value and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in value)
+            if value is None:
+                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' is missing")
+            if not (isinstance(value, str) or messages):
+                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' is {type(value).__name__} "
+                                 f"{str(value)[:40]!r}; expected a string or a list of "
+                                 "{role, content} messages")
     return data
 
 
@@ -556,13 +507,10 @@ def first(data, n: Optional[int]):
 
 
 def drop_long_prompts(prompts: list, tokenizer, max_prompt_length: int, where: str) -> list:
-    """The prompts of at most max_prompt_length tokens as the model sees them (Table 9's L_p: one long
-    prompt would set the memory of its whole batch); the others are dropped, and counted."""
-    kept = []
-    for prompt in prompts:
-        ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=not isinstance(prompt, list))
-        if len(ids["input_ids"]) <= max_prompt_length:
-            kept.append(prompt)
+    """The prompts of at most max_prompt_length tokens (Table 9's L_p); the others dropped, and counted."""
+    lengths = [len(tokenizer(format_prompt(tokenizer, p), add_special_tokens=isinstance(p, str))["input_ids"])
+               for p in prompts]
+    kept = [p for p, n in zip(prompts, lengths) if n <= max_prompt_length]
     if len(kept) < len(prompts):
         print(f"note: {where}: dropped {len(prompts) - len(kept)} of {len(prompts)} prompts longer than "
               f"--max_prompt_length {max_prompt_length} tokens")
@@ -572,7 +520,7 @@ def drop_long_prompts(prompts: list, tokenizer, max_prompt_length: int, where: s
     return kept
 
 
-# Used only for a tokenizer without a chat template; documented in the README.
+# Used only for a tokenizer without a chat template; documented in docs/conventions.md#data.
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
@@ -598,8 +546,7 @@ def load_tokenizer(name: str, trust_remote_code: bool):
 
 
 def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: bool) -> None:
-    """Models that exchange token ids must share vocabulary and chat template, or scores are noise: each
-    other model's tokenizer is checked against `tokenizer` (of own_name), each distinct name loaded once."""
+    """Models that exchange token ids must share vocabulary and chat template, or scores are noise."""
     for name in dict.fromkeys(names):
         if Path(resolve(name)).resolve() == Path(resolve(own_name)).resolve():
             continue
@@ -613,9 +560,7 @@ def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: b
 
 
 def stop_token_ids(tokenizer, name: str) -> list:
-    """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
-    generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
-    and end-of-text tokens, and generation stops on any of them)."""
+    """Every id that ends a response: the tokenizer's EOS and generation_config.json's eos_token_id(s)."""
     from transformers import GenerationConfig
 
     try:
@@ -634,9 +579,7 @@ def format_prompt(tokenizer, prompt) -> str:
 
 
 def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
-    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
-    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
-    reward model, whose score head would be random."""
+    """Refuses, before loading weights, a reward model where a causal LM is needed, or the converse."""
     from transformers import AutoConfig
 
     try:
@@ -657,10 +600,7 @@ def describe_model(name: str, model) -> None:
 
 def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32,
                       new_head: bool = False):
-    """A reward (or value) model: AutoModelForSequenceClassification with one output. A checkpoint with
-    no trained score head (a causal LM) is refused unless `new_head` (a value model may start from one).
-    A config without pad_token_id gets the tokenizer's (transformers refuses padded batches without
-    one); `score` reads the reward at the index the attention mask gives, whatever the pad id."""
+    """A reward (or value) model: a sequence classifier with one output and a trained score head."""
     from transformers import AutoModelForSequenceClassification
 
     if not new_head:
@@ -684,9 +624,7 @@ def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dty
 
 
 def setup(args) -> tuple:
-    """Seeds, device (cuda when present; under torchrun this process's GPU) and compute dtype (bf16
-    autocast on CUDA, fp32 elsewhere); transformers' per-load reports and progress bars hidden unless
-    --verbose. (device, dtype, autocast)"""
+    """Seeds, device (joining torchrun's processes), dtype, quiet loading: (device, dtype, autocast)."""
     import datasets
     import transformers
 
@@ -696,40 +634,31 @@ def setup(args) -> tuple:
         datasets.disable_progress_bars()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
-                          else args.device)
-    device = start_processes(device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
+    if "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized():  # under torchrun
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if rank() > 0:
+            sys.stdout = open(os.devnull, "w")  # rank 0 alone prints
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     return device, dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
 
 
-# ---- Many processes: setup() is the trainers' own (see sft.py: torchrun with FSDP2); dera.py itself
-# runs as one process (check_args refuses torchrun: every process would repeat its work).
+# ---- Many processes: torchrun --nproc_per_node N <script>.py ... (FSDP2); without torchrun, none of this
+# does anything. Every process holds 1/N of each model (and of the trained ones' gradients and AdamW state),
+# trains on its share of each global batch and runs every evaluation in full; rank 0 alone prints and
+# writes. Collectives pair numbers by position: every process computes the same keys in the same order.
 
 
 def rank() -> int:
-    """This process's number, 0 to world_size() - 1: 0 without torchrun."""
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def world_size() -> int:
-    """The number of processes: 1 without torchrun."""
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def start_processes(device):
-    """Under torchrun (which sets LOCAL_RANK), joins the process group: NCCL between GPUs (this
-    process's GPU is cuda:LOCAL_RANK), gloo on CPUs. Ranks above 0 print nothing and show no progress
-    bar (quiet). Returns the device."""
-    if "LOCAL_RANK" not in os.environ or torch.distributed.is_initialized():
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if rank() > 0:
-        sys.stdout = open(os.devnull, "w")
-    return device
 
 
 def write_jsonl(path: Path, rows: list) -> None:
@@ -740,8 +669,24 @@ def write_jsonl(path: Path, rows: list) -> None:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def run_info(device, dtype: str) -> dict:
-    """What a reader needs to reproduce a run besides its arguments."""
+def check_output_dir(args, script: str, models: list) -> Path:
+    """Fails before any work if the run would overwrite another; sets args.output_dir. Writes nothing."""
+    out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.output_dir = str(out)
+    if rank() > 0:  # only rank 0 checks (torchrun stops every process when one fails)
+        return out
+    if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
+        raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"output_dir '{out}' already holds a run; pass --overwrite to start over, or "
+                         "choose another --output_dir")
+    return out
+
+
+def create_output_dir(out: Path, args, device, dtype: str) -> None:
+    """Once the inputs have loaded: empties an --overwrite'n dir and writes args.json."""
+    if rank() > 0:  # rank 0 writes
+        return
     import subprocess
 
     import datasets
@@ -752,85 +697,31 @@ def run_info(device, dtype: str) -> dict:
                                 capture_output=True, text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
-            "python": sys.version.split()[0], "torch": torch.__version__,
-            "transformers": transformers.__version__, "datasets": datasets.__version__,
-            "device": str(device), "dtype": dtype, "processes": world_size(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
-    """Fails before any work if the run would overwrite a previous one; writes nothing. With --resume,
-    the directory must hold an unfinished run with the same arguments. `resume` None: the script
-    cannot resume. Sets args.output_dir (the default is runs/<script>-<time>). Only rank 0 checks: the
-    others would race with its writing (torchrun stops them all when one fails)."""
-    out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
-    args.output_dir = str(out)
-    if rank() > 0:
-        return out
-    if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
-        raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
-    if resume:
-        if not (out / "args.json").exists():
-            raise UsageError(f"--resume: '{out}' holds no run to continue (no args.json); drop --resume")
-        if (out / "eval.json").exists():
-            raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
-        recorded = json.load(open(out / "args.json"))
-        recorded["processes"] = recorded.get("run", {}).get("processes", 1)  # the data order depends on it
-        current = {**json.loads(json.dumps(asdict(args))), "processes": world_size()}  # tuples as lists
-        changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items()
-                   if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
-                   and recorded.get(k) != v]
-        if changed:
-            raise UsageError(f"--resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
-                              "resume with the same ones")
-        return out
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        hint = "--resume to continue it, " if resume is not None else ""
-        raise UsageError(f"output_dir '{out}' already holds a run; pass {hint}--overwrite to start over, or "
-                          "choose another --output_dir")
-    return out
-
-
-def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional[int] = None) -> None:
-    """Called once the inputs have loaded. A new run: empties an --overwrite'n dir, writes args.json (the
-    arguments, then under "run" the versions, device, dtype and git commit). A resumed run keeps the
-    metrics logged up to its checkpoint and drops the later ones, which the run will log again."""
-    if rank() > 0:  # rank 0 writes
-        return
-    if resume_step is not None:
-        log_file = out / "metrics.jsonl"
-        records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
-        write_jsonl(log_file, [r for r in records if r.get("step", 0) <= resume_step])
-        return
-    if out.exists():
-        shutil.rmtree(out)
+    run = {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
+           "python": sys.version.split()[0], "torch": torch.__version__,
+           "transformers": transformers.__version__, "datasets": datasets.__version__, "device": str(device),
+           "dtype": dtype, "processes": world_size(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     with open(out / "args.json", "w") as f:
-        json.dump({**asdict(args), "run": run_info(device, dtype)}, f, indent=2)
+        json.dump({**asdict(args), "run": run}, f, indent=2)
 
 
 def last_checkpoint(out: Path) -> Optional[Path]:
-    found = sorted(out.glob("checkpoint-*"))
-    return found[-1] if found else None
+    return max(out.glob("checkpoint-*"), default=None)
 
 
 def describe_run(output_dir: Optional[str]) -> str:
     """What a stopped run left behind, in one line (printed on Ctrl-C)."""
-    out = Path(output_dir) if output_dir else None
-    if out is None or not (out / "args.json").exists():
+    out = Path(output_dir or "")
+    if not output_dir or not (out / "args.json").exists():
         return "nothing was written"
-    log_file = out / "metrics.jsonl"
+    log_file, checkpoint = out / "metrics.jsonl", last_checkpoint(out)
     records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
-    steps = [r.get("step", r.get("iteration")) for r in records]
-    last = f", last at step {steps[-1]}" if steps else ""
-    kept = f"args.json, metrics.jsonl ({len(records)} records{last})"
-    checkpoint = last_checkpoint(out)
-    kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
-    if "resume" not in json.load(open(out / "args.json")):
-        return f"kept in {out}: {kept}; --overwrite --output_dir {out} starts over"
-    again = "continues it" if checkpoint else "starts it again"
-    return f"kept in {out}: {kept}; --resume --output_dir {out} {again}"
+    last = f", last at step {records[-1].get('step', records[-1].get('iteration'))}" if records else ""
+    kept = checkpoint.name if checkpoint else "no checkpoint yet"
+    return (f"kept in {out}: args.json, metrics.jsonl ({len(records)} records{last}), {kept}; "
+            f"--overwrite --output_dir {out} starts over")
 
 
 def cli(argv: Optional[list] = None) -> None:

@@ -15,25 +15,16 @@ of the SFT model and theta_1 those of the model aligned from it (by DPO or RLHF)
     theta_2 = theta_1 + alpha * (theta_1 - theta_0) = (1 + alpha) * theta_1 - alpha * theta_0
 
 No training: alpha > 0 moves past the aligned model along the alignment update theta_1 - theta_0 (Sec.
-2.2: a first-order step on the alignment objective). alpha = 0 is the aligned model, alpha = -1 the SFT
-model, alpha in (-1, 0) interpolates between them. alpha is tuned like a decoding hyperparameter (App. E):
-for each alpha of a grid, sample responses to dev prompts, score them with a reward model, keep the alpha
-with the highest mean reward. The table also reports the sequence KL to the aligned model and the length,
-which show how far each alpha moves the policy: a reward model can be gamed, and the alpha it prefers may
-be past the point where the responses stay well-formed (on the toy, read the grammaticality of
-samples.jsonl). The paper samples at temperature 0.7, top-k 40, top-p 0.9; here the samples are pure
-(temperature 1 by default, and never the checkpoint's own sampling settings), so the KL estimate is
-unbiased. Responses end at their first stop id and are scored at it.
-
-Every floating tensor is extrapolated (embeddings, norms and lm_head too, as the authors do), integer
-tensors are copied; a tensor identical in both models comes out unchanged at any alpha. The authors load
-both models whole and do the arithmetic in bf16; here the checkpoint streams tensor by tensor through the
-safetensors shards with fp32 arithmetic, cast back to the checkpoint's dtype, so the peak memory is about
-one output shard (plus the largest tensor's inputs and fp32 result), whatever the model's size. The two
-checkpoints must hold the same tensors with the same shapes (the paper's premise: theta_1 was trained from
-theta_0; extrapolating unrelated models collapses them), checked before anything is computed. Their
-floating dtypes may differ (an fp32 SFT model and a bf16 aligned one): both are upcast to fp32, and each
-result is saved in the aligned checkpoint's dtype.
+2.2: a first-order step on the alignment objective); alpha = 0 is the aligned model, alpha = -1 the SFT
+model. alpha is tuned like a decoding hyperparameter (App. E): sample dev prompts with each alpha of a
+grid, score them with a reward model, keep the highest mean reward. The table also reports the sequence KL
+to the aligned model and the length: a reward model can be gamed, and the alpha it prefers may be past
+the point where responses stay well-formed (on the toy, read samples.jsonl). The paper samples at
+temperature 0.7, top-k 40, top-p 0.9; here sampling is pure (temperature 1 by default, never the
+checkpoint's own settings), so the KL estimate is unbiased. Every floating tensor is extrapolated
+(embeddings, norms and lm_head too, as the authors do), streamed through the safetensors shards in fp32
+(the authors load both models whole and compute in bf16), between checkpoints that pair up tensor by
+tensor (theta_1 was trained from theta_0).
 
     python expo.py                      # the toy: toy/sft and toy/dpo, alpha chosen by toy/rm
     python expo.py --sft allenai/tulu-2-7b --aligned allenai/tulu-2-dpo-7b --reward_model runs/rm-tulu2 \
@@ -60,10 +51,9 @@ from safetensors.torch import save_file
 
 @dataclass
 class Args:
-    """ExPO: extrapolate an aligned model past itself, away from the SFT model it was trained from
-    (theta_1 + alpha (theta_1 - theta_0)), for each alpha of a grid, with no training; sample dev prompts
-    with each, score them with a reward model, and save the model of the best alpha. The defaults run the
-    toy's pi_sft and pi_dpo in a few minutes on a CPU.
+    """ExPO: extrapolate an aligned model past itself, away from its SFT model (theta_1 + alpha (theta_1 -
+    theta_0)), for each alpha of a grid, with no training; sample dev prompts with each, score them with a
+    reward model, and save the model of the best alpha. The defaults run the toy in minutes on a CPU.
 
     Example: python expo.py --sft allenai/tulu-2-7b --aligned allenai/tulu-2-dpo-7b --reward_model runs/rm
     --prompts trl-lib/ultrafeedback-prompt --prompts_split test --num_prompts 512 --alphas 0.1 0.3 0.5"""
@@ -98,23 +88,20 @@ class Args:
     batch_size: int = 64
     """prompts per sampling and scoring batch"""
 
-    # output
+    # output and setup
     output_dir: Optional[str] = None
     """where the run goes (default: runs/expo-<time>); must be empty unless --overwrite"""
     overwrite: bool = False
     """replace the contents of an existing, non-empty output_dir"""
     verbose: bool = False
     """show transformers' loading reports and progress bars"""
-
-    # setup
     seed: int = 0
     """seed of the sampling, the same for every alpha so that rows are comparable"""
     device: str = "auto"
     """cuda, cpu, ... (auto: cuda when available)"""
     dtype: Optional[Literal["float32", "bfloat16"]] = None
     """compute dtype of the evaluation: bfloat16 loads the models in bf16 and autocasts (log-probs stay
-    fp32); default bf16 on CUDA. The extrapolation itself is always fp32, saved in the aligned checkpoint's
-    dtype"""
+    fp32); default bf16 on CUDA. The extrapolation is always fp32, saved in the aligned checkpoint's dtype"""
 
 
 def check_args(args: Args) -> None:
@@ -154,42 +141,6 @@ def extrapolate(sft_tensor: torch.Tensor, aligned_tensor: torch.Tensor, alpha: f
     theta_0, theta_1 = sft_tensor.float(), aligned_tensor.float()
     theta_2 = (theta_1 - theta_0).mul_(alpha).add_(theta_1)  # Eq. 1, in place: one fp32 temporary, not three
     return theta_2.to(aligned_tensor.dtype)
-
-
-def is_floating(dtype: str) -> bool:
-    """Whether a safetensors dtype name (F32, BF16, F16, F8_E4M3, I64, BOOL, ...) is a floating type."""
-    return dtype.startswith(("F", "BF"))
-
-
-def checkpoint_mismatches(sft_specs: dict, aligned_specs: dict) -> list:
-    """Why two checkpoints cannot be extrapolated, one line per tensor: present in only one of them, with
-    another shape, or with another dtype unless both are floating (extrapolate upcasts those to fp32).
-    specs map tensor names to (dtype, shape, shard file); the shard a tensor is stored in may differ
-    between the two. Empty when they pair up."""
-    problems = [f"{name}: only in the SFT checkpoint" for name in sft_specs if name not in aligned_specs]
-    problems += [f"{name}: only in the aligned checkpoint" for name in aligned_specs if name not in sft_specs]
-    for name in sorted(sft_specs.keys() & aligned_specs.keys()):
-        (sft_dtype, sft_shape, _), (aligned_dtype, aligned_shape, _) = sft_specs[name], aligned_specs[name]
-        both_floating = is_floating(sft_dtype) and is_floating(aligned_dtype)
-        if sft_shape != aligned_shape or (sft_dtype != aligned_dtype and not both_floating):
-            problems.append(f"{name}: {sft_dtype}{list(sft_shape)} in the SFT checkpoint, "
-                            f"{aligned_dtype}{list(aligned_shape)} in the aligned one")
-    return problems
-
-
-DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
-def dtype_note(sft_specs: dict, aligned_specs: dict) -> Optional[str]:
-    """One line when the checkpoints store tensors in different (floating) dtypes, None when they agree."""
-    shared = sorted(sft_specs.keys() & aligned_specs.keys())
-    pairs = [(sft_specs[n][0], aligned_specs[n][0]) for n in shared if sft_specs[n][0] != aligned_specs[n][0]]
-    if not pairs:
-        return None
-    sft = "/".join(dict.fromkeys(DTYPE_NAMES.get(d, d) for d, _ in pairs))
-    aligned = "/".join(dict.fromkeys(DTYPE_NAMES.get(d, d) for _, d in pairs))
-    return (f"note: the SFT checkpoint is {sft} and the aligned one {aligned}: extrapolating in float32, "
-            f"saving in {aligned}")
 
 
 # ---- Checkpoints: streamed through their safetensors shards ---------------------------------------
@@ -234,12 +185,20 @@ def read_checkpoint(path: Path) -> tuple:
 
 
 def check_checkpoints(sft_dir: Path, aligned_dir: Path) -> tuple:
-    """Reads both checkpoints' headers and stops with every mismatch listed unless they pair up tensor by
-    tensor: the same names and shapes (floating dtypes may differ: see checkpoint_mismatches). Returns
-    (sft_specs, aligned_specs, aligned_shards, aligned_index)."""
+    """Reads both checkpoints' headers and stops, listing every tensor present in only one of them, with
+    another shape, or with another dtype unless both are floating (extrapolate upcasts those to fp32).
+    Returns (sft_specs, aligned_specs, aligned_shards, aligned_index)."""
     sft_specs, _, _ = read_checkpoint(sft_dir)
     aligned_specs, aligned_shards, aligned_index = read_checkpoint(aligned_dir)
-    problems = checkpoint_mismatches(sft_specs, aligned_specs)
+    problems = [f"{name}: only in the SFT checkpoint" for name in sft_specs if name not in aligned_specs]
+    problems += [f"{name}: only in the aligned checkpoint" for name in aligned_specs if name not in sft_specs]
+    for name in sorted(sft_specs.keys() & aligned_specs.keys()):
+        (sft_dtype, sft_shape, _), (aligned_dtype, aligned_shape, _) = sft_specs[name], aligned_specs[name]
+        # safetensors dtype names: F32, BF16, F16, F8_E4M3 are floating; I64, BOOL, ... are not
+        both_floating = sft_dtype.startswith(("F", "BF")) and aligned_dtype.startswith(("F", "BF"))
+        if sft_shape != aligned_shape or (sft_dtype != aligned_dtype and not both_floating):
+            problems.append(f"{name}: {sft_dtype}{list(sft_shape)} in the SFT checkpoint, "
+                            f"{aligned_dtype}{list(aligned_shape)} in the aligned one")
     if problems:
         shown = "; ".join(problems[:12]) + (f"; and {len(problems) - 12} more" if len(problems) > 12 else "")
         raise SystemExit(f"error: the SFT checkpoint '{sft_dir}' and the aligned checkpoint '{aligned_dir}' "
@@ -248,25 +207,26 @@ def check_checkpoints(sft_dir: Path, aligned_dir: Path) -> tuple:
     return sft_specs, aligned_specs, aligned_shards, aligned_index
 
 
-def read_tensor(path: Path, name: str) -> torch.Tensor:
-    """One tensor of a shard. safe_open memory-maps the file and get_tensor returns a view of it: the pages
-    read count as resident memory for as long as the file is open, so a shard held open while all its
-    tensors are read costs the whole shard. Opening the file per tensor costs a header parse and keeps
-    only the tensor in use mapped (the view keeps its mapping alive until it is freed)."""
-    with safe_open(path, framework="pt") as f:
-        return f.get_tensor(name)
+def dtype_note(sft_specs: dict, aligned_specs: dict) -> Optional[str]:
+    """One line when the checkpoints store tensors in different (floating) dtypes, None when they agree."""
+    shared = sorted(sft_specs.keys() & aligned_specs.keys())
+    pairs = [(sft_specs[n][0], aligned_specs[n][0]) for n in shared if sft_specs[n][0] != aligned_specs[n][0]]
+    if not pairs:
+        return None
+    names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    sft = "/".join(dict.fromkeys(names.get(d, d) for d, _ in pairs))
+    aligned = "/".join(dict.fromkeys(names.get(d, d) for _, d in pairs))
+    return (f"note: the SFT checkpoint is {sft} and the aligned one {aligned}: extrapolating in float32, "
+            f"saving in {aligned}")
 
 
 def extrapolate_checkpoint(sft_dir, aligned_dir, out_dir, alpha: float,
                            trust_remote_code: bool = False) -> dict:
-    """Writes theta_2 (Eq. 1) of two safetensors checkpoints to out_dir, in the aligned checkpoint's shards
-    (same file names, same tensors per shard, same header metadata) with its index, config, generation
-    config and tokenizer: a directory that from_pretrained loads. Streams tensor by tensor: the peak memory
-    is one output shard plus one tensor's inputs and fp32 result. Each tensor is saved in the aligned
-    checkpoint's dtype, whatever the SFT checkpoint's (an fp32 SFT model with a bf16 aligned one gives a
-    bf16 model). Checkpoints of models with tied weights store the shared tensor once, so it is
-    extrapolated once. Atomic: written to out_dir/.saving, then moved into place. Returns the number of
-    tensors extrapolated and copied."""
+    """Writes theta_2 (Eq. 1) of two safetensors checkpoints to out_dir: the aligned checkpoint's shards
+    (same file names, tensors and header metadata, each tensor in its dtype) with its index, configs and
+    tokenizer, a directory that from_pretrained loads. Streamed tensor by tensor: the peak memory is one
+    output shard plus one tensor's inputs and fp32 result. Tied weights are stored, so extrapolated, once.
+    Atomic: written to out_dir/.saving, then moved into place. Returns the counts extrapolated and copied."""
     from transformers import AutoTokenizer
 
     sft_dir, aligned_dir, out = Path(sft_dir), Path(aligned_dir), Path(out_dir)
@@ -280,8 +240,12 @@ def extrapolate_checkpoint(sft_dir, aligned_dir, out_dir, alpha: float,
             names, metadata = list(f.keys()), f.metadata()
         tensors = {}  # the one output shard held in memory
         for name in names:
-            aligned = read_tensor(aligned_dir / shard, name)
-            sft = read_tensor(sft_dir / sft_specs[name][2], name)
+            # get_tensor returns a view of the memory-mapped file, whose pages count as resident while it
+            # is open: a file per tensor costs a header parse and keeps only the tensors in use mapped
+            with safe_open(aligned_dir / shard, framework="pt") as f:
+                aligned = f.get_tensor(name)
+            with safe_open(sft_dir / sft_specs[name][2], framework="pt") as f:
+                sft = f.get_tensor(name)
             tensors[name] = extrapolate(sft, aligned, alpha)
             counts["extrapolated" if aligned.is_floating_point() else "copied"] += 1
             del aligned, sft  # unmaps their pages
@@ -302,16 +266,14 @@ def extrapolate_checkpoint(sft_dir, aligned_dir, out_dir, alpha: float,
     return counts
 
 
-# ---- Models: log-probs, sampling, scoring ---------------------------------------------------------
+# ---- Evaluation: sampling, log-probs, scoring -----------------------------------------------------
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
                    chunk: int = 128) -> torch.Tensor:
-    """Sum of the log-probs of the labelled tokens of each sequence under softmax(logits / T): gather
-    minus logsumexp, in fp32, `chunk` positions at a time, so that the only vocabulary-sized tensor is
-    the logits themselves in the model's dtype (an fp32 log-softmax of the whole block, at V = 152k,
-    would outweigh the model). logits: (B, K, V); labels: (B, K), -100 where there is no label;
-    position t predicts token t + 1. Returns (B,)."""
+    """Sum of the labelled tokens' log-probs per sequence under softmax(logits / T), in fp32, `chunk`
+    positions at a time: no fp32 log-softmax of the whole block (at V = 152k it would outweigh the model).
+    logits: (B, K, V); labels: (B, K), -100 where unlabelled; position t predicts token t + 1. (B,)."""
     logits, labels = logits[:, :-1], labels[:, 1:]
     total = torch.zeros(labels.shape[0], device=logits.device)
     for t in range(0, labels.shape[1], chunk):
@@ -324,48 +286,19 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
 
 
 def batch_logps(model, batch: dict, autocast, temperature: float = 1.0) -> torch.Tensor:
-    """Summed response log-probs of each sequence of a collate_sequences batch (for pairs: chosen rows,
-    then rejected), under logits / temperature, the distribution that sampling at that temperature
-    draws from. The LM head runs only at the positions that predict a response token. Returns (B,),
-    fp32."""
+    """Summed response log-probs of each row of a collate_sequences batch under logits / T (what
+    sampling at T draws from), the LM head run only where a response token is predicted. (B,), fp32."""
     with autocast:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"], logits_to_keep=batch["labels"].shape[1]).logits
     return sequence_logps(logits, batch["labels"], temperature)
 
 
-@torch.no_grad()
-def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float,
-                     batch_size: int, device, stop_ids: list) -> list:
-    """One response per prompt, sampled from softmax(logits / T) (no top-k, no top-p) with the KV cache,
-    left-padded batches. Returns (prompt_ids, response_ids, finished) per prompt: the response is cut
-    after its first stop id (which it keeps); `finished` is False when it hit max_new_tokens first."""
-    tokenizer.padding_side = "left"
-    model.eval()
-    config = sampling_config(temperature, max_new_tokens, tokenizer.pad_token_id, stop_ids)
-    results = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        texts = [format_prompt(tokenizer, p) for p in chunk]
-        batch = tokenizer(texts, return_tensors="pt", padding=True,
-                          add_special_tokens=not isinstance(chunk[0], list)).to(device)
-        out = generate(model, batch, config)
-        for row, mask, generated in zip(batch["input_ids"], batch["attention_mask"],
-                                        out[:, batch["input_ids"].shape[1] :].tolist()):
-            ends = [t for t, token in enumerate(generated) if token in stop_ids]
-            results.append((row[mask.bool()].tolist(), generated[: ends[0] + 1] if ends else generated,
-                            bool(ends)))
-    return results
-
-
 def collate_sequences(samples: list, pad_id: int) -> dict:
-    """(prompt_ids, response_ids, ...) samples as one batch in which every response starts at the same
-    column: prompts left-padded to the longest prompt P, responses right-padded to the longest
-    response R. Log-probs then need the logits of the last R + 1 positions only (`logits_to_keep`;
-    position P - 1 predicts the first response token), not those of the prompts and their padding.
-    Positions count from each row's first token, so the padding changes no number.
-    input_ids, attention_mask, position_ids: (B, P + R); labels: (B, R + 1), aligned with the kept
-    logits: the response tokens in the last R columns, -100 elsewhere."""
+    """(prompt_ids, response_ids, ...) as one batch with every response starting at the same column
+    (prompts left-padded, responses right-padded), so log-probs need only the last R + 1 logits
+    (`logits_to_keep`). Positions count from each row's first token: padding changes no number.
+    input_ids, attention_mask, position_ids: (B, P + R); labels: (B, R + 1), -100 off the response."""
     # a response with no prompt before it: its first token has no position to be predicted from
     samples = [(p, r) if p else (r[:1], r[1:]) for p, r, *_ in samples]
     P, R = max(len(p) for p, _ in samples), max(len(r) for _, r in samples)
@@ -387,11 +320,9 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The reward of each sequence: the score head at its last attended token, the EOS that ends
-    prompt + response. The index comes from the attention mask, never from pad_token_id:
-    transformers' own pooling reads the last token that is not pad, which with pad == eos (common in
-    chat checkpoints) is the token before the EOS. Positions count from the first attended token, so
-    left and right padding give the same score. input_ids, attention_mask: (B, T). Returns (B,), fp32."""
+    """The reward of each sequence: the score head at its last attended token (the EOS after the response).
+    The index comes from the attention mask, never pad_token_id: transformers' own pooling reads the last
+    non-pad token, which with pad == eos is the token before the EOS. (B, T) -> (B,), fp32."""
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
@@ -401,25 +332,36 @@ def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch
 
 
 # As in dpo.py, except that args.batch_size is the sampling batch itself (dpo.py samples 4 * its
-# training batch of pairs).
+# training batch of pairs) and each batch is scored as soon as it is sampled.
 @torch.no_grad()
 def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device,
                      autocast, stop_ids: list) -> tuple:
-    """Samples the policy at args.temperature, then scores each response with the reward model and
-    measures log pi_T(y|x) - log pi_ref,T(y|x) (both from logits / T), whose mean over samples
-    estimates KL(pi_T || pi_ref,T): the KL of what was sampled (at T = 1, of the models themselves)."""
-    with autocast:  # sampled in the precision its log-probs are taken in
-        samples = sample_responses(policy, tokenizer, prompts, args.max_new_tokens, args.temperature,
-                                   args.batch_size, device, stop_ids)
+    """Samples the policy at args.temperature (no top-k, no top-p; KV-cached, left-padded batches), then
+    scores each response with the reward model and measures log pi_T(y|x) - log pi_ref,T(y|x) (both from
+    logits / T), whose mean over samples estimates KL(pi_T || pi_ref,T): the KL of what was sampled."""
+    tokenizer.padding_side = "left"
+    config = sampling_config(args.temperature, args.max_new_tokens, tokenizer.pad_token_id, stop_ids)
     rows = []
-    for i in range(0, len(samples), args.batch_size):
-        chunk = samples[i : i + args.batch_size]
-        batch = {k: v.to(device) for k, v in collate_sequences(chunk, tokenizer.pad_token_id).items()}
+    for i in range(0, len(prompts), args.batch_size):
+        # 1. sample, in the precision its log-probs are taken in; a response ends at its first stop id
+        chunk = prompts[i : i + args.batch_size]
+        batch = tokenizer([format_prompt(tokenizer, p) for p in chunk], return_tensors="pt", padding=True,
+                          add_special_tokens=not isinstance(chunk[0], list)).to(device)
+        with autocast:
+            out = generate(policy, batch, config)
+        samples = []
+        for row, mask, generated in zip(batch["input_ids"], batch["attention_mask"],
+                                        out[:, batch["input_ids"].shape[1] :].tolist()):
+            ends = [t for t, token in enumerate(generated) if token in stop_ids]
+            samples.append((row[mask.bool()].tolist(), generated[: ends[0] + 1] if ends else generated,
+                            bool(ends)))
+        # 2. the log-ratio to the reference and 3. the score, at the stop token
+        batch = {k: v.to(device) for k, v in collate_sequences(samples, tokenizer.pad_token_id).items()}
         logratios = (batch_logps(policy, batch, autocast, args.temperature)
                      - batch_logps(ref_model, batch, autocast, args.temperature))
         with autocast:
             scores = score(reward_model, batch["input_ids"], batch["attention_mask"])
-        for (p, r, finished), s, lr in zip(chunk, scores.tolist(), logratios.tolist()):
+        for (_, r, finished), s, lr in zip(samples, scores.tolist(), logratios.tolist()):
             rows.append({"response": tokenizer.decode(r, skip_special_tokens=True), "score": s,
                          "logratio": lr, "length": len(r), "finished": finished})
     n = len(rows)
@@ -442,15 +384,12 @@ def format_table(rows: list, best_alpha: float) -> str:
     return "\n".join(lines)
 
 
-# ---- The alpha search -----------------------------------------------------------------------------
-
-
 def main(args: Args) -> dict:
     # setup: every argument and the output dir checked before anything loads
     check_args(args)
     device, dtype, autocast = setup(args)
     weights_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32  # no training: no fp32 masters
-    out = check_output_dir(args, "expo", [args.sft, args.aligned, args.reward_model], resume=None)
+    out = check_output_dir(args, "expo", [args.sft, args.aligned, args.reward_model])
 
     # inputs, all checked before any compute: checkpoints that pair up, one tokenizer for the three models
     sft_dir, aligned_dir = checkpoint_dir(args.sft), checkpoint_dir(args.aligned)
@@ -472,9 +411,8 @@ def main(args: Args) -> dict:
     print(f"expo: {len(args.alphas)} alphas x {len(prompts)} prompts ({args.prompts_split}), sft {args.sft}, "
           f"aligned {args.aligned}, reward model {args.reward_model}, device {device}, {dtype}")
 
-    # Each alpha's checkpoint is written to disk by extrapolate_checkpoint and loaded from there, so the
-    # model evaluated is byte for byte the model saved, and memory holds one extrapolated model at a time.
-    # Only the best checkpoint so far is kept on disk.
+    # Each alpha's checkpoint is written to disk and loaded from there, so the model evaluated is byte for
+    # byte the model saved, and memory holds one extrapolated model at a time; only the best one is kept.
     rows, samples, best, best_dir = [], [], None, None
     for i, alpha in enumerate(args.alphas):
         # 1. extrapolate (Eq. 1), streamed through the shards
@@ -524,29 +462,25 @@ def main(args: Args) -> dict:
 
 
 class UsageError(SystemExit):
-    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
-    for a malformed command line (str() gives the message, for code that calls main directly)."""
+    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2."""
 
     def __init__(self, message: str):
         super().__init__(2)
         self.message = f"error: {message}"
 
-    def __str__(self) -> str:
+    def __str__(self) -> str:  # the message, for code that calls main directly
         return self.message
 
 
 def resolve(path: str) -> str:
-    """A relative path that is not under the working directory but is next to this script (the toy
-    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder; `~` is expanded."""
+    """`~` expanded; a relative path missing here but present next to this script (the toy) resolves there."""
     path = os.path.expanduser(path)
     here = Path(__file__).resolve().parent / path
     return str(here) if not Path(path).exists() and here.exists() else path
 
 
 def locate(name: str, what: str) -> str:
-    """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
-    a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
-    fails at once, instead of after a minute of trying the hub."""
+    """The path `name` resolves to, or `name` as a hub id; a missing path fails now, not after the hub."""
     path = resolve(name)
     if Path(path).exists():
         return path
@@ -567,23 +501,8 @@ def load_failure(name: str, what: str, error: Exception) -> SystemExit:
     return SystemExit(f"error: could not load {what} '{name}': {reason}")
 
 
-def field_problem(value) -> Optional[str]:
-    """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
-    if value is None:
-        return "is missing"
-    if isinstance(value, str) or (isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value)):
-        return None
-    return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
-            "{role, content} messages")
-
-
 def load_split(name: str, split: str, needs: list):
-    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (its rows
-    are the split "train", so train[:100] slices it; load_splits holds some out for evaluation).
-    `needs` lists alternatives: each a tuple of columns that together suffice. Every row's fields are
-    checked here, so a bad row fails with its number, not deep inside."""
+    """One split of a hub dataset, a folder of {split}.jsonl files or one .jsonl file, every row checked."""
     from datasets import load_dataset
 
     path = locate(name, "dataset")
@@ -594,7 +513,7 @@ def load_split(name: str, split: str, needs: list):
         raise SystemExit(f"error: {where} is empty: {file} has no rows")
     try:
         data = (load_dataset("json", data_files=path, split=split if split.startswith("train") else "train")
-                if one_file else load_dataset(path, split=split))  # a file's rows are its split "train"
+                if one_file else load_dataset(path, split=split))
     except Exception as e:  # datasets raises many types; all mean the same to a user
         raise load_failure(name, f"split '{split}' of dataset", e)
     columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
@@ -603,12 +522,18 @@ def load_split(name: str, split: str, needs: list):
         raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
     if len(data) == 0:
         raise SystemExit(f"error: {where} has no rows")
-    columns = list(dict.fromkeys([c for c in ("prompt",) if c in data.column_names] + list(columns)))
+    columns = list(dict.fromkeys(["prompt"] * ("prompt" in data.column_names) + list(columns)))
     for i, row in enumerate(data.select_columns(columns)):
-        for column in columns:
-            problem = field_problem(row[column])
-            if problem and not (column == "prompt" and row[column] == ""):
-                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' {problem}")
+        for column, value in row.items():
+            messages = isinstance(value, list) and value and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in value)
+            if value is None:
+                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' is missing")
+            if not (isinstance(value, str) or messages):
+                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' is {type(value).__name__} "
+                                 f"{str(value)[:40]!r}; expected a string or a list of "
+                                 "{role, content} messages")
     return data
 
 
@@ -618,13 +543,10 @@ def first(data, n: Optional[int]):
 
 
 def drop_long_prompts(prompts: list, tokenizer, max_prompt_length: int, where: str) -> list:
-    """The prompts of at most max_prompt_length tokens as the model sees them (Table 9's L_p: one long
-    prompt would set the memory of its whole batch); the others are dropped, and counted."""
-    kept = []
-    for prompt in prompts:
-        ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=not isinstance(prompt, list))
-        if len(ids["input_ids"]) <= max_prompt_length:
-            kept.append(prompt)
+    """The prompts of at most max_prompt_length tokens (Table 9's L_p); the others dropped, and counted."""
+    lengths = [len(tokenizer(format_prompt(tokenizer, p), add_special_tokens=isinstance(p, str))["input_ids"])
+               for p in prompts]
+    kept = [p for p, n in zip(prompts, lengths) if n <= max_prompt_length]
     if len(kept) < len(prompts):
         print(f"note: {where}: dropped {len(prompts) - len(kept)} of {len(prompts)} prompts longer than "
               f"--max_prompt_length {max_prompt_length} tokens")
@@ -634,7 +556,7 @@ def drop_long_prompts(prompts: list, tokenizer, max_prompt_length: int, where: s
     return kept
 
 
-# Used only for a tokenizer without a chat template; documented in the README.
+# Used only for a tokenizer without a chat template; documented in docs/conventions.md#data.
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
@@ -660,8 +582,7 @@ def load_tokenizer(name: str, trust_remote_code: bool):
 
 
 def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: bool) -> None:
-    """Models that exchange token ids must share vocabulary and chat template, or scores are noise: each
-    other model's tokenizer is checked against `tokenizer` (of own_name), each distinct name loaded once."""
+    """Models that exchange token ids must share vocabulary and chat template, or scores are noise."""
     for name in dict.fromkeys(names):
         if Path(resolve(name)).resolve() == Path(resolve(own_name)).resolve():
             continue
@@ -675,9 +596,7 @@ def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: b
 
 
 def stop_token_ids(tokenizer, name: str) -> list:
-    """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
-    generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
-    and end-of-text tokens, and generation stops on any of them)."""
+    """Every id that ends a response: the tokenizer's EOS and generation_config.json's eos_token_id(s)."""
     from transformers import GenerationConfig
 
     try:
@@ -696,9 +615,7 @@ def format_prompt(tokenizer, prompt) -> str:
 
 
 def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
-    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
-    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
-    reward model, whose score head would be random."""
+    """Refuses, before loading weights, a reward model where a causal LM is needed, or the converse."""
     from transformers import AutoConfig
 
     try:
@@ -735,10 +652,7 @@ def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
 
 def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32,
                       new_head: bool = False):
-    """A reward (or value) model: AutoModelForSequenceClassification with one output. A checkpoint with
-    no trained score head (a causal LM) is refused unless `new_head` (a value model may start from one).
-    A config without pad_token_id gets the tokenizer's (transformers refuses padded batches without
-    one); `score` reads the reward at the index the attention mask gives, whatever the pad id."""
+    """A reward (or value) model: a sequence classifier with one output and a trained score head."""
     from transformers import AutoModelForSequenceClassification
 
     if not new_head:
@@ -770,20 +684,16 @@ def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, 
 
 
 def generate(model, batch: dict, config):
-    """model.generate with `config` and nothing else (KV-cached). transformers fills every field a
-    config leaves unset from the checkpoint's generation_config.json (a repetition penalty, min_p,
-    suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
+    """model.generate (KV-cached) with `config` alone, not the checkpoint's generation_config.json."""
     checkpoint_config, model.generation_config = model.generation_config, config
-    try:  # under FSDP every process runs the forward passes until all have finished (synced_gpus)
+    try:  # under FSDP every process runs forward passes until all have finished (synced_gpus)
         return model.generate(**batch, generation_config=config, synced_gpus=world_size() > 1)
     finally:
         model.generation_config = checkpoint_config
 
 
 def setup(args) -> tuple:
-    """Seeds, device (cuda when present; under torchrun this process's GPU) and compute dtype (bf16
-    autocast on CUDA, fp32 elsewhere); transformers' per-load reports and progress bars hidden unless
-    --verbose. (device, dtype, autocast)"""
+    """Seeds, device (joining torchrun's processes), dtype, quiet loading: (device, dtype, autocast)."""
     import datasets
     import transformers
 
@@ -793,40 +703,31 @@ def setup(args) -> tuple:
         datasets.disable_progress_bars()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
-                          else args.device)
-    device = start_processes(device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
+    if "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized():  # under torchrun
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if rank() > 0:
+            sys.stdout = open(os.devnull, "w")  # rank 0 alone prints
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     return device, dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
 
 
-# ---- Many processes: setup() is the trainers' own (see sft.py: torchrun with FSDP2); expo.py itself
-# runs as one process (check_args refuses torchrun: every process would repeat its work).
+# ---- Many processes: torchrun --nproc_per_node N <script>.py ... (FSDP2); without torchrun, none of this
+# does anything. Every process holds 1/N of each model (and of the trained ones' gradients and AdamW state),
+# trains on its share of each global batch and runs every evaluation in full; rank 0 alone prints and
+# writes. Collectives pair numbers by position: every process computes the same keys in the same order.
 
 
 def rank() -> int:
-    """This process's number, 0 to world_size() - 1: 0 without torchrun."""
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def world_size() -> int:
-    """The number of processes: 1 without torchrun."""
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def start_processes(device):
-    """Under torchrun (which sets LOCAL_RANK), joins the process group: NCCL between GPUs (this
-    process's GPU is cuda:LOCAL_RANK), gloo on CPUs. Ranks above 0 print nothing and show no progress
-    bar (quiet). Returns the device."""
-    if "LOCAL_RANK" not in os.environ or torch.distributed.is_initialized():
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if rank() > 0:
-        sys.stdout = open(os.devnull, "w")
-    return device
 
 
 def write_jsonl(path: Path, rows: list) -> None:
@@ -837,8 +738,24 @@ def write_jsonl(path: Path, rows: list) -> None:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def run_info(device, dtype: str) -> dict:
-    """What a reader needs to reproduce a run besides its arguments."""
+def check_output_dir(args, script: str, models: list) -> Path:
+    """Fails before any work if the run would overwrite another; sets args.output_dir. Writes nothing."""
+    out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.output_dir = str(out)
+    if rank() > 0:  # only rank 0 checks (torchrun stops every process when one fails)
+        return out
+    if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
+        raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"output_dir '{out}' already holds a run; pass --overwrite to start over, or "
+                         "choose another --output_dir")
+    return out
+
+
+def create_output_dir(out: Path, args, device, dtype: str) -> None:
+    """Once the inputs have loaded: empties an --overwrite'n dir and writes args.json."""
+    if rank() > 0:  # rank 0 writes
+        return
     import subprocess
 
     import datasets
@@ -849,85 +766,31 @@ def run_info(device, dtype: str) -> dict:
                                 capture_output=True, text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
-            "python": sys.version.split()[0], "torch": torch.__version__,
-            "transformers": transformers.__version__, "datasets": datasets.__version__,
-            "device": str(device), "dtype": dtype, "processes": world_size(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
-    """Fails before any work if the run would overwrite a previous one; writes nothing. With --resume,
-    the directory must hold an unfinished run with the same arguments. `resume` None: the script
-    cannot resume. Sets args.output_dir (the default is runs/<script>-<time>). Only rank 0 checks: the
-    others would race with its writing (torchrun stops them all when one fails)."""
-    out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
-    args.output_dir = str(out)
-    if rank() > 0:
-        return out
-    if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
-        raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
-    if resume:
-        if not (out / "args.json").exists():
-            raise UsageError(f"--resume: '{out}' holds no run to continue (no args.json); drop --resume")
-        if (out / "eval.json").exists():
-            raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
-        recorded = json.load(open(out / "args.json"))
-        recorded["processes"] = recorded.get("run", {}).get("processes", 1)  # the data order depends on it
-        current = {**json.loads(json.dumps(asdict(args))), "processes": world_size()}  # tuples as lists
-        changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items()
-                   if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
-                   and recorded.get(k) != v]
-        if changed:
-            raise UsageError(f"--resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
-                              "resume with the same ones")
-        return out
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        hint = "--resume to continue it, " if resume is not None else ""
-        raise UsageError(f"output_dir '{out}' already holds a run; pass {hint}--overwrite to start over, or "
-                          "choose another --output_dir")
-    return out
-
-
-def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional[int] = None) -> None:
-    """Called once the inputs have loaded. A new run: empties an --overwrite'n dir, writes args.json (the
-    arguments, then under "run" the versions, device, dtype and git commit). A resumed run keeps the
-    metrics logged up to its checkpoint and drops the later ones, which the run will log again."""
-    if rank() > 0:  # rank 0 writes
-        return
-    if resume_step is not None:
-        log_file = out / "metrics.jsonl"
-        records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
-        write_jsonl(log_file, [r for r in records if r.get("step", 0) <= resume_step])
-        return
-    if out.exists():
-        shutil.rmtree(out)
+    run = {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
+           "python": sys.version.split()[0], "torch": torch.__version__,
+           "transformers": transformers.__version__, "datasets": datasets.__version__, "device": str(device),
+           "dtype": dtype, "processes": world_size(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     with open(out / "args.json", "w") as f:
-        json.dump({**asdict(args), "run": run_info(device, dtype)}, f, indent=2)
+        json.dump({**asdict(args), "run": run}, f, indent=2)
 
 
 def last_checkpoint(out: Path) -> Optional[Path]:
-    found = sorted(out.glob("checkpoint-*"))
-    return found[-1] if found else None
+    return max(out.glob("checkpoint-*"), default=None)
 
 
 def describe_run(output_dir: Optional[str]) -> str:
     """What a stopped run left behind, in one line (printed on Ctrl-C)."""
-    out = Path(output_dir) if output_dir else None
-    if out is None or not (out / "args.json").exists():
+    out = Path(output_dir or "")
+    if not output_dir or not (out / "args.json").exists():
         return "nothing was written"
-    log_file = out / "metrics.jsonl"
+    log_file, checkpoint = out / "metrics.jsonl", last_checkpoint(out)
     records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
-    steps = [r.get("step", r.get("iteration")) for r in records]
-    last = f", last at step {steps[-1]}" if steps else ""
-    kept = f"args.json, metrics.jsonl ({len(records)} records{last})"
-    checkpoint = last_checkpoint(out)
-    kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
-    if "resume" not in json.load(open(out / "args.json")):
-        return f"kept in {out}: {kept}; --overwrite --output_dir {out} starts over"
-    again = "continues it" if checkpoint else "starts it again"
-    return f"kept in {out}: {kept}; --resume --output_dir {out} {again}"
+    last = f", last at step {records[-1].get('step', records[-1].get('iteration'))}" if records else ""
+    kept = checkpoint.name if checkpoint else "no checkpoint yet"
+    return (f"kept in {out}: args.json, metrics.jsonl ({len(records)} records{last}), {kept}; "
+            f"--overwrite --output_dir {out} starts over")
 
 
 def cli(argv: Optional[list] = None) -> None:

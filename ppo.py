@@ -21,32 +21,19 @@ applied at every response position. Each iteration:
                 L_pi = -E_t min(nu_t A_t, clip(nu_t, 1 - eps, 1 + eps) A_t),  nu_t = pi_theta / pi_old
                 L_V  = E_t 1/2 max((V - G_t)^2, (clip(V, V_old - eps, V_old + eps) - G_t)^2)
 
-The paper prints pi_ref in the denominator of Eq. 5; standard PPO (and this file) divides by pi_old,
-the policy that generated the rollout. The loop's order is the paper's (App. G), not CleanRL's: CleanRL
-computes log-probs, values and advantages once per batch, before any update; Tulu 2.5 computes them
-per minibatch, from the current models, so a later optimiser step's "old" policy and values already
-carry the earlier steps' updates (its first ratio is exactly 1); with one step per batch (the default)
-the two orders coincide. A step takes Table 9's b x g episodes in g forward-backward passes of b, its
-loss one token mean over them all (Table 11's B = 512, r = 2, b = 64, g = 2 is `--batch_size 512
---num_rollouts_per_prompt 2 --minibatch_size 64 --gradient_accumulation_steps 2`). Fixed beta, no
-reward normalisation or whitening, advantage whitening (Table 10). Log-probs are computed from
-logits / temperature, the distribution the rollout sampled.
+Eq. 5 prints pi_ref in the ratio's denominator; standard PPO (and this file) divides by pi_old, the
+policy that sampled the rollout. Steps 2-4 run per optimiser step with the current models (App. G;
+CleanRL runs them once per batch), so every step's first ratio is exactly 1. A step takes Table 9's
+b x g episodes in g forward-backward passes of b, its loss one token mean over them all (Table 11's
+B = 512, r = 2, b = 64, g = 2 is `--batch_size 512 --num_rollouts_per_prompt 2 --minibatch_size 64
+--gradient_accumulation_steps 2`). Fixed beta, no reward normalisation, whitened advantages (Table 10).
+Real checkpoints: the rollout samples exactly softmax(logits / T), the distribution whose log-probs the
+ratio and the KL use; a response ends at its first stop id, the score is read there, and dropout is off.
 
-Real checkpoints: the rollout samples exactly softmax(logits / T) (a complete generation config built
-from the arguments; the checkpoint's own sampling settings, such as a repetition penalty, are never
-inherited), so the ratio and the KL describe the sampler. A response ends at its first stop id (the
-tokenizer's EOS or any `eos_token_id` of the generation config): the EOS trick penalises only responses
-that never stopped, and the tokens after a stop are padding in every mask, length and KL. The score
-is read at the stop token, the position the reward model was trained on. Dropout is off in the policy
-and value model (`--dropout` keeps it for the update), and the "old" log-probs, values and reference
-log-probs are computed in eval mode, so the first minibatch starts on-policy (ratio 1).
-
-Many GPUs (`torchrun`, README "Many GPUs"): each process rolls out --batch_size prompts of its own (the
-global batch is --batch_size x processes), scores them and updates on its own minibatches; the
-advantages are whitened over every process's step together and FSDP averages the gradients.
-Rollouts stay `model.generate` on the sharded policy, which gathers every layer's weights for each
-new token: fine for a small model, slow for a 7B one, whose rollouts belong in a serving engine (vLLM
-or the like) holding a bf16 copy of the policy refreshed after each iteration: not built here.
+Many GPUs (`torchrun`, docs/many-gpus.md): each process rolls out, scores and updates on --batch_size
+prompts of its own; the advantages are whitened over all processes and FSDP averages the gradients.
+Rollouts run `model.generate` on the sharded policy: fine for a small model, slow for a 7B one (whose
+rollouts belong in a serving engine such as vLLM: not built here).
 
     python ppo.py                                          # the toy: toy/sft aligned against toy/rm
     python ppo.py --model my-sft --reward_model my-rm --prompts my-prompts --learning_rate 1e-6
@@ -72,11 +59,7 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    """PPO: align an SFT policy against a frozen reward model. Each iteration samples responses to a
-    batch of prompts, scores them, turns the scores minus a KL penalty (beta) to the reference into
-    per-token rewards, estimates advantages with a value model (GAE) and takes clipped policy and value
-    steps; then samples held-out prompts and scores them. The defaults align the toy's pi_sft (toy/sft)
-    against its reward model (toy/rm).
+    """PPO: align an SFT policy against a frozen reward model, then sample held-out prompts and score them.
 
     Example: python ppo.py --model my-sft --reward_model my-rm --prompts my-prompts.jsonl"""
 
@@ -108,8 +91,7 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% slower"""
     dropout: bool = False
-    """keep the checkpoint's dropout in the policy and value model for the update (default: off, so the
-    first update starts on-policy); the rollout's log-probs and values are taken in eval mode either way"""
+    """keep the policy's and value model's dropout in the update (the old log-probs: eval mode always)"""
 
     # rollouts (Table 9)
     total_episodes: int = 6144
@@ -139,9 +121,8 @@ class Args:
     vf_coef: float = 0.1
     """value loss coefficient (alpha)"""
     ppo_epochs: int = 1
-    """inner epochs (e): passes, one optimiser step each, over a step's b x g episodes right after their
-    old log-probs and values (App. G); Table 9's "inner epochs trained for each batch" passes over the
-    whole batch instead, the same when one step takes it all (b x g = B r, the default)"""
+    """inner epochs (e): passes, one optimiser step each, over a step's b x g episodes (App. G; Table 9's
+    pass over the whole batch when one step takes it all: b x g = B r, the default)"""
     missing_eos_penalty: float = -10.0
     """score of a response with no EOS (the EOS trick)"""
 
@@ -161,8 +142,7 @@ class Args:
 
     # evaluation, logging and output
     eval_temperature: Optional[float] = None
-    """temperature of the end-of-run samples (None: the rollout temperature, the sampler PPO trained;
-    1.0 compares with the other scripts' defaults)"""
+    """temperature of the end-of-run samples (None: the rollout's, the sampler PPO trained; 1.0: as others)"""
     output_dir: Optional[str] = None
     """where the run goes (default: runs/ppo-<time>); must be empty unless --overwrite"""
     overwrite: bool = False
@@ -170,11 +150,10 @@ class Args:
     log_every: int = 10
     """iterations between log lines"""
     save_every: int = 0
-    """iterations between checkpoints of the policy and value model (output_dir/checkpoint-<iteration>,
-    the last one kept; 0: none); PPO cannot --resume: a checkpoint is models to load, not a run"""
+    """iterations between checkpoints of the policy and value model (the last one kept; 0: none); PPO
+    cannot --resume: a checkpoint is models to load, not a run"""
     dry_run: bool = False
-    """print one formatted, tokenised prompt and the counts, then stop before loading any model and
-    write nothing: the first thing to run on new data"""
+    """print one formatted, tokenised prompt and the counts, then stop before loading or writing anything"""
     verbose: bool = False
     """show transformers' loading reports and progress bars"""
 
@@ -190,9 +169,12 @@ class Args:
 def check_args(args: Args) -> None:
     """Every argument checked before anything is loaded or written: one line each, exit code 2."""
     episodes_per_batch = args.batch_size * args.num_rollouts_per_prompt
-    problems = [
-        (args.max_prompt_length < 1,
-         f"--max_prompt_length must be at least 1 (got {args.max_prompt_length})"),
+    step_size = args.minibatch_size * args.gradient_accumulation_steps
+    counts = ["max_prompt_length", "max_new_tokens", "batch_size", "num_rollouts_per_prompt",
+              "minibatch_size", "gradient_accumulation_steps", "ppo_epochs", "log_every"]
+    problems = [(getattr(args, name) < 1, f"--{name} must be at least 1 (got {getattr(args, name)})")
+                for name in counts]
+    problems += [
         (args.beta < 0, f"--beta must be 0 (no KL penalty) or more (got {args.beta}); below 0 the policy is "
                         "rewarded for moving away from the reference"),
         (args.temperature <= 0, f"--temperature must be positive (got {args.temperature}); PPO samples, and "
@@ -200,14 +182,6 @@ def check_args(args: Args) -> None:
         (args.eval_temperature is not None and args.eval_temperature <= 0,
          f"--eval_temperature must be positive (got {args.eval_temperature}); leave it unset for the "
          "rollout temperature"),
-        (args.max_new_tokens < 1, f"--max_new_tokens must be at least 1 (got {args.max_new_tokens})"),
-        (args.batch_size < 1, f"--batch_size must be at least 1 (got {args.batch_size})"),
-        (args.num_rollouts_per_prompt < 1,
-         f"--num_rollouts_per_prompt must be at least 1 (got {args.num_rollouts_per_prompt})"),
-        (args.minibatch_size < 1, f"--minibatch_size must be at least 1 (got {args.minibatch_size})"),
-        (args.gradient_accumulation_steps < 1,
-         f"--gradient_accumulation_steps must be at least 1 (got {args.gradient_accumulation_steps})"),
-        (args.ppo_epochs < 1, f"--ppo_epochs must be at least 1 (got {args.ppo_epochs})"),
         (args.learning_rate <= 0, f"--learning_rate must be positive (got {args.learning_rate})"),
         (not 0 <= args.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1) (got {args.warmup_ratio})"),
         (args.max_grad_norm <= 0, f"--max_grad_norm must be positive (got {args.max_grad_norm})"),
@@ -219,12 +193,10 @@ def check_args(args: Args) -> None:
          f"--total_episodes ({args.total_episodes}) is less than one batch of --batch_size * "
          f"--num_rollouts_per_prompt ({episodes_per_batch}) episodes x processes: the run would have zero "
          "iterations"),
-        (args.minibatch_size >= 1 and args.gradient_accumulation_steps >= 1  # no division by 0 here
-         and episodes_per_batch % (args.minibatch_size * args.gradient_accumulation_steps) > 0,
+        (step_size != 0 and episodes_per_batch % step_size > 0,  # a step of 0 episodes: reported above
          f"--batch_size * --num_rollouts_per_prompt ({episodes_per_batch}) must be a multiple of "
          f"--minibatch_size x --gradient_accumulation_steps ({args.minibatch_size} x "
          f"{args.gradient_accumulation_steps}: the episodes of one optimiser step)"),
-        (args.log_every < 1, f"--log_every must be at least 1 (got {args.log_every})"),
         (args.save_every < 0, f"--save_every must be 0 (no checkpoints) or more (got {args.save_every})"),
     ]
     for bad, message in problems:
@@ -260,7 +232,6 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
                          mask: torch.Tensor, beta: float) -> torch.Tensor:
     """Token-level rewards of Eq. 4: -beta (log pi - log pi_ref) at every response token, plus the
     sequence score at the last one (the EOS, or the last token of a truncated response).
-
     scores: (B,); logprobs, ref_logprobs, mask: (B, R). Returns (B, R), 0 after the last token."""
     rewards = -beta * (logprobs - ref_logprobs) * mask  # k1 KL estimate per token
     last = mask.sum(1).long() - 1  # index of each response's last real token
@@ -307,10 +278,8 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
 
 
 def disable_dropout(model) -> None:
-    """Dropout off: every nn.Dropout, and the rates that attention layers keep as plain floats (Llama's
-    and Qwen2's `attention_dropout`), which no module switch reaches. With dropout, the policy in train
-    mode is not the model whose log-probs the reference (or the rollout) recorded: DPO's implicit
-    rewards and PPO's ratio would be off before the first update."""
+    """Dropout off, including the attention rates kept as plain floats (Llama's, Qwen2's): with it the
+    policy in train mode is not the model whose log-probs the reference or the rollout recorded."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -321,9 +290,9 @@ def disable_dropout(model) -> None:
 
 @torch.no_grad()
 def rollout(policy, tokenizer, prompts: list, args, device, stop_ids: list) -> dict:
-    """Step 1: one response per prompt sampled from softmax(logits / T) (KV-cached), cut after its first
-    stop id. Returns query (B, Q) left-padded and response (B, R) with its mask: 1 up to and including
-    the stop token, 0 after it (those tokens become padding); `finished`: (B,), a stop id was reached."""
+    """Step 1: one response per prompt, KV-cached, sampled from exactly softmax(logits / T) (no sampling
+    setting of the checkpoint's leaks in), cut after its first stop id. Returns query (B, Q) left-padded,
+    response (B, R) with its mask (1 up to and including the stop token, padding after), finished (B,)."""
     tokenizer.padding_side = "left"
     batch = tokenizer([format_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
                       add_special_tokens=not isinstance(prompts[0], list)).to(device)
@@ -346,10 +315,9 @@ def full_inputs(mb: dict) -> dict:
 
 
 def policy_logprobs(model, mb: dict, temperature: float, autocast, entropy: bool = False) -> tuple:
-    """log pi(y_t | x, y_<t) of every response token from logits / temperature, in fp32, and (only
-    when asked: the update logs it) the per-token entropy of that distribution. The LM head runs at
-    the response positions only, and log-probs are gather minus logsumexp over chunks of positions,
-    so no fp32 (B, R, V) log-softmax is held. Returns (B, R) log-probs and (B, R) entropies or None."""
+    """log pi(y_t | x, y_<t) of every response token from logits / temperature, in fp32, and (when asked)
+    the entropy of that distribution; (B, R) each, or None. The LM head runs at the response positions
+    only, and gather minus logsumexp over chunks of positions holds no fp32 (B, R, V) log-softmax."""
     R = mb["response"].shape[1]
     with autocast:  # position Q-1+t predicts token t: the last R + 1 positions, minus the very last
         logits = model(**full_inputs(mb), logits_to_keep=R + 1).logits[:, :-1]
@@ -364,28 +332,15 @@ def policy_logprobs(model, mb: dict, temperature: float, autocast, entropy: bool
     return torch.cat(token_logprobs, 1), torch.cat(entropies, 1) if entropy else None
 
 
-def scalar_head(model, mb: dict, autocast) -> torch.Tensor:
-    """The score head of a sequence-classification model at every position (the backbone's hidden
-    states through its `score` layer), fp32. Returns (B, Q + R)."""
-    backbone = getattr(model, model.base_model_prefix)
-    with autocast:
-        hidden = backbone(**full_inputs(mb)).last_hidden_state
-        return model.score(hidden).squeeze(-1).float()
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last attended token, with left or right padding. (B, T) -> (B,)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask).argmax(1)
-
-
 def values_and_scores(model, mb: dict, autocast) -> tuple:
-    """V(x, y_<t) for every response token t (read at position Q-1+t), and the output at each
-    response's last real token: the reward model's score, from the same head. Each (B, R) and (B,)."""
+    """A sequence-classification model's score head at every position, in fp32: V(x, y_<t) for each
+    response token t (read at position Q-1+t), and at each response's last real token, Q - 1 + its length
+    (the stop token, or a cut response's last), the reward model's score. Returns (B, R) and (B,)."""
     Q = mb["query"].shape[1]
-    out = scalar_head(model, mb, autocast)
-    last = last_token_index(full_inputs(mb)["attention_mask"])  # the stop token (or a cut response's last)
-    return out[:, Q - 1 : -1], out[torch.arange(out.shape[0]), last]
+    with autocast:
+        hidden = getattr(model, model.base_model_prefix)(**full_inputs(mb)).last_hidden_state
+        out = model.score(hidden).squeeze(-1).float()  # (B, Q + R)
+    return out[:, Q - 1 : -1], out[torch.arange(len(out)), Q - 1 + mb["mask"].sum(1)]
 
 
 def take(batch: dict, index) -> dict:
@@ -396,18 +351,15 @@ def take(batch: dict, index) -> dict:
 
 
 def load_models(args, pad_id: int, device) -> tuple:
-    """The four models: the policy (trained), the reference and the reward model (frozen), and the
-    value model (trained), from the reward model unless --value_model names another. Dropout is off
-    in the two trained ones unless --dropout."""
-    ref_name, value_name = args.ref or args.model, args.value_model or args.reward_model
+    """The policy and the value model (trained; dropout off unless --dropout), the reference and the
+    reward model (frozen). A --value_model may be a causal LM, its head then random (the paper: V from R)."""
     policy = place(load_model(args.model, args.trust_remote_code), device)
-    ref_model = place(load_model(ref_name, args.trust_remote_code), device, frozen=True)
+    ref_model = place(load_model(args.ref or args.model, args.trust_remote_code), device, frozen=True)
     reward_model = load_scalar_model(args.reward_model, pad_id, args.trust_remote_code)
     reward_model = place(reward_model, device, frozen=True)
-    # the reward model must have a trained head; a value model given explicitly may start from a causal
-    # LM, its head then random (the paper starts V from the reward model)
-    value_model = place(load_scalar_model(value_name, pad_id, args.trust_remote_code,
-                                          new_head=args.value_model is not None), device)
+    value_model = load_scalar_model(args.value_model or args.reward_model, pad_id, args.trust_remote_code,
+                                    new_head=args.value_model is not None)
+    value_model = place(value_model, device)
     if not args.dropout:
         disable_dropout(policy), disable_dropout(value_model)
     return policy, ref_model, reward_model, value_model
@@ -415,8 +367,9 @@ def load_models(args, pad_id: int, device) -> tuple:
 
 @torch.no_grad()
 def rollout_forwards(policy, ref_model, reward_model, value_model, mb: dict, args, autocast) -> tuple:
-    """Steps 2-4's forward passes over a step's episodes, b at a time (the update's shapes: the first ratio
-    is exactly 1): the scores (B,); the policy's and pi_ref's log-probs and the values (B, R)."""
+    """Steps 2-4's forwards over a step's episodes in eval mode, b at a time (the update's shapes, so the
+    first ratio is exactly 1): the scores (B,); the policy's and pi_ref's log-probs, the values (B, R)."""
+    policy.eval(), value_model.eval()
     parts = []
     for a in range(0, len(mb["mask"]), args.minibatch_size):
         part = take(mb, slice(a, a + args.minibatch_size))
@@ -425,14 +378,15 @@ def rollout_forwards(policy, ref_model, reward_model, value_model, mb: dict, arg
         ref_logprobs, _ = policy_logprobs(ref_model, part, args.temperature, autocast)
         old_values, _ = values_and_scores(value_model, part, autocast)
         parts.append((scores, old_logprobs, ref_logprobs, old_values))
+    policy.train(), value_model.train()
     return tuple(torch.cat(x) for x in zip(*parts))
 
 
-def ppo_update(policy, value_model, mb: dict, old: dict, args, autocast) -> dict:
-    """One epoch of step 5 on a step's b x g episodes: the clipped losses (Eq. 5, 6), L_pi + alpha L_V,
-    in g forward-backward passes of b, each weighted by its share of the tokens: one token mean over the
-    step, whatever g. `old`: steps 2-4's quantities; the caller steps. Returns the stats, one per pass."""
-    stats, n_tokens = {}, all_sum(old["mask"].sum()) / world_size()  # FSDP averages: the global token mean
+def ppo_update(policy, value_model, mb: dict, old: dict, args, autocast, stats: dict) -> float:
+    """One epoch of step 5 on a step's b x g episodes (the caller steps): L_pi + alpha L_V (Eq. 5, 6) in g
+    forward-backward passes of b, each weighted by its share of the tokens: one token mean over the step,
+    whatever g. Appends each pass's stats; returns their summed losses, for the step's finiteness check."""
+    n_tokens, losses = all_sum(old["mask"].sum()) / world_size(), 0.0  # FSDP averages: the global mean
     for a in range(0, len(old["mask"]), args.minibatch_size):
         sl = slice(a, a + args.minibatch_size)
         mask = old["mask"][sl]
@@ -448,16 +402,16 @@ def ppo_update(policy, value_model, mb: dict, old: dict, args, autocast) -> dict
         append(stats, {"ppo/policy_loss": pg_loss, "ppo/value_loss": vf_loss, "ppo/clipfrac": clipfrac,
                        "ppo/vf_clipfrac": vf_clipfrac, "ppo/approx_kl": approx_kl,
                        "ppo/entropy": masked_mean(entropy, mask)})
-    return stats
+        losses += pg_loss.item() + vf_loss.item()
+    return losses
 
 
 @torch.no_grad()
 def evaluate(policy, ref_model, reward_model, tokenizer, prompts: list, args, device, autocast,
              stop_ids: list, path: Path) -> dict:
-    """The end-of-run samples, drawn by `rollout` (the training's own sampler) at --eval_temperature
-    (default: the rollout's) with a fixed seed; each response's raw reward-model score (no EOS
-    penalty), and log pi_T(y|x) - log pi_ref,T(y|x) summed over its tokens, whose mean over samples
-    estimates KL(pi_T || pi_ref,T). The samples go to `path`; returns the metrics."""
+    """The end-of-run samples, by `rollout` at --eval_temperature with a fixed seed, written to `path`:
+    each one's raw reward-model score (no EOS penalty) and log pi_T(y|x) - log pi_ref,T(y|x) summed over
+    its tokens, whose mean estimates KL(pi_T || pi_ref,T). Returns the metrics."""
     args = dataclasses.replace(args, temperature=args.eval_temperature or args.temperature)
     rows, batch_size = [], 4 * args.batch_size
     with torch.random.fork_rng():
@@ -472,10 +426,9 @@ def evaluate(policy, ref_model, reward_model, tokenizer, prompts: list, args, de
             logratios = ((logprobs - ref_logprobs) * batch["mask"]).sum(1)
             for j, prompt in enumerate(chunk):
                 n = batch["mask"][j].sum().item()
+                response = tokenizer.decode(batch["response"][j, :n], skip_special_tokens=True)
                 rows.append({"prompt": prompt, "score": scores[j].item(), "logratio": logratios[j].item(),
-                             "length": n, "finished": batch["finished"][j].item(),
-                             "response": tokenizer.decode(batch["response"][j, :n],
-                                                          skip_special_tokens=True)})
+                             "length": n, "finished": batch["finished"][j].item(), "response": response})
     write_jsonl(path, rows)
     n, scores = len(rows), torch.tensor([r["score"] for r in rows])
     return {"eval/score": scores.mean().item(), "eval/score_se": (scores.std() / math.sqrt(n)).item(),
@@ -502,9 +455,9 @@ def main(args: Args) -> dict:
     check_args(args)
     device, dtype, autocast = setup(args)
     others = [args.ref or args.model, args.reward_model, args.value_model or args.reward_model]
-    out = None if args.dry_run else check_output_dir(args, "ppo", [args.model, *others], resume=None)
+    out = None if args.dry_run else check_output_dir(args, "ppo", [args.model, *others])
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    stop_ids, pad_id = stop_token_ids(tokenizer, args.model), tokenizer.pad_token_id
+    stop_ids = stop_token_ids(tokenizer, args.model)
     check_tokenizers(tokenizer, args.model, others, args.trust_remote_code)
     train_data, eval_data = load_splits(args.prompts, args.train_split, args.eval_split, [("prompt",)],
                                         args.eval_fraction, args.seed)
@@ -524,7 +477,7 @@ def main(args: Args) -> dict:
     if args.dry_run:
         return dry_run(tokenizer, train_prompts, eval_prompts, num_iterations, total_steps, args)
 
-    policy, ref_model, reward_model, value_model = load_models(args, pad_id, device)
+    policy, ref_model, reward_model, value_model = load_models(args, tokenizer.pad_token_id, device)
     optimizer, scheduler = start_training([policy, value_model], args, total_steps, "constant",
                                           eps=args.adam_eps)  # Table 9: constant after warmup
     create_output_dir(out, args, device, dtype)
@@ -546,30 +499,23 @@ def main(args: Args) -> dict:
         for offset in range(0, episodes_per_batch, step_size):  # one optimiser step's b x g episodes
             mb = take(batch, order[offset : offset + step_size])
             mask = mb["mask"].float()
-            policy.eval(), value_model.eval()  # "old" quantities without dropout, whatever --dropout says
-            with torch.no_grad():
-                # 2. score with the current models (App. G: per minibatch), with the EOS trick
-                scores, old_logprobs, ref_logprobs, old_values = rollout_forwards(
-                    policy, ref_model, reward_model, value_model, mb, args, autocast)
-                scores = eos_trick(scores, mb["finished"], args.missing_eos_penalty)
-                # 3. KL-penalised token rewards (Eq. 4): fixed beta, no reward normalisation or whitening
-                rewards = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, args.beta)
-                # 4. GAE (gamma 1, lambda 0.95), then the advantages whitened over the step's episodes
-                advantages, returns = compute_gae(rewards, old_values * mask, mask, args.gamma, args.lam)
-                advantages = masked_whiten(advantages, mask)
-            policy.train(), value_model.train()
+            # 2. score with the current models (App. G: per optimiser step), with the EOS trick
+            scores, old_logprobs, ref_logprobs, old_values = rollout_forwards(
+                policy, ref_model, reward_model, value_model, mb, args, autocast)
+            scores = eos_trick(scores, mb["finished"], args.missing_eos_penalty)
+            # 3. KL-penalised token rewards (Eq. 4): fixed beta, no reward normalisation or whitening
+            rewards = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, args.beta)
+            # 4. GAE (gamma 1, lambda 0.95), then the advantages whitened over the step's episodes
+            advantages, returns = compute_gae(rewards, old_values * mask, mask, args.gamma, args.lam)
+            old = {"logprobs": old_logprobs, "values": old_values, "returns": returns, "mask": mask,
+                   "advantages": masked_whiten(advantages, mask)}
             kl = ((old_logprobs - ref_logprobs) * mask).sum(1)
             append(stats, {"objective/score": scores.mean(), "objective/kl": kl.mean(),
                            "objective/non_score_reward": (-args.beta * kl).mean(),
                            "val/eos_rate": mb["finished"].float().mean(), "val/length": mask.sum(1).mean()})
-            old = {"logprobs": old_logprobs, "values": old_values, "advantages": advantages,
-                   "returns": returns, "mask": mask}
             # 5. clipped updates (Eq. 5, 6), --ppo_epochs passes over the step's episodes
             for _ in range(args.ppo_epochs):
-                for key, values in ppo_update(policy, value_model, mb, old, args, autocast).items():
-                    stats.setdefault(key, []).extend(values)
-                g = args.gradient_accumulation_steps  # the finiteness check sees every pass of the step
-                loss = sum(stats["ppo/policy_loss"][-g:]) + sum(stats["ppo/value_loss"][-g:])
+                loss = ppo_update(policy, value_model, mb, old, args, autocast, stats)
                 grad_norm = optimizer_step(optimizer, scheduler, args.max_grad_norm, loss,
                                            f"at iteration {iteration}")
                 append(stats, {"train/grad_norm": grad_norm})
@@ -604,20 +550,18 @@ def main(args: Args) -> dict:
 
 
 class UsageError(SystemExit):
-    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
-    for a malformed command line (str() gives the message, for code that calls main directly)."""
+    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2."""
 
     def __init__(self, message: str):
         super().__init__(2)
         self.message = f"error: {message}"
 
-    def __str__(self) -> str:
+    def __str__(self) -> str:  # the message, for code that calls main directly
         return self.message
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
-    """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`, or
-    (schedule "constant") the peak rate from then on."""
+    """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`, or constant."""
     if step < warmup:
         return step / max(1, warmup)
     if schedule == "constant":
@@ -628,8 +572,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 
 
 
 def prompt_stream(prompts: list, batch_size: int, seed: int):
-    """Endless stream of shuffled batches of prompts, epoch after epoch (an epoch's remainder is dropped).
-    Under torchrun, each global batch of batch_size x N prompts is cut in N: process r rolls out part r."""
+    """Endless shuffled batches of prompts (an epoch's remainder dropped); under torchrun a part each."""
     me, world, g = rank(), world_size(), torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(prompts), generator=g).tolist()
@@ -637,24 +580,15 @@ def prompt_stream(prompts: list, batch_size: int, seed: int):
             yield [prompts[j] for j in order[i + me * batch_size : i + (me + 1) * batch_size]]
 
 
-def append(stats: dict, values: dict) -> None:
-    """Appends each value (a float or a 0-d tensor) to its list in `stats`."""
-    for k, v in values.items():
-        stats.setdefault(k, []).append(v.item() if torch.is_tensor(v) else v)
-
-
 def resolve(path: str) -> str:
-    """A relative path that is not under the working directory but is next to this script (the toy
-    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder; `~` is expanded."""
+    """`~` expanded; a relative path missing here but present next to this script (the toy) resolves there."""
     path = os.path.expanduser(path)
     here = Path(__file__).resolve().parent / path
     return str(here) if not Path(path).exists() and here.exists() else path
 
 
 def locate(name: str, what: str) -> str:
-    """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
-    a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
-    fails at once, instead of after a minute of trying the hub."""
+    """The path `name` resolves to, or `name` as a hub id; a missing path fails now, not after the hub."""
     path = resolve(name)
     if Path(path).exists():
         return path
@@ -675,23 +609,8 @@ def load_failure(name: str, what: str, error: Exception) -> SystemExit:
     return SystemExit(f"error: could not load {what} '{name}': {reason}")
 
 
-def field_problem(value) -> Optional[str]:
-    """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
-    if value is None:
-        return "is missing"
-    if isinstance(value, str) or (isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value)):
-        return None
-    return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
-            "{role, content} messages")
-
-
 def load_split(name: str, split: str, needs: list):
-    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (its rows
-    are the split "train", so train[:100] slices it; load_splits holds some out for evaluation).
-    `needs` lists alternatives: each a tuple of columns that together suffice. Every row's fields are
-    checked here, so a bad row fails with its number, not deep inside."""
+    """One split of a hub dataset, a folder of {split}.jsonl files or one .jsonl file, every row checked."""
     from datasets import load_dataset
 
     path = locate(name, "dataset")
@@ -702,7 +621,7 @@ def load_split(name: str, split: str, needs: list):
         raise SystemExit(f"error: {where} is empty: {file} has no rows")
     try:
         data = (load_dataset("json", data_files=path, split=split if split.startswith("train") else "train")
-                if one_file else load_dataset(path, split=split))  # a file's rows are its split "train"
+                if one_file else load_dataset(path, split=split))
     except Exception as e:  # datasets raises many types; all mean the same to a user
         raise load_failure(name, f"split '{split}' of dataset", e)
     columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
@@ -711,20 +630,24 @@ def load_split(name: str, split: str, needs: list):
         raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
     if len(data) == 0:
         raise SystemExit(f"error: {where} has no rows")
-    columns = list(dict.fromkeys([c for c in ("prompt",) if c in data.column_names] + list(columns)))
+    columns = list(dict.fromkeys(["prompt"] * ("prompt" in data.column_names) + list(columns)))
     for i, row in enumerate(data.select_columns(columns)):
-        for column in columns:
-            problem = field_problem(row[column])
-            if problem and not (column == "prompt" and row[column] == ""):
-                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' {problem}")
+        for column, value in row.items():
+            messages = isinstance(value, list) and value and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in value)
+            if value is None:
+                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' is missing")
+            if not (isinstance(value, str) or messages):
+                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' is {type(value).__name__} "
+                                 f"{str(value)[:40]!r}; expected a string or a list of "
+                                 "{role, content} messages")
     return data
 
 
 def load_splits(name: str, train_split: str, eval_split: Optional[str], needs: list, eval_fraction: float,
                 seed: int) -> tuple:
-    """(train rows, eval rows or None). One .jsonl file has no splits: a shuffled `eval_fraction` of its
-    rows is held out for evaluation and never trained on, and the counts are printed; a run never
-    evaluates on its own training rows."""
+    """(train rows, eval rows or None); one .jsonl file holds out a shuffled `eval_fraction` for eval."""
     train = load_split(name, train_split, needs)
     if not eval_split:
         return train, None
@@ -745,13 +668,10 @@ def first(data, n: Optional[int]):
 
 
 def drop_long_prompts(prompts: list, tokenizer, max_prompt_length: int, where: str) -> list:
-    """The prompts of at most max_prompt_length tokens as the model sees them (Table 9's L_p: one long
-    prompt would set the memory of its whole batch); the others are dropped, and counted."""
-    kept = []
-    for prompt in prompts:
-        ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=not isinstance(prompt, list))
-        if len(ids["input_ids"]) <= max_prompt_length:
-            kept.append(prompt)
+    """The prompts of at most max_prompt_length tokens (Table 9's L_p); the others dropped, and counted."""
+    lengths = [len(tokenizer(format_prompt(tokenizer, p), add_special_tokens=isinstance(p, str))["input_ids"])
+               for p in prompts]
+    kept = [p for p, n in zip(prompts, lengths) if n <= max_prompt_length]
     if len(kept) < len(prompts):
         print(f"note: {where}: dropped {len(prompts) - len(kept)} of {len(prompts)} prompts longer than "
               f"--max_prompt_length {max_prompt_length} tokens")
@@ -761,7 +681,7 @@ def drop_long_prompts(prompts: list, tokenizer, max_prompt_length: int, where: s
     return kept
 
 
-# Used only for a tokenizer without a chat template; documented in the README.
+# Used only for a tokenizer without a chat template; documented in docs/conventions.md#data.
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
@@ -787,8 +707,7 @@ def load_tokenizer(name: str, trust_remote_code: bool):
 
 
 def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: bool) -> None:
-    """Models that exchange token ids must share vocabulary and chat template, or scores are noise: each
-    other model's tokenizer is checked against `tokenizer` (of own_name), each distinct name loaded once."""
+    """Models that exchange token ids must share vocabulary and chat template, or scores are noise."""
     for name in dict.fromkeys(names):
         if Path(resolve(name)).resolve() == Path(resolve(own_name)).resolve():
             continue
@@ -802,9 +721,7 @@ def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: b
 
 
 def stop_token_ids(tokenizer, name: str) -> list:
-    """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
-    generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
-    and end-of-text tokens, and generation stops on any of them)."""
+    """Every id that ends a response: the tokenizer's EOS and generation_config.json's eos_token_id(s)."""
     from transformers import GenerationConfig
 
     try:
@@ -823,9 +740,7 @@ def format_prompt(tokenizer, prompt) -> str:
 
 
 def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
-    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
-    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
-    reward model, whose score head would be random."""
+    """Refuses, before loading weights, a reward model where a causal LM is needed, or the converse."""
     from transformers import AutoConfig
 
     try:
@@ -862,10 +777,7 @@ def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
 
 def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32,
                       new_head: bool = False):
-    """A reward (or value) model: AutoModelForSequenceClassification with one output. A checkpoint with
-    no trained score head (a causal LM) is refused unless `new_head` (a value model may start from one).
-    A config without pad_token_id gets the tokenizer's (transformers refuses padded batches without
-    one); `score` reads the reward at the index the attention mask gives, whatever the pad id."""
+    """A reward (or value) model: a sequence classifier with one output and a trained score head."""
     from transformers import AutoModelForSequenceClassification
 
     if not new_head:
@@ -897,20 +809,16 @@ def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, 
 
 
 def generate(model, batch: dict, config):
-    """model.generate with `config` and nothing else (KV-cached). transformers fills every field a
-    config leaves unset from the checkpoint's generation_config.json (a repetition penalty, min_p,
-    suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
+    """model.generate (KV-cached) with `config` alone, not the checkpoint's generation_config.json."""
     checkpoint_config, model.generation_config = model.generation_config, config
-    try:  # under FSDP every process runs the forward passes until all have finished (synced_gpus)
+    try:  # under FSDP every process runs forward passes until all have finished (synced_gpus)
         return model.generate(**batch, generation_config=config, synced_gpus=world_size() > 1)
     finally:
         model.generation_config = checkpoint_config
 
 
 def setup(args) -> tuple:
-    """Seeds, device (cuda when present; under torchrun this process's GPU) and compute dtype (bf16
-    autocast on CUDA, fp32 elsewhere); transformers' per-load reports and progress bars hidden unless
-    --verbose. (device, dtype, autocast)"""
+    """Seeds, device (joining torchrun's processes), dtype, quiet loading: (device, dtype, autocast)."""
     import datasets
     import transformers
 
@@ -920,53 +828,38 @@ def setup(args) -> tuple:
         datasets.disable_progress_bars()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
-                          else args.device)
-    device = start_processes(device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
+    if "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized():  # under torchrun
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if rank() > 0:
+            sys.stdout = open(os.devnull, "w")  # rank 0 alone prints
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     return device, dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
 
 
-# ---- Many processes: torchrun --nproc_per_node N <script>.py ... (FSDP2). Without torchrun, none of
-# this does anything. Every process holds 1/N of each model (its weights, and for the trained ones their
-# gradients and AdamW state), trains on its share of each global batch and runs every evaluation in
-# full (simple, and evaluations are small); rank 0 alone prints, logs and writes. Collectives pair
-# numbers by position: every process computes the same keys in the same order.
+# ---- Many processes: torchrun --nproc_per_node N <script>.py ... (FSDP2); without torchrun, none of this
+# does anything. Every process holds 1/N of each model (and of the trained ones' gradients and AdamW state),
+# trains on its share of each global batch and runs every evaluation in full; rank 0 alone prints and
+# writes. Collectives pair numbers by position: every process computes the same keys in the same order.
 
 
 def rank() -> int:
-    """This process's number, 0 to world_size() - 1: 0 without torchrun."""
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def world_size() -> int:
-    """The number of processes: 1 without torchrun."""
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
-def start_processes(device):
-    """Under torchrun (which sets LOCAL_RANK), joins the process group: NCCL between GPUs (this
-    process's GPU is cuda:LOCAL_RANK), gloo on CPUs. Ranks above 0 print nothing and show no progress
-    bar (quiet). Returns the device."""
-    if "LOCAL_RANK" not in os.environ or torch.distributed.is_initialized():
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if rank() > 0:
-        sys.stdout = open(os.devnull, "w")
-    return device
-
-
 def place(model, device, frozen: bool = False):
-    """The model on `device` (`frozen`: in eval mode, without gradients); under torchrun, sharded over
-    the processes with FSDP2: each decoder layer, then the rest (embeddings, head), so that a forward
-    pass gathers one layer's full weights at a time. A frozen model (reference, reward) is sharded too:
-    replicated, a 13B one would take 52 GB of fp32 on every GPU. With bf16, the gathered weights stay
-    fp32 and the forward runs under the same autocast as one process: twice the all-gather bytes of bf16
-    weights, for the numbers of one process (FSDP's bf16 policy would run the whole model in bf16,
-    residual stream included, which autocast on one process does not: SFT's first loss 1.2e-3 apart)."""
+    """The model on `device` (`frozen`: eval mode, no gradients); under torchrun sharded with FSDP2, each
+    decoder layer then the rest (frozen models too: a replicated 13B reference is 52 GB of fp32 per GPU).
+    The gathered weights stay fp32 under one process's autocast: FSDP's bf16 policy would also run the
+    residual stream in bf16 (SFT's first loss 1.2e-3 apart)."""
     model = model.to(device)
     if frozen:
         model.eval().requires_grad_(False)
@@ -974,8 +867,7 @@ def place(model, device, frozen: bool = False):
         return model
     from torch.distributed.fsdp import fully_shard
 
-    # FSDP keeps a root's weights gathered from its forward pass to its backward pass, which a frozen
-    # model never has: frozen, every unit reshards after its forward pass
+    # a frozen model has no backward pass to keep its root's weights gathered for: reshard after forward
     shard = dict(reshard_after_forward=True if frozen else None)
     for module in model.modules():
         if type(module).__name__ in (model._no_split_modules or []):  # the decoder layers
@@ -987,7 +879,7 @@ def place(model, device, frozen: bool = False):
 
 
 def summed(numbers: list) -> list:
-    """The numbers, each summed over the processes (as they are in one process)."""
+    """The numbers, each summed over the processes."""
     if world_size() == 1 or not numbers:
         return numbers
     nccl = torch.distributed.get_backend() == "nccl"
@@ -1006,9 +898,7 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def gathered(state):
-    """A state dict (a model's or an optimiser's) with each FSDP shard (a DTensor) gathered into its full
-    tensor (every process takes part), kept on rank 0's CPU for it to save, None elsewhere: the files
-    are those of a one-process run."""
+    """A state dict with each FSDP shard gathered in full, on rank 0's CPU (None elsewhere)."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(state, DTensor):
@@ -1027,22 +917,20 @@ def gathered(state):
 
 
 def quiet():
-    """tqdm's `disable`: True on ranks above 0 (one progress bar), else None (tqdm's choice: a bar on a
-    terminal only)."""
+    """tqdm's `disable`: True on ranks above 0 (one progress bar), else None (a bar on a terminal only)."""
     return True if rank() > 0 else None
 
 
 def start_training(models: list, args, total_steps: int, schedule: str, floor: float = 0.0,
                    eps: float = 1e-8) -> tuple:
-    """The models in train mode (with gradient checkpointing if asked), one fused AdamW over all their
-    parameters (one kernel for all tensors), and warmup then `schedule` (lr_factor). (optimizer, scheduler)"""
+    """Train mode (gradient checkpointing if asked), one fused AdamW, warmup then `schedule`."""
     for model in models:
         model.train()
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
     params = [p for model in models for p in model.parameters()]
-    fused = params[0].device.type in ("cpu", "cuda")
+    fused = params[0].device.type in ("cpu", "cuda")  # one kernel for all tensors
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=args.adam_betas, eps=eps,
                                   weight_decay=args.weight_decay, fused=fused)
     warmup = int(args.warmup_ratio * total_steps)
@@ -1053,10 +941,7 @@ def start_training(models: list, args, total_steps: int, schedule: str, floor: f
 
 
 def optimizer_step(optimizer, scheduler, max_grad_norm: float, loss: float, when: str) -> float:
-    """Clips the gradient norm, steps and zeroes the gradients, unless the loss or the gradient is not
-    finite: then the run stops before the update, saying `when`. Returns the norm before clipping. Under
-    torchrun, `loss` is summed over the processes and the norm is that of the whole gradient, so every
-    process stops, or steps, together."""
+    """Clips, steps and zeroes the gradients, or stops the run if the loss or gradient is not finite."""
     loss = summed([loss])[0]
     if not math.isfinite(loss):
         raise SystemExit(f"error: the loss became {loss} {when}; stopping before the update (the last "
@@ -1075,6 +960,12 @@ def optimizer_step(optimizer, scheduler, max_grad_norm: float, loss: float, when
     return grad_norm
 
 
+def append(stats: dict, values: dict) -> None:
+    """Appends each value (a float or a 0-d tensor) to its list in `stats`."""
+    for k, v in values.items():
+        stats.setdefault(k, []).append(v.item() if torch.is_tensor(v) else v)
+
+
 def write_jsonl(path: Path, rows: list) -> None:
     if rank() > 0:  # rank 0 writes
         return
@@ -1084,14 +975,10 @@ def write_jsonl(path: Path, rows: list) -> None:
 
 
 def log(out: Path, record: dict) -> None:
-    """One record appended to out/metrics.jsonl, and the same as one printed line. Under torchrun every
-    process calls it: each float is first averaged over the processes (a throughput is then per process,
-    a PPO statistic of the minibatch that of the global one; a train_record, already reduced by means,
-    stays as it is) and rank 0 writes."""
-    if world_size() > 1:
-        floats = [k for k, v in record.items() if isinstance(v, float)]
-        for k, total in zip(floats, summed([record[k] for k in floats])):
-            record[k] = total / world_size()
+    """One record appended to out/metrics.jsonl and printed (floats averaged over the processes)."""
+    floats = [k for k, v in record.items() if isinstance(v, float)]
+    for k, total in zip(floats, summed([record[k] for k in floats])):
+        record[k] = total / world_size()
     if rank() > 0:
         return
     with open(out / "metrics.jsonl", "a") as f:
@@ -1099,8 +986,24 @@ def log(out: Path, record: dict) -> None:
     tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
 
-def run_info(device, dtype: str) -> dict:
-    """What a reader needs to reproduce a run besides its arguments."""
+def check_output_dir(args, script: str, models: list) -> Path:
+    """Fails before any work if the run would overwrite another; sets args.output_dir. Writes nothing."""
+    out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.output_dir = str(out)
+    if rank() > 0:  # only rank 0 checks (torchrun stops every process when one fails)
+        return out
+    if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
+        raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"output_dir '{out}' already holds a run; pass --overwrite to start over, or "
+                         "choose another --output_dir")
+    return out
+
+
+def create_output_dir(out: Path, args, device, dtype: str) -> None:
+    """Once the inputs have loaded: empties an --overwrite'n dir and writes args.json."""
+    if rank() > 0:  # rank 0 writes
+        return
     import subprocess
 
     import datasets
@@ -1111,62 +1014,14 @@ def run_info(device, dtype: str) -> dict:
                                 capture_output=True, text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
-            "python": sys.version.split()[0], "torch": torch.__version__,
-            "transformers": transformers.__version__, "datasets": datasets.__version__,
-            "device": str(device), "dtype": dtype, "processes": world_size(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
-    """Fails before any work if the run would overwrite a previous one; writes nothing. With --resume,
-    the directory must hold an unfinished run with the same arguments. `resume` None: the script
-    cannot resume. Sets args.output_dir (the default is runs/<script>-<time>). Only rank 0 checks: the
-    others would race with its writing (torchrun stops them all when one fails)."""
-    out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
-    args.output_dir = str(out)
-    if rank() > 0:
-        return out
-    if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
-        raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
-    if resume:
-        if not (out / "args.json").exists():
-            raise UsageError(f"--resume: '{out}' holds no run to continue (no args.json); drop --resume")
-        if (out / "eval.json").exists():
-            raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
-        recorded = json.load(open(out / "args.json"))
-        recorded["processes"] = recorded.get("run", {}).get("processes", 1)  # the data order depends on it
-        current = {**json.loads(json.dumps(asdict(args))), "processes": world_size()}  # tuples as lists
-        changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items()
-                   if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
-                   and recorded.get(k) != v]
-        if changed:
-            raise UsageError(f"--resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
-                              "resume with the same ones")
-        return out
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        hint = "--resume to continue it, " if resume is not None else ""
-        raise UsageError(f"output_dir '{out}' already holds a run; pass {hint}--overwrite to start over, or "
-                          "choose another --output_dir")
-    return out
-
-
-def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional[int] = None) -> None:
-    """Called once the inputs have loaded. A new run: empties an --overwrite'n dir, writes args.json (the
-    arguments, then under "run" the versions, device, dtype and git commit). A resumed run keeps the
-    metrics logged up to its checkpoint and drops the later ones, which the run will log again."""
-    if rank() > 0:  # rank 0 writes
-        return
-    if resume_step is not None:
-        log_file = out / "metrics.jsonl"
-        records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
-        write_jsonl(log_file, [r for r in records if r.get("step", 0) <= resume_step])
-        return
-    if out.exists():
-        shutil.rmtree(out)
+    run = {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
+           "python": sys.version.split()[0], "torch": torch.__version__,
+           "transformers": transformers.__version__, "datasets": datasets.__version__, "device": str(device),
+           "dtype": dtype, "processes": world_size(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     with open(out / "args.json", "w") as f:
-        json.dump({**asdict(args), "run": run_info(device, dtype)}, f, indent=2)
+        json.dump({**asdict(args), "run": run}, f, indent=2)
 
 
 def check_finite(weights: dict, when: str) -> None:
@@ -1178,11 +1033,8 @@ def check_finite(weights: dict, when: str) -> None:
 
 
 def save_model(model, tokenizer, out: Path) -> None:
-    """The final model, in `out` itself (loadable as --model out). Written to a temporary folder, then
-    moved in with config.json last: until config.json is there, no loader takes the folder for a model,
-    so a crash mid-save never leaves a loadable half-model. Non-finite weights are never saved. Under
-    torchrun every process takes part in gathering the full weights, and rank 0 saves them."""
-    full = gathered(model.state_dict(keep_vars=True)) if world_size() > 1 else None
+    """The final model in `out` itself, moved in with config.json last (no loadable half-model)."""
+    full = gathered(model.state_dict(keep_vars=True)) if world_size() > 1 else None  # every process gathers
     if rank() > 0:
         return
     check_finite(dict(model.named_parameters()) if full is None else full, "at the end of training")
@@ -1196,12 +1048,7 @@ def save_model(model, tokenizer, out: Path) -> None:
 
 
 def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Optional[dict]) -> None:
-    """A periodic checkpoint, out/checkpoint-<step>: each model in its subfolder ("." for the trained
-    one, loadable as it is) and trainer_state.pt (optimiser, scheduler, progress, random states) unless
-    `state` is None. It is written complete to a temporary folder and renamed into place in one step,
-    and older checkpoints are removed only then: a kill at any moment leaves one complete checkpoint.
-    Under torchrun the shards of the models and of the optimiser are gathered, and rank 0 saves them:
-    the same files as a one-process run (--resume continues them with the same number of processes)."""
+    """out/checkpoint-<step>: the models and trainer_state.pt, renamed into place whole."""
     many = world_size() > 1
     full = {folder: gathered(m.state_dict(keep_vars=True)) if many else None for folder, m in models.items()}
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
@@ -1209,11 +1056,9 @@ def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Option
     if many and state is not None:  # every process's random states, and the log window summed over all
         rngs = [None] * world_size()
         torch.distributed.all_gather_object(rngs, rng)
-        rng = rngs
-        window = state["progress"]["window"]
-        progress = {**state["progress"], "window": dict(zip(window, summed(list(window.values()))))}
-        state = gathered(state)
-        state["progress"] = progress
+        rng, window = rngs, state["progress"]["window"]
+        state = {**gathered(state), "progress": {**state["progress"],
+                                                  "window": dict(zip(window, summed(list(window.values()))))}}
     if rank() > 0:
         return
     for folder, model in models.items():  # all checked before anything is written
@@ -1233,13 +1078,11 @@ def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Option
 
 
 def last_checkpoint(out: Path) -> Optional[Path]:
-    found = sorted(out.glob("checkpoint-*"))
-    return found[-1] if found else None
+    return max(out.glob("checkpoint-*"), default=None)
 
 
 def finish(out: Path, results: dict) -> dict:
-    """eval.json ends a run: its resumable checkpoints are removed, as nothing is left to resume (a
-    checkpoint without trainer_state.pt, PPO's, is models to start from, and stays). Rank 0 writes."""
+    """Writes eval.json, which ends a run, and removes its resumable checkpoints."""
     if rank() > 0:
         return results
     with open(out / "eval.json", "w") as f:
@@ -1253,20 +1096,15 @@ def finish(out: Path, results: dict) -> dict:
 
 def describe_run(output_dir: Optional[str]) -> str:
     """What a stopped run left behind, in one line (printed on Ctrl-C)."""
-    out = Path(output_dir) if output_dir else None
-    if out is None or not (out / "args.json").exists():
+    out = Path(output_dir or "")
+    if not output_dir or not (out / "args.json").exists():
         return "nothing was written"
-    log_file = out / "metrics.jsonl"
+    log_file, checkpoint = out / "metrics.jsonl", last_checkpoint(out)
     records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
-    steps = [r.get("step", r.get("iteration")) for r in records]
-    last = f", last at step {steps[-1]}" if steps else ""
-    kept = f"args.json, metrics.jsonl ({len(records)} records{last})"
-    checkpoint = last_checkpoint(out)
-    kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
-    if "resume" not in json.load(open(out / "args.json")):
-        return f"kept in {out}: {kept}; --overwrite --output_dir {out} starts over"
-    again = "continues it" if checkpoint else "starts it again"
-    return f"kept in {out}: {kept}; --resume --output_dir {out} {again}"
+    last = f", last at step {records[-1].get('step', records[-1].get('iteration'))}" if records else ""
+    kept = checkpoint.name if checkpoint else "no checkpoint yet"
+    return (f"kept in {out}: args.json, metrics.jsonl ({len(records)} records{last}), {kept}; "
+            f"--overwrite --output_dir {out} starts over")
 
 
 def cli(argv: Optional[list] = None) -> None:

@@ -26,7 +26,7 @@ checkpoint's config stays on, as in ordinary fine-tuning.
     python sft.py                                            # the toy: trains toy/base from scratch
     python sft.py --model Qwen/Qwen2.5-0.5B --dataset HuggingFaceH4/ultrachat_200k \
         --train_split train_sft --eval_split test_sft --learning_rate 2e-5 --batch_size 8
-    torchrun --nproc_per_node 4 sft.py --batch_size 2 ...   # 4 GPUs, global batch 8 (README: Many GPUs)
+    torchrun --nproc_per_node 4 sft.py --batch_size 2 ...   # 4 GPUs, global batch 8 (docs/many-gpus.md)
 """
 
 import json
@@ -47,12 +47,10 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    """Supervised fine-tuning: train a causal LM on the responses of chat conversations (token-level
-    maximum likelihood, prompt tokens masked); report the held-out loss and print a few samples. The
-    defaults train the toy's pi_sft from a random initialisation in about two minutes on a CPU.
-
-    Example: python sft.py --model Qwen/Qwen2.5-0.5B --dataset HuggingFaceH4/ultrachat_200k
-    --train_split train_sft --eval_split test_sft --max_length 1024 --learning_rate 2e-5"""
+    """Supervised fine-tuning: train a causal LM on the responses of chat conversations (prompt tokens
+    masked); report the held-out loss and print a few samples. The defaults train the toy's pi_sft from
+    random weights in about two minutes on a CPU. Example: python sft.py --model Qwen/Qwen2.5-0.5B
+    --dataset HuggingFaceH4/ultrachat_200k --train_split train_sft --eval_split test_sft"""
 
     # data
     dataset: str = "toy/data/sft"
@@ -63,8 +61,7 @@ class Args:
     eval_split: Optional[str] = "test"
     """split for the periodic eval loss and the end-of-run samples (None: no evaluation)"""
     eval_fraction: float = 0.05
-    """for a --dataset that is one .jsonl file (no splits): the fraction of its rows held out for
-    evaluation, never trained on"""
+    """for a --dataset that is one .jsonl file: the fraction of its rows held out for evaluation"""
     max_length: int = 1024
     """prompt + response tokens kept per example; longer responses are cut from the right"""
     max_train_samples: Optional[int] = None
@@ -112,16 +109,11 @@ class Args:
     eval_every: int = 100
     """optimiser steps between eval losses (0: only at the end)"""
     save_every: int = 200
-    """optimiser steps between checkpoints (output_dir/checkpoint-<step>, the last one kept) that
-    --resume continues from (0: none)"""
+    """optimiser steps between checkpoints (the last one kept) that --resume continues from (0: none)"""
     resume: bool = False
     """continue the unfinished run in --output_dir from its last checkpoint (same arguments)"""
-    group_by_length: bool = False
-    """put rows of similar length in the same micro-batch (less padding, faster; the same rows each
-    epoch, in another grouping: see epoch_order)"""
     dry_run: bool = False
-    """print one tokenised example (the tokens that carry the loss in [[ ]]) and the counts, then stop
-    before loading the model: the first thing to run on new data"""
+    """print one tokenised example (its loss tokens in [[ ]]) and the counts; stop before any model loads"""
     verbose: bool = False
     """show transformers' loading reports and progress bars"""
     num_samples: int = 8
@@ -155,15 +147,11 @@ def check_args(args: Args) -> None:
 
 
 # ---- The method's maths ---------------------------------------------------------------------------
-
-
 def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 128) -> torch.Tensor:
-    """Summed negative log-likelihood of the labelled tokens: logsumexp minus the label's logit, in
-    fp32, `chunk` positions at a time, so that the only vocabulary-sized tensor is the logits in the
-    model's dtype (no fp32 log-softmax of the whole block).
-
-    logits: (B, K, V); labels: (B, K) with -100 on prompt and padding tokens. Position t predicts
-    token t + 1, hence the shift. Returns a scalar: divide by the token count."""
+    """Summed negative log-likelihood of the labelled tokens: logsumexp minus the label's logit, in fp32,
+    `chunk` positions at a time (the only vocabulary-sized tensor is then the logits in the model's dtype).
+    logits: (B, K, V); labels: (B, K) with -100 on prompt and padding tokens. Position t predicts token
+    t + 1, hence the shift. Returns a scalar: divide by the token count."""
     logits, labels = logits[:, :-1], labels[:, 1:]
     total = torch.zeros((), device=logits.device)
     for t in range(0, labels.shape[1], chunk):
@@ -174,8 +162,6 @@ def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 128) -
 
 
 # ---- Data: demonstrations, tokenised with response-only labels ------------------------------------
-
-
 def prompt_and_completion(row: dict) -> tuple:
     if "messages" in row:
         return row["messages"][:-1], row["messages"][-1:]
@@ -213,11 +199,10 @@ def load_examples(args, tokenizer, stop_ids: list) -> tuple:
 
 def collate(examples: list, pad_id: int) -> dict:
     """A batch in which every response starts at the same column: prompts left-padded to the longest
-    prompt P, responses right-padded to the longest response R. The loss then needs the logits of the
-    last R + 1 positions only (`logits_to_keep`; position P - 1 predicts the first response token),
-    not those of the prompts and their padding. Positions count from each row's first token, so the
-    padding changes no number. input_ids, attention_mask, position_ids: (B, P + R); labels: (B, R + 1),
-    aligned with the kept logits: the response tokens in the last R columns, -100 elsewhere."""
+    prompt P, responses right-padded to the longest response R, so the loss needs the logits of the last
+    R + 1 positions only (`logits_to_keep`; position P - 1 predicts the first response token). Positions
+    count from each row's first token, so padding changes no number. input_ids, attention_mask,
+    position_ids: (B, P + R); labels: (B, R + 1): the responses in the last R columns, -100 elsewhere."""
     # a response with no prompt before it: its first token has no position to be predicted from
     split = [e["labels"].count(-100) or 1 for e in examples]  # the prompt's length
     P = max(split)
@@ -235,11 +220,8 @@ def collate(examples: list, pad_id: int) -> dict:
 
 
 # ---- The model: loading, the loss's logits, evaluation, sampling ----------------------------------
-
-
 def load_model(name: str, trust_remote_code: bool):
-    """The other scripts' load_model, plus one case only SFT needs: a directory with a config and no
-    weights gives a randomly initialised model (how the toy's pi_sft starts)."""
+    """The other scripts' load_model, plus a directory with a config and no weights: random weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_architecture(name, trust_remote_code, "ForCausalLM")
@@ -280,41 +262,23 @@ def evaluate_loss(model, examples: list, batch_size: int, pad_id: int, device, a
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, device,
-           stop_ids: list) -> list:
-    """One response per prompt sampled from softmax(logits / T) (no top-k, no top-p), batched,
-    left-padded, stopping on any stop id."""
-    texts = [format_prompt(tokenizer, p) for p in prompts]
+def show_samples(model, tokenizer, eval_rows: list, args, device, stop_ids: list, out: Path) -> None:
+    """One response per held-out prompt from softmax(logits / T) (no top-k, no top-p), in one
+    left-padded batch stopping on any stop id: printed and saved to samples.jsonl."""
+    prompts = [prompt_and_completion(r)[0] for r in eval_rows[: args.num_samples]]
     tokenizer.padding_side = "left"
-    batch = tokenizer(texts, return_tensors="pt", padding=True,
+    batch = tokenizer([format_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
                       add_special_tokens=not isinstance(prompts[0], list)).to(device)
     model.eval()
-    config = sampling_config(temperature, max_new_tokens, tokenizer.pad_token_id, stop_ids)
-    out = generate(model, batch, config)
-    model.train()
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-
-
-# ---- Training -------------------------------------------------------------------------------------
-
-
-def dry_run(tokenizer, train: list, evals: list, total_steps: int, args) -> dict:
-    """--dry_run: one tokenised example and the counts, before any model loads."""
-    print("example: " + show_example(tokenizer, **train[0]))
-    print(f"dry run: {len(train)} train / {len(evals)} eval examples, {total_steps} optimiser steps of "
-          f"{args.batch_size * args.gradient_accumulation_steps} examples; no model loaded, nothing written")
-    return {"train/examples": len(train), "eval/examples": len(evals), "train/steps": total_steps}
-
-
-def show_samples(model, tokenizer, eval_rows: list, args, device, stop_ids: list, out: Path) -> None:
-    """A few held-out prompts answered by the trained model, printed and saved to samples.jsonl."""
-    prompts = [prompt_and_completion(r)[0] for r in eval_rows[: args.num_samples]]
-    responses = sample(model, tokenizer, prompts, args.max_new_tokens, args.temperature, device, stop_ids)
+    config = sampling_config(args.temperature, args.max_new_tokens, tokenizer.pad_token_id, stop_ids)
+    generated = generate(model, batch, config)[:, batch["input_ids"].shape[1] :]
+    responses = tokenizer.batch_decode(generated, skip_special_tokens=True)
     write_jsonl(out / "samples.jsonl", [{"prompt": p, "response": r} for p, r in zip(prompts, responses)])
     for prompt, response in zip(prompts, responses):
         print(f"\n> {prompt[-1]['content'] if isinstance(prompt, list) else prompt}\n{response}")
 
 
+# ---- Training -------------------------------------------------------------------------------------
 def main(args: Args) -> dict:
     # set-up: every argument and the output dir checked before anything loads
     check_args(args)
@@ -324,8 +288,12 @@ def main(args: Args) -> dict:
     stop_ids, pad_id = stop_token_ids(tokenizer, args.model), tokenizer.pad_token_id
     train, evals, eval_rows = load_examples(args, tokenizer, stop_ids)
     total_steps = count_steps(len(train), args)
-    if args.dry_run:
-        return dry_run(tokenizer, train, evals, total_steps, args)
+    if args.dry_run:  # one tokenised example and the counts, before any model loads
+        print("example: " + show_example(tokenizer, **train[0]))
+        print(f"dry run: {len(train)} train / {len(evals)} eval examples, {total_steps} optimiser steps of "
+              f"{args.batch_size * args.gradient_accumulation_steps} examples; no model loaded, "
+              "nothing written")
+        return {"train/examples": len(train), "eval/examples": len(evals), "train/steps": total_steps}
     checkpoint = last_checkpoint(out) if args.resume else None
 
     # the model and its optimiser
@@ -339,8 +307,7 @@ def main(args: Args) -> dict:
           f"{len(evals)} eval examples, {total_steps} steps, device {device}, {dtype}")
 
     # the loop: the response tokens' negative log-likelihood, averaged over the optimiser step's tokens
-    stream = micro_batches(train, [len(e["input_ids"]) for e in train], args,
-                           skip=start_step * args.gradient_accumulation_steps)
+    stream = micro_batches(train, args, skip=start_step * args.gradient_accumulation_steps)
     window = progress["window"]
     for step in tqdm(range(start_step + 1, total_steps + 1), desc="sft", dynamic_ncols=True, disable=quiet()):
         step_start = time.time()
@@ -382,14 +349,13 @@ def main(args: Args) -> dict:
 
 
 class UsageError(SystemExit):
-    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
-    for a malformed command line (str() gives the message, for code that calls main directly)."""
+    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2."""
 
     def __init__(self, message: str):
         super().__init__(2)
         self.message = f"error: {message}"
 
-    def __str__(self) -> str:
+    def __str__(self) -> str:  # the message, for code that calls main directly
         return self.message
 
 
@@ -416,25 +382,21 @@ def training_problems(args) -> list:
 
 def count_steps(n_rows: int, args) -> int:
     """Optimiser steps of the run: --max_steps, else the epochs' micro-batches over the accumulation."""
-    if world_size() > 1:  # under torchrun: --batch_size is per process
-        print(f"global batch: --batch_size {args.batch_size} x {world_size()} processes x "
-              f"--gradient_accumulation_steps {args.gradient_accumulation_steps} = "
-              f"{args.batch_size * world_size() * args.gradient_accumulation_steps}")
-    if args.max_steps:
-        return args.max_steps
-    micro = args.num_epochs * math.ceil(n_rows / (args.batch_size * world_size()))
-    if micro < args.gradient_accumulation_steps:
+    world, accumulation = world_size(), args.gradient_accumulation_steps
+    if world > 1:  # under torchrun --batch_size is per process
+        print(f"global batch: --batch_size {args.batch_size} x {world} processes x "
+              f"--gradient_accumulation_steps {accumulation} = {args.batch_size * world * accumulation}")
+    micro = args.num_epochs * math.ceil(n_rows / (args.batch_size * world))
+    if not args.max_steps and micro < accumulation:
         raise UsageError(f"{n_rows} training rows make {micro} micro-batches of --batch_size "
-                         f"{args.batch_size} x {world_size()} process(es) in {args.num_epochs} epoch(s), "
-                         "fewer than one optimiser step "
-                         f"of --gradient_accumulation_steps {args.gradient_accumulation_steps}: lower it, or "
+                         f"{args.batch_size} x {world} process(es) in {args.num_epochs} epoch(s), fewer than "
+                         f"one optimiser step of --gradient_accumulation_steps {accumulation}: lower it, or "
                          "set --max_steps")
-    return micro // args.gradient_accumulation_steps
+    return args.max_steps or micro // accumulation
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
-    """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`, or
-    (schedule "constant") the peak rate from then on."""
+    """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`, or constant."""
     if step < warmup:
         return step / max(1, warmup)
     if schedule == "constant":
@@ -444,51 +406,29 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 
     return floor + (1.0 - floor) * decay
 
 
-def epoch_order(lengths: list, batch_size: int, group_by_length: bool, generator) -> list:
-    """One epoch's order of the rows: a shuffle. With group_by_length, the shuffle regrouped so that
-    each micro-batch holds rows of similar length (less padding): rows sorted by length within
-    windows of 64 micro-batches, then all the micro-batches shuffled. Every row is still seen once
-    per epoch and every loss here is a mean over the micro-batch's rows, so an epoch optimises the
-    same objective; only which rows share a step changes (and with it the step's noise)."""
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    if not group_by_length:
-        return order
-    window, steps = 64 * batch_size, []
-    for w in range(0, len(order), window):
-        part = sorted(order[w : w + window], key=lambda i: lengths[i])
-        steps += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
-    return [i for s in torch.randperm(len(steps), generator=generator).tolist() for i in steps[s]]
-
-
-def micro_batches(rows: list, lengths: list, args, skip: int):
-    """Endless stream of shuffled micro-batches of rows, epoch after epoch (the same order for a seed);
-    a resumed run skips the `skip` micro-batches it already trained on. Under torchrun every process
-    draws the same global micro-batches of batch_size x processes rows and trains on every N-th row of
-    each (an epoch's last, short one may leave a process none: it then repeats the last row)."""
+def micro_batches(rows: list, args, skip: int):
+    """Endless shuffled micro-batches, epoch after epoch (same order per seed), after `skip` done ones."""
     me, world, g, n = rank(), world_size(), torch.Generator().manual_seed(args.seed), 0
     size = args.batch_size * world
     while True:
-        order = epoch_order(lengths, size, args.group_by_length, g)
+        order = torch.randperm(len(rows), generator=g).tolist()
         for i in range(0, len(order), size):
             n += 1
             if n > skip:
                 batch = order[i : i + size]
-                mine = batch[me::world] or batch[-1:]
-                yield [rows[j] for j in mine]
+                # under torchrun every N-th row of the same global batch (a short last one: its last row)
+                yield [rows[j] for j in batch[me::world] or batch[-1:]]
 
 
 def resolve(path: str) -> str:
-    """A relative path that is not under the working directory but is next to this script (the toy
-    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder; `~` is expanded."""
+    """`~` expanded; a relative path missing here but present next to this script (the toy) resolves there."""
     path = os.path.expanduser(path)
     here = Path(__file__).resolve().parent / path
     return str(here) if not Path(path).exists() and here.exists() else path
 
 
 def locate(name: str, what: str) -> str:
-    """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
-    a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
-    fails at once, instead of after a minute of trying the hub."""
+    """The path `name` resolves to, or `name` as a hub id; a missing path fails now, not after the hub."""
     path = resolve(name)
     if Path(path).exists():
         return path
@@ -509,23 +449,8 @@ def load_failure(name: str, what: str, error: Exception) -> SystemExit:
     return SystemExit(f"error: could not load {what} '{name}': {reason}")
 
 
-def field_problem(value) -> Optional[str]:
-    """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
-    if value is None:
-        return "is missing"
-    if isinstance(value, str) or (isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value)):
-        return None
-    return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
-            "{role, content} messages")
-
-
 def load_split(name: str, split: str, needs: list):
-    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (its rows
-    are the split "train", so train[:100] slices it; load_splits holds some out for evaluation).
-    `needs` lists alternatives: each a tuple of columns that together suffice. Every row's fields are
-    checked here, so a bad row fails with its number, not deep inside."""
+    """One split of a hub dataset, a folder of {split}.jsonl files or one .jsonl file, every row checked."""
     from datasets import load_dataset
 
     path = locate(name, "dataset")
@@ -536,7 +461,7 @@ def load_split(name: str, split: str, needs: list):
         raise SystemExit(f"error: {where} is empty: {file} has no rows")
     try:
         data = (load_dataset("json", data_files=path, split=split if split.startswith("train") else "train")
-                if one_file else load_dataset(path, split=split))  # a file's rows are its split "train"
+                if one_file else load_dataset(path, split=split))
     except Exception as e:  # datasets raises many types; all mean the same to a user
         raise load_failure(name, f"split '{split}' of dataset", e)
     columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
@@ -545,20 +470,24 @@ def load_split(name: str, split: str, needs: list):
         raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
     if len(data) == 0:
         raise SystemExit(f"error: {where} has no rows")
-    columns = list(dict.fromkeys([c for c in ("prompt",) if c in data.column_names] + list(columns)))
+    columns = list(dict.fromkeys(["prompt"] * ("prompt" in data.column_names) + list(columns)))
     for i, row in enumerate(data.select_columns(columns)):
-        for column in columns:
-            problem = field_problem(row[column])
-            if problem and not (column == "prompt" and row[column] == ""):
-                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' {problem}")
+        for column, value in row.items():
+            messages = isinstance(value, list) and value and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in value)
+            if value is None:
+                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' is missing")
+            if not (isinstance(value, str) or messages):
+                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' is {type(value).__name__} "
+                                 f"{str(value)[:40]!r}; expected a string or a list of "
+                                 "{role, content} messages")
     return data
 
 
 def load_splits(name: str, train_split: str, eval_split: Optional[str], needs: list, eval_fraction: float,
                 seed: int) -> tuple:
-    """(train rows, eval rows or None). One .jsonl file has no splits: a shuffled `eval_fraction` of its
-    rows is held out for evaluation and never trained on, and the counts are printed; a run never
-    evaluates on its own training rows."""
+    """(train rows, eval rows or None); one .jsonl file holds out a shuffled `eval_fraction` for eval."""
     train = load_split(name, train_split, needs)
     if not eval_split:
         return train, None
@@ -579,7 +508,7 @@ def first(data, n: Optional[int]):
 
 
 def report_dropped(kept: int, dropped: int, max_length: int, where: str) -> None:
-    """Rows whose prompt leaves no room for a response token carry no loss: they are dropped, and said."""
+    """Rows whose prompt leaves no room for a response token carry no loss: dropped, and said."""
     if dropped:
         print(f"note: {where}: dropped {dropped} of {kept + dropped} rows whose prompt fills --max_length "
               f"{max_length} (no response token left)")
@@ -587,7 +516,7 @@ def report_dropped(kept: int, dropped: int, max_length: int, where: str) -> None
         raise SystemExit(f"error: {where}: every prompt fills --max_length {max_length}; raise it")
 
 
-# Used only for a tokenizer without a chat template; documented in the README.
+# Used only for a tokenizer without a chat template; documented in docs/conventions.md#data.
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
@@ -613,9 +542,7 @@ def load_tokenizer(name: str, trust_remote_code: bool):
 
 
 def stop_token_ids(tokenizer, name: str) -> list:
-    """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
-    generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
-    and end-of-text tokens, and generation stops on any of them)."""
+    """Every id that ends a response: the tokenizer's EOS and generation_config.json's eos_token_id(s)."""
     from transformers import GenerationConfig
 
     try:
@@ -633,29 +560,19 @@ def format_prompt(tokenizer, prompt) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-def format_example(tokenizer, prompt, completion) -> tuple:
-    """(prompt_text, completion_text, templated): the response is what the template adds after the
-    prompt, so it carries the template's end-of-turn token (and whatever the template writes after it,
-    which tokenize_example cuts off)."""
-    if isinstance(prompt, str):
-        return prompt, completion, False
-    prompt_text = format_prompt(tokenizer, prompt)
-    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise SystemExit("error: the chat template does not render the prompt as a prefix of the full "
-                         f"conversation, so the response cannot be located:\n{prompt_text!r}\n{full_text!r}")
-    return prompt_text, full_text[len(prompt_text):], True
-
-
 def tokenize_example(tokenizer, prompt, completion, max_length: int, stop_ids: list,
                      check: bool = False) -> tuple:
-    """(prompt_ids, completion_ids). The response is what the policy emits: its tokens up to and
-    including the first stop id. Template text after the end-of-turn token (ChatML's newline after
-    <|im_end|>) is not part of it; a response with no stop id gets the tokenizer's EOS. Prompt and
-    response are tokenised apart and concatenated, so the response mask is exact; `check` warns when
-    that differs from tokenising the joined text (a BPE merge across the boundary, or special tokens
-    added twice): the model is then trained on a tokenisation that it would not see at inference."""
-    prompt_text, completion_text, templated = format_example(tokenizer, prompt, completion)
+    """(prompt_ids, completion_ids), apart so the response mask is exact; the response ends at a stop id."""
+    templated = not isinstance(prompt, str)
+    prompt_text, completion_text = prompt, completion
+    if templated:
+        prompt_text = format_prompt(tokenizer, prompt)
+        full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        if not full_text.startswith(prompt_text):
+            raise SystemExit("error: the chat template does not render the prompt as a prefix of the full "
+                             "conversation, so the response cannot be located:\n"
+                             f"{prompt_text!r}\n{full_text!r}")
+        completion_text = full_text[len(prompt_text):]
     prompt_ids = tokenizer(prompt_text, add_special_tokens=not templated)["input_ids"]
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
     ends = [t for t, token in enumerate(completion_ids) if token in stop_ids]
@@ -678,9 +595,7 @@ def show_example(tokenizer, input_ids: list, labels: list) -> str:
 
 
 def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
-    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
-    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
-    reward model, whose score head would be random."""
+    """Refuses, before loading weights, a reward model where a causal LM is needed, or the converse."""
     from transformers import AutoConfig
 
     try:
@@ -708,20 +623,16 @@ def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, 
 
 
 def generate(model, batch: dict, config):
-    """model.generate with `config` and nothing else (KV-cached). transformers fills every field a
-    config leaves unset from the checkpoint's generation_config.json (a repetition penalty, min_p,
-    suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
+    """model.generate (KV-cached) with `config` alone, not the checkpoint's generation_config.json."""
     checkpoint_config, model.generation_config = model.generation_config, config
-    try:  # under FSDP every process runs the forward passes until all have finished (synced_gpus)
+    try:  # under FSDP every process runs forward passes until all have finished (synced_gpus)
         return model.generate(**batch, generation_config=config, synced_gpus=world_size() > 1)
     finally:
         model.generation_config = checkpoint_config
 
 
 def setup(args) -> tuple:
-    """Seeds, device (cuda when present; under torchrun this process's GPU) and compute dtype (bf16
-    autocast on CUDA, fp32 elsewhere); transformers' per-load reports and progress bars hidden unless
-    --verbose. (device, dtype, autocast)"""
+    """Seeds, device (joining torchrun's processes), dtype, quiet loading: (device, dtype, autocast)."""
     import datasets
     import transformers
 
@@ -731,53 +642,38 @@ def setup(args) -> tuple:
         datasets.disable_progress_bars()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
-                          else args.device)
-    device = start_processes(device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
+    if "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized():  # under torchrun
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if rank() > 0:
+            sys.stdout = open(os.devnull, "w")  # rank 0 alone prints
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     return device, dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
 
 
-# ---- Many processes: torchrun --nproc_per_node N <script>.py ... (FSDP2). Without torchrun, none of
-# this does anything. Every process holds 1/N of each model (its weights, and for the trained ones their
-# gradients and AdamW state), trains on its share of each global batch and runs every evaluation in
-# full (simple, and evaluations are small); rank 0 alone prints, logs and writes. Collectives pair
-# numbers by position: every process computes the same keys in the same order.
+# ---- Many processes: torchrun --nproc_per_node N <script>.py ... (FSDP2); without torchrun, none of this
+# does anything. Every process holds 1/N of each model (and of the trained ones' gradients and AdamW state),
+# trains on its share of each global batch and runs every evaluation in full; rank 0 alone prints and
+# writes. Collectives pair numbers by position: every process computes the same keys in the same order.
 
 
 def rank() -> int:
-    """This process's number, 0 to world_size() - 1: 0 without torchrun."""
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def world_size() -> int:
-    """The number of processes: 1 without torchrun."""
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
-def start_processes(device):
-    """Under torchrun (which sets LOCAL_RANK), joins the process group: NCCL between GPUs (this
-    process's GPU is cuda:LOCAL_RANK), gloo on CPUs. Ranks above 0 print nothing and show no progress
-    bar (quiet). Returns the device."""
-    if "LOCAL_RANK" not in os.environ or torch.distributed.is_initialized():
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if rank() > 0:
-        sys.stdout = open(os.devnull, "w")
-    return device
-
-
 def place(model, device, frozen: bool = False):
-    """The model on `device` (`frozen`: in eval mode, without gradients); under torchrun, sharded over
-    the processes with FSDP2: each decoder layer, then the rest (embeddings, head), so that a forward
-    pass gathers one layer's full weights at a time. A frozen model (reference, reward) is sharded too:
-    replicated, a 13B one would take 52 GB of fp32 on every GPU. With bf16, the gathered weights stay
-    fp32 and the forward runs under the same autocast as one process: twice the all-gather bytes of bf16
-    weights, for the numbers of one process (FSDP's bf16 policy would run the whole model in bf16,
-    residual stream included, which autocast on one process does not: SFT's first loss 1.2e-3 apart)."""
+    """The model on `device` (`frozen`: eval mode, no gradients); under torchrun sharded with FSDP2, each
+    decoder layer then the rest (frozen models too: a replicated 13B reference is 52 GB of fp32 per GPU).
+    The gathered weights stay fp32 under one process's autocast: FSDP's bf16 policy would also run the
+    residual stream in bf16 (SFT's first loss 1.2e-3 apart)."""
     model = model.to(device)
     if frozen:
         model.eval().requires_grad_(False)
@@ -785,8 +681,7 @@ def place(model, device, frozen: bool = False):
         return model
     from torch.distributed.fsdp import fully_shard
 
-    # FSDP keeps a root's weights gathered from its forward pass to its backward pass, which a frozen
-    # model never has: frozen, every unit reshards after its forward pass
+    # a frozen model has no backward pass to keep its root's weights gathered for: reshard after forward
     shard = dict(reshard_after_forward=True if frozen else None)
     for module in model.modules():
         if type(module).__name__ in (model._no_split_modules or []):  # the decoder layers
@@ -798,7 +693,7 @@ def place(model, device, frozen: bool = False):
 
 
 def summed(numbers: list) -> list:
-    """The numbers, each summed over the processes (as they are in one process)."""
+    """The numbers, each summed over the processes."""
     if world_size() == 1 or not numbers:
         return numbers
     nccl = torch.distributed.get_backend() == "nccl"
@@ -808,16 +703,12 @@ def summed(numbers: list) -> list:
 
 
 def per_process(count: int) -> float:
-    """A step's count (of tokens, pairs) summed over the processes and divided by their number. FSDP
-    averages the processes' gradients (as DDP does), so a loss summed over this process's rows and
-    divided by this has, averaged, the gradient of the mean over the global batch. One process: count."""
+    """A step's count (tokens, pairs) summed over the processes, divided by their number."""
     return count if world_size() == 1 else summed([count])[0] / world_size()
 
 
 def gathered(state):
-    """A state dict (a model's or an optimiser's) with each FSDP shard (a DTensor) gathered into its full
-    tensor (every process takes part), kept on rank 0's CPU for it to save, None elsewhere: the files
-    are those of a one-process run."""
+    """A state dict with each FSDP shard gathered in full, on rank 0's CPU (None elsewhere)."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(state, DTensor):
@@ -835,38 +726,21 @@ def gathered(state):
     return full
 
 
-def sharded(optimizer, saved: dict) -> dict:
-    """A checkpoint's AdamW state dict (full tensors) cut to this process's FSDP shards, one tensor at a
-    time, before optimizer.load_state_dict (which keeps them as they are)."""
-    from torch.distributed.tensor import distribute_tensor
-
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    ids = [i for group in saved["param_groups"] for i in group["params"]]
-    for i, param in zip(ids, params):
-        for key, value in saved["state"].get(i, {}).items():
-            if key != "step":  # the moments, shaped as the parameter (the step count is a scalar)
-                saved["state"][i][key] = distribute_tensor(value.to(param.device), param.device_mesh,
-                                                           param.placements)
-    return saved
-
-
 def quiet():
-    """tqdm's `disable`: True on ranks above 0 (one progress bar), else None (tqdm's choice: a bar on a
-    terminal only)."""
+    """tqdm's `disable`: True on ranks above 0 (one progress bar), else None (a bar on a terminal only)."""
     return True if rank() > 0 else None
 
 
 def start_training(models: list, args, total_steps: int, schedule: str, floor: float = 0.0,
                    eps: float = 1e-8) -> tuple:
-    """The models in train mode (with gradient checkpointing if asked), one fused AdamW over all their
-    parameters (one kernel for all tensors), and warmup then `schedule` (lr_factor). (optimizer, scheduler)"""
+    """Train mode (gradient checkpointing if asked), one fused AdamW, warmup then `schedule`."""
     for model in models:
         model.train()
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
     params = [p for model in models for p in model.parameters()]
-    fused = params[0].device.type in ("cpu", "cuda")
+    fused = params[0].device.type in ("cpu", "cuda")  # one kernel for all tensors
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=args.adam_betas, eps=eps,
                                   weight_decay=args.weight_decay, fused=fused)
     warmup = int(args.warmup_ratio * total_steps)
@@ -877,10 +751,7 @@ def start_training(models: list, args, total_steps: int, schedule: str, floor: f
 
 
 def optimizer_step(optimizer, scheduler, max_grad_norm: float, loss: float, when: str) -> float:
-    """Clips the gradient norm, steps and zeroes the gradients, unless the loss or the gradient is not
-    finite: then the run stops before the update, saying `when`. Returns the norm before clipping. Under
-    torchrun, `loss` is summed over the processes and the norm is that of the whole gradient, so every
-    process stops, or steps, together."""
+    """Clips, steps and zeroes the gradients, or stops the run if the loss or gradient is not finite."""
     loss = summed([loss])[0]
     if not math.isfinite(loss):
         raise SystemExit(f"error: the loss became {loss} {when}; stopping before the update (the last "
@@ -909,8 +780,7 @@ def tally(window: dict, sums: dict, n: int) -> None:
 def means(window: dict) -> dict:
     """The window's means (under torchrun over every process's rows); the window is emptied."""
     n = window.pop("n")
-    totals = summed(list(window.values()) + [n])
-    n = totals.pop()
+    *totals, n = summed(list(window.values()) + [n])
     result = {k: v / n for k, v in zip(window, totals)}
     window.clear()
     return result
@@ -932,14 +802,10 @@ def write_jsonl(path: Path, rows: list) -> None:
 
 
 def log(out: Path, record: dict) -> None:
-    """One record appended to out/metrics.jsonl, and the same as one printed line. Under torchrun every
-    process calls it: each float is first averaged over the processes (a throughput is then per process,
-    a PPO statistic of the minibatch that of the global one; a train_record, already reduced by means,
-    stays as it is) and rank 0 writes."""
-    if world_size() > 1:
-        floats = [k for k, v in record.items() if isinstance(v, float)]
-        for k, total in zip(floats, summed([record[k] for k in floats])):
-            record[k] = total / world_size()
+    """One record appended to out/metrics.jsonl and printed (floats averaged over the processes)."""
+    floats = [k for k, v in record.items() if isinstance(v, float)]
+    for k, total in zip(floats, summed([record[k] for k in floats])):
+        record[k] = total / world_size()
     if rank() > 0:
         return
     with open(out / "metrics.jsonl", "a") as f:
@@ -947,30 +813,8 @@ def log(out: Path, record: dict) -> None:
     tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
 
-def run_info(device, dtype: str) -> dict:
-    """What a reader needs to reproduce a run besides its arguments."""
-    import subprocess
-
-    import datasets
-    import transformers
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
-            "python": sys.version.split()[0], "torch": torch.__version__,
-            "transformers": transformers.__version__, "datasets": datasets.__version__,
-            "device": str(device), "dtype": dtype, "processes": world_size(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
-    """Fails before any work if the run would overwrite a previous one; writes nothing. With --resume,
-    the directory must hold an unfinished run with the same arguments. `resume` None: the script
-    cannot resume. Sets args.output_dir (the default is runs/<script>-<time>). Only rank 0 checks: the
-    others would race with its writing (torchrun stops them all when one fails)."""
+def check_output_dir(args, script: str, models: list, resume: bool) -> Path:
+    """Fails before any work if the run would overwrite another (or, to --resume, is not the same run)."""
     out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.output_dir = str(out)
     if rank() > 0:
@@ -990,19 +834,15 @@ def check_output_dir(args, script: str, models: list, resume: Optional[bool]) ->
                    and recorded.get(k) != v]
         if changed:
             raise UsageError(f"--resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
-                              "resume with the same ones")
-        return out
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        hint = "--resume to continue it, " if resume is not None else ""
-        raise UsageError(f"output_dir '{out}' already holds a run; pass {hint}--overwrite to start over, or "
-                          "choose another --output_dir")
+                             "resume with the same ones")
+    elif out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"output_dir '{out}' already holds a run; pass --resume to continue it, --overwrite "
+                         "to start over, or choose another --output_dir")
     return out
 
 
 def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional[int] = None) -> None:
-    """Called once the inputs have loaded. A new run: empties an --overwrite'n dir, writes args.json (the
-    arguments, then under "run" the versions, device, dtype and git commit). A resumed run keeps the
-    metrics logged up to its checkpoint and drops the later ones, which the run will log again."""
+    """A new run writes args.json; a resumed one drops the metrics logged after its checkpoint."""
     if rank() > 0:  # rank 0 writes
         return
     if resume_step is not None:
@@ -1010,11 +850,24 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
         records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
         write_jsonl(log_file, [r for r in records if r.get("step", 0) <= resume_step])
         return
-    if out.exists():
-        shutil.rmtree(out)
+    import subprocess
+
+    import datasets
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    run = {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
+           "python": sys.version.split()[0], "torch": torch.__version__,
+           "transformers": transformers.__version__, "datasets": datasets.__version__, "device": str(device),
+           "dtype": dtype, "processes": world_size(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     with open(out / "args.json", "w") as f:
-        json.dump({**asdict(args), "run": run_info(device, dtype)}, f, indent=2)
+        json.dump({**asdict(args), "run": run}, f, indent=2)
 
 
 def check_finite(weights: dict, when: str) -> None:
@@ -1026,11 +879,8 @@ def check_finite(weights: dict, when: str) -> None:
 
 
 def save_model(model, tokenizer, out: Path) -> None:
-    """The final model, in `out` itself (loadable as --model out). Written to a temporary folder, then
-    moved in with config.json last: until config.json is there, no loader takes the folder for a model,
-    so a crash mid-save never leaves a loadable half-model. Non-finite weights are never saved. Under
-    torchrun every process takes part in gathering the full weights, and rank 0 saves them."""
-    full = gathered(model.state_dict(keep_vars=True)) if world_size() > 1 else None
+    """The final model in `out` itself, moved in with config.json last (no loadable half-model)."""
+    full = gathered(model.state_dict(keep_vars=True)) if world_size() > 1 else None  # every process gathers
     if rank() > 0:
         return
     check_finite(dict(model.named_parameters()) if full is None else full, "at the end of training")
@@ -1044,12 +894,7 @@ def save_model(model, tokenizer, out: Path) -> None:
 
 
 def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Optional[dict]) -> None:
-    """A periodic checkpoint, out/checkpoint-<step>: each model in its subfolder ("." for the trained
-    one, loadable as it is) and trainer_state.pt (optimiser, scheduler, progress, random states) unless
-    `state` is None. It is written complete to a temporary folder and renamed into place in one step,
-    and older checkpoints are removed only then: a kill at any moment leaves one complete checkpoint.
-    Under torchrun the shards of the models and of the optimiser are gathered, and rank 0 saves them:
-    the same files as a one-process run (--resume continues them with the same number of processes)."""
+    """out/checkpoint-<step>: the models and trainer_state.pt, renamed into place whole."""
     many = world_size() > 1
     full = {folder: gathered(m.state_dict(keep_vars=True)) if many else None for folder, m in models.items()}
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
@@ -1057,11 +902,9 @@ def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Option
     if many and state is not None:  # every process's random states, and the log window summed over all
         rngs = [None] * world_size()
         torch.distributed.all_gather_object(rngs, rng)
-        rng = rngs
-        window = state["progress"]["window"]
-        progress = {**state["progress"], "window": dict(zip(window, summed(list(window.values()))))}
-        state = gathered(state)
-        state["progress"] = progress
+        rng, window = rngs, state["progress"]["window"]
+        state = {**gathered(state), "progress": {**state["progress"],
+                                                  "window": dict(zip(window, summed(list(window.values()))))}}
     if rank() > 0:
         return
     for folder, model in models.items():  # all checked before anything is written
@@ -1081,22 +924,27 @@ def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Option
 
 
 def last_checkpoint(out: Path) -> Optional[Path]:
-    found = sorted(out.glob("checkpoint-*"))
-    return found[-1] if found else None
+    return max(out.glob("checkpoint-*"), default=None)
 
 
 def restore(checkpoint: Path, optimizer, scheduler) -> tuple:
-    """--resume: the optimiser, the schedule and the random states as they were at the checkpoint.
-    Returns (step, progress). Under torchrun each process keeps its shards of the AdamW state, its own
-    random states, and rank 0 the log window."""
+    """--resume: the optimiser, schedule and random states as at the checkpoint; (step, progress)."""
     many = world_size() > 1
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=False,
                        map_location="cpu" if many else None)
     if not isinstance(state.get("progress"), dict):
         raise SystemExit(f"error: {checkpoint} was written by an older version of this script, which "
                          "this one cannot continue: resume with that version, or start over (--overwrite)")
-    if many:  # the checkpoint holds full tensors, every process's random states and the summed window
-        state["optimizer"] = sharded(optimizer, state["optimizer"])
+    if many:  # the checkpoint holds full tensors: cut the AdamW moments to this process's FSDP shards
+        from torch.distributed.tensor import distribute_tensor
+
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        ids = [i for group in state["optimizer"]["param_groups"] for i in group["params"]]
+        for i, param in zip(ids, params):
+            for key, value in state["optimizer"]["state"].get(i, {}).items():
+                if key != "step":  # the step count is a scalar
+                    value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+                    state["optimizer"]["state"][i][key] = value
         state["random"] = state["random"][rank()]
         state["progress"]["window"] = state["progress"]["window"] if rank() == 0 else {}
     optimizer.load_state_dict(state["optimizer"])
@@ -1110,8 +958,7 @@ def restore(checkpoint: Path, optimizer, scheduler) -> tuple:
 
 
 def finish(out: Path, results: dict) -> dict:
-    """eval.json ends a run: its resumable checkpoints are removed, as nothing is left to resume (a
-    checkpoint without trainer_state.pt, PPO's, is models to start from, and stays). Rank 0 writes."""
+    """Writes eval.json, which ends a run, and removes its resumable checkpoints."""
     if rank() > 0:
         return results
     with open(out / "eval.json", "w") as f:
@@ -1125,20 +972,15 @@ def finish(out: Path, results: dict) -> dict:
 
 def describe_run(output_dir: Optional[str]) -> str:
     """What a stopped run left behind, in one line (printed on Ctrl-C)."""
-    out = Path(output_dir) if output_dir else None
-    if out is None or not (out / "args.json").exists():
+    out = Path(output_dir or "")
+    if not output_dir or not (out / "args.json").exists():
         return "nothing was written"
-    log_file = out / "metrics.jsonl"
+    log_file, checkpoint = out / "metrics.jsonl", last_checkpoint(out)
     records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
-    steps = [r.get("step", r.get("iteration")) for r in records]
-    last = f", last at step {steps[-1]}" if steps else ""
-    kept = f"args.json, metrics.jsonl ({len(records)} records{last})"
-    checkpoint = last_checkpoint(out)
-    kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
-    if "resume" not in json.load(open(out / "args.json")):
-        return f"kept in {out}: {kept}; --overwrite --output_dir {out} starts over"
-    again = "continues it" if checkpoint else "starts it again"
-    return f"kept in {out}: {kept}; --resume --output_dir {out} {again}"
+    last = f", last at step {records[-1].get('step', records[-1].get('iteration'))}" if records else ""
+    kept = (f"kept in {out}: args.json, metrics.jsonl ({len(records)} records{last}), "
+            f"{checkpoint.name if checkpoint else 'no checkpoint yet'}")
+    return f"{kept}; --resume --output_dir {out} {'continues it' if checkpoint else 'starts it again'}"
 
 
 def cli(argv: Optional[list] = None) -> None:

@@ -9,52 +9,43 @@
 # ///
 """VAR: variational alignment with re-weighting, RLHF as a reward-weighted SFT (Du et al., 2025).
 
-From the paper: RLHF's optimum is pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x) (Eq. 3). VAR fits
-pi_theta to it by minimising the forward KL(pi* || pi_theta) (Eq. 11-13), which up to a constant is
-- E_x E_{pi*} log pi_theta(y|x); importance sampling with the offline data in place of pi* (Eq. 14-15)
-turns that into a weighted SFT with positive weights exp(r(x, y) / beta) / Z(x), bounded below
-(Theorem B.1). Z(x) is estimated inside each mini-batch by "cross-context importance sampling" (Sec.
-3.3, Eq. 16-20): the batch's other responses serve as samples for prompt x_i, and Algorithm 1 builds
-each prompt's normaliser from exponentiated rewards alone ("for j: compute the exponent of reward
-for the pair (x_i, y_j); add it to Z_i"). The paper's text lost its equations, so the exact formulas
-are a reconstruction from that prose (docs/var.md). For a batch {(x_i, y_i)}, i = 1..B, without
-gradient (the default, `--normalizer reward`):
+RLHF's optimum is pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x) (Eq. 3). VAR fits pi_theta to it by
+minimising the forward KL(pi* || pi_theta) (Eq. 11-13), up to a constant - E_x E_{pi*} log pi_theta(y|x);
+importance sampling with the offline data in place of pi* (Eq. 14-15) turns that into a weighted SFT
+with positive weights exp(r(x, y) / beta) / Z(x), bounded below (Theorem B.1). Z(x) is estimated inside
+each mini-batch by "cross-context importance sampling" (Sec. 3.3, Eq. 16-20): the batch's other
+responses serve as samples for prompt x_i, and Algorithm 1 builds each prompt's normaliser from
+exponentiated rewards alone. The paper's text lost its equations, so the formulas are a reconstruction
+from its prose (docs/var.md). For a batch {(x_i, y_i)}, i = 1..B, without gradient (`--normalizer reward`):
 
     R[i, j] = r(x_i, y_j) / beta                                     every prompt with every response
     w_i     = B softmax_j(R[i, :])[i]  =  e^{r(x_i, y_i)/beta} / mean_j e^{r(x_i, y_j)/beta}    (Alg. 1)
     L_VAR   = - (1/B) sum_i w_i log pi_theta(y_i | x_i)               (Eq. 21; log-probs summed over tokens)
 
-Why this reading: when the offline responses look like samples of pi_ref (responses of the SFT model or
-one like it, the usual case), mean_j e^{r(x_i, y_j)/beta} estimates Z(x_i) = E_{pi_ref} e^{r/beta}, and
-the minimiser of L_VAR for each prompt is pi_ref e^{r/beta} / Z = pi* (Appendix D; tested on a tabular
-problem with batches sampled from pi_ref). The estimator's assumption is that the other prompts'
-responses stand in for samples of pi_ref(. | x_i): per prompt the minimiser is still pi*, but how much
-each prompt weighs against the others depends on how much responses depend on their prompt. The weights
-have mean 1 when a response's reward does not depend on which prompt it answers, and more when a
-response scores best for its own prompt (on the toy's batches of B = 8: mean 1.6 at beta 0.25).
-
-Two alternatives, each one switch:
-- `--normalizer ref`, the earlier reconstruction: w_i = B softmax_j(log pi_ref(y_j|x_i) + R[i, j])[i],
-  which is B pi*(y_i|x_i) when a batch holds every response, but counts pi_ref twice when the responses
-  are samples of pi_ref (it converges to pi_ref^2 e^{r/beta}); it also needs B^2 reference passes;
-- `--normalizer batch`: w_i = B softmax_i(r(x_i, y_i) / beta), one normaliser per batch from each
-  row's own reward (mean exactly 1; the cost of SFT), which ignores which prompt a response answers.
-
-Real checkpoints, as in dpo.py: dropout off in the policy unless `--dropout`, responses cut after their
-first stop token, rewards read at it, samples drawn from softmax(logits / T) whatever the checkpoint's
-generation config says.
+Why this reading: when the offline responses look like samples of pi_ref (the usual case), mean_j
+e^{r(x_i, y_j)/beta} estimates Z(x_i) = E_{pi_ref} e^{r/beta}, and the minimiser of L_VAR for each prompt
+is pi_ref e^{r/beta} / Z = pi* (Appendix D; tested on a tabular problem with batches sampled from
+pi_ref). The other prompts' responses stand in for samples of pi_ref(. | x_i), so how much each prompt
+weighs against the others depends on how much responses depend on their prompt: the weights have mean
+1 when a response's reward does not depend on its prompt, more when each response scores best for its
+own (on the toy's batches of B = 8: mean 1.6 at beta 0.25). Alternatives, one switch each:
+`--normalizer ref`, w_i = B softmax_j(log pi_ref(y_j|x_i) + R[i, j])[i], an earlier reading that counts
+pi_ref twice on pi_ref-like data (it converges to pi_ref^2 e^{r/beta}) and needs B^2 reference passes;
+`--normalizer batch`, w_i = B softmax_i(r(x_i, y_i) / beta), mean exactly 1, blind to which prompt a
+response answers.
 
 Batches are fixed groups of whole rows, formed once, so the B x B rewards (B^2 frozen reward-model
-passes per batch, in micro-batches of `--score_batch_size` sequences sorted by length) are computed
-once before training, whatever the number of epochs. With `--responses both` a pair's chosen and
-rejected responses always sit in the same group (the batch size must then be even): each prompt has a
-same-prompt alternative in its row. The reference model is the initialisation and the KL anchor of the
-evaluation, not a term of the default loss.
+passes per group, `--score_batch_size` sequences at a time, sorted by length) are computed once before
+training. With `--responses both` a pair's chosen and rejected responses share a group (the batch size
+must then be even). The reference model is the initialisation and the KL anchor of the evaluation, not
+a term of the default loss. Real checkpoints, as in dpo.py: dropout off in the policy unless `--dropout`,
+responses cut after their first stop token, rewards read at it, samples drawn from softmax(logits / T)
+whatever the checkpoint's generation config says.
 
     python var.py                                           # the toy: toy/sft -> aligned with toy/rm
     python var.py --model Qwen/Qwen2.5-0.5B-Instruct --reward_model my-rm \
         --dataset trl-lib/ultrafeedback_binarized --learning_rate 5e-6 --beta 1.0
-    torchrun --nproc_per_node 4 var.py ...   # 4 GPUs: a group each per micro-batch (README: Many GPUs)
+    torchrun --nproc_per_node 4 var.py ...   # 4 GPUs: a group each per micro-batch (docs/many-gpus.md)
 """
 
 import json
@@ -76,9 +67,9 @@ from tqdm import tqdm
 @dataclass
 class Args:
     """VAR: RLHF as reward-weighted SFT. Each response of a batch is weighted by its reward, softmax-
-    normalised over the batch at temperature beta (an in-batch estimate of Z(x)), and the policy is
-    trained by weighted maximum likelihood; then held-out prompts are sampled and scored. The
-    defaults align the toy's pi_sft in under two minutes on a CPU.
+    normalised over the batch at temperature beta (an in-batch estimate of Z(x)), and the policy trained
+    by weighted maximum likelihood; then held-out prompts are sampled and scored. The defaults align the
+    toy's pi_sft in under two minutes on a CPU.
 
     Example: python var.py --model Qwen/Qwen2.5-0.5B-Instruct --reward_model my-rm --dataset
     trl-lib/ultrafeedback_binarized --learning_rate 1e-6 --batch_size 8"""
@@ -106,8 +97,7 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% slower"""
     dropout: bool = False
-    """keep the checkpoint's dropout while training (default: off, as in DPO and PPO: the weights were
-    computed for the policy that the reference describes, not for a random sub-network of it)"""
+    """keep the checkpoint's dropout while training (default: off, as in DPO and PPO)"""
 
     # method
     beta: float = 0.25
@@ -129,8 +119,7 @@ class Args:
     gradient_accumulation_steps: int = 1
     """groups per optimiser step (per process under torchrun)"""
     learning_rate: float = 1e-4
-    """peak learning rate (1e-4 suits the toy with the default normaliser, whose weights have mean ~1.6
-    there; the paper uses 1e-5 or 5e-6)"""
+    """peak learning rate (1e-4 suits the toy, where the weights have mean ~1.6; the paper: 1e-5, 5e-6)"""
     warmup_ratio: float = 0.1
     """fraction of the steps with linear warmup from 0, then cosine decay to 0"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
@@ -154,8 +143,7 @@ class Args:
     temperature: float = 1.0
     """sampling temperature (1.0: the policy itself, so the KL estimate is unbiased)"""
     sample_every: Optional[int] = None
-    """also sample and score before training and every N optimiser steps, to follow the score and KL
-    over training (None: only at the end); the samples go to samples/step_<N>.jsonl"""
+    """also sample and score before training and every N steps, to samples/step_<N>.jsonl (None: end only)"""
 
     # logging and output
     output_dir: Optional[str] = None
@@ -165,13 +153,11 @@ class Args:
     log_every: int = 20
     """optimiser steps between log lines"""
     save_every: int = 200
-    """optimiser steps between checkpoints (output_dir/checkpoint-<step>, the last one kept) that
-    --resume continues from (0: none)"""
+    """optimiser steps between checkpoints (the last one kept) that --resume continues from (0: none)"""
     resume: bool = False
     """continue the unfinished run in --output_dir from its last checkpoint (same arguments)"""
     dry_run: bool = False
-    """print one tokenised example (the tokens that carry the loss in [[ ]]) and the counts, then stop
-    before loading the model: the first thing to run on new data"""
+    """print one tokenised example (its loss tokens in [[ ]]) and the counts; stop before any model loads"""
     verbose: bool = False
     """show transformers' loading reports and progress bars"""
 
@@ -243,11 +229,9 @@ def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
                    chunk: int = 128) -> torch.Tensor:
-    """Sum of the log-probs of the labelled tokens of each sequence under softmax(logits / T): gather
-    minus logsumexp, in fp32, `chunk` positions at a time, so that the only vocabulary-sized tensor is
-    the logits themselves in the model's dtype (an fp32 log-softmax of the whole block, at V = 152k,
-    would outweigh the model). logits: (B, K, V); labels: (B, K), -100 where there is no label;
-    position t predicts token t + 1. Returns (B,)."""
+    """Sum of the labelled tokens' log-probs per sequence under softmax(logits / T), in fp32, `chunk`
+    positions at a time: no fp32 log-softmax of the whole block (at V = 152k it would outweigh the model).
+    logits: (B, K, V); labels: (B, K), -100 where unlabelled; position t predicts token t + 1. (B,)."""
     logits, labels = logits[:, :-1], labels[:, 1:]
     total = torch.zeros(labels.shape[0], device=logits.device)
     for t in range(0, labels.shape[1], chunk):
@@ -263,8 +247,8 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
 
 
 def split_pair(row: dict) -> tuple:
-    """(prompt, chosen, rejected). Without a `prompt` column, chosen and rejected are whole
-    conversations (the last message is the response) or whole texts (empty prompt)."""
+    """(prompt, chosen, rejected); without `prompt`, whole conversations (the last message answers)
+    or whole texts (an empty prompt)."""
     if "prompt" in row:
         return row["prompt"], row["chosen"], row["rejected"]
     if isinstance(row["chosen"], str):
@@ -274,9 +258,8 @@ def split_pair(row: dict) -> tuple:
 
 def build_units(data, tokenizer, responses: str, max_length: int, stop_ids: list,
                 where: str = "the data") -> list:
-    """Per row, the (prompt_ids, response_ids) examples it contributes: one for an SFT row, one or
-    two for a preference row. A row's examples stay together when groups are formed. A row whose
-    prompt leaves no room for a response within max_length is dropped, and counted."""
+    """Per row, the (prompt_ids, response_ids) examples it contributes, kept together when groups form: one
+    for an SFT row, one or two for a preference row. A row whose prompt fills max_length is dropped."""
     units = []
     for i, row in enumerate(data):
         if "chosen" in row:
@@ -295,15 +278,18 @@ def build_units(data, tokenizer, responses: str, max_length: int, stop_ids: list
 
 
 def make_groups(units: list, batch_size: int, seed: int) -> list:
-    """Shuffles the rows once, then packs whole rows into fixed groups of `batch_size` examples: a
-    preference row's two responses always share a group, so the batch size must be a multiple of the
-    examples per row. The last, smaller group is dropped so every Z(x) is estimated from B responses."""
+    """Shuffles the rows once, then packs whole rows into fixed groups of `batch_size` examples (a
+    preference row's two responses always share one). The last, smaller group is dropped so that every
+    Z(x) is estimated from B responses."""
     per_row = len(units[0]) if units else 1
     if batch_size % per_row:
         raise SystemExit(f"error: --batch_size {batch_size} would split a row's {per_row} responses between "
                          f"groups; use a multiple of {per_row} (or --responses chosen)")
     order = torch.randperm(len(units), generator=torch.Generator().manual_seed(seed)).tolist()
     examples = [ex for i in order for ex in units[i]]
+    if len(examples) < batch_size:
+        raise UsageError(f"{len(examples)} training examples are fewer than one group of --batch_size "
+                         f"{batch_size}; lower it")
     return [examples[i : i + batch_size] for i in range(0, len(examples) - batch_size + 1, batch_size)]
 
 
@@ -319,13 +305,10 @@ def group_stream(n_groups: int, seed: int, skip: int):
 
 
 def collate_sequences(samples: list, pad_id: int) -> dict:
-    """(prompt_ids, response_ids, ...) samples as one batch in which every response starts at the same
-    column: prompts left-padded to the longest prompt P, responses right-padded to the longest
-    response R. Log-probs then need the logits of the last R + 1 positions only (`logits_to_keep`;
-    position P - 1 predicts the first response token), not those of the prompts and their padding.
-    Positions count from each row's first token, so the padding changes no number.
-    input_ids, attention_mask, position_ids: (B, P + R); labels: (B, R + 1), aligned with the kept
-    logits: the response tokens in the last R columns, -100 elsewhere."""
+    """(prompt_ids, response_ids, ...) as one batch with every response starting at the same column
+    (prompts left-padded, responses right-padded), so log-probs need only the last R + 1 logits
+    (`logits_to_keep`). Positions count from each row's first token: padding changes no number.
+    input_ids, attention_mask, position_ids: (B, P + R); labels: (B, R + 1), -100 off the response."""
     # a response with no prompt before it: its first token has no position to be predicted from
     samples = [(p, r) if p else (r[:1], r[1:]) for p, r, *_ in samples]
     P, R = max(len(p) for p, _ in samples), max(len(r) for _, r in samples)
@@ -344,10 +327,8 @@ def collate_sequences(samples: list, pad_id: int) -> dict:
 
 
 def disable_dropout(model) -> None:
-    """Dropout off: every nn.Dropout, and the rates that attention layers keep as plain floats (Llama's
-    and Qwen2's `attention_dropout`), which no module switch reaches. With dropout, the policy in train
-    mode is not the model whose log-probs the reference (or the rollout) recorded: DPO's implicit
-    rewards and PPO's ratio would be off before the first update."""
+    """Dropout off, including the attention rates kept as plain floats (Llama's, Qwen2's): with it the
+    policy in train mode is not the model whose log-probs the reference or the rollout recorded."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -357,10 +338,8 @@ def disable_dropout(model) -> None:
 
 
 def batch_logps(model, batch: dict, autocast, temperature: float = 1.0) -> torch.Tensor:
-    """Summed response log-probs of each sequence of a collate_sequences batch (for pairs: chosen rows,
-    then rejected), under logits / temperature, the distribution that sampling at that temperature
-    draws from. The LM head runs only at the positions that predict a response token. Returns (B,),
-    fp32."""
+    """Summed response log-probs of each row of a collate_sequences batch under logits / T (what
+    sampling at T draws from), the LM head run only where a response token is predicted. (B,), fp32."""
     with autocast:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"], logits_to_keep=batch["labels"].shape[1]).logits
@@ -369,10 +348,9 @@ def batch_logps(model, batch: dict, autocast, temperature: float = 1.0) -> torch
 
 @torch.no_grad()
 def group_weights(group: list, ref_model, reward_model, args, pad_id: int, device, autocast) -> tuple:
-    """The frozen work of one group: rewards[i, j] = r(x_i, y_j) for every prompt with every response
-    (the diagonal only for the batch normaliser; log pi_ref(y_j | x_i) too for "ref"), then
-    var_weights. The sequences go through the models args.score_batch_size at a time, sorted by
-    length so that a micro-batch pads little. Returns (weights (B,), the diagonal's rewards (B,))."""
+    """The frozen work of one group: rewards[i, j] = r(x_i, y_j) for every prompt with every response (the
+    diagonal only for "batch"; log pi_ref(y_j | x_i) too for "ref"), args.score_batch_size sequences at a
+    time, sorted by length (little padding); then var_weights. Returns (weights, diagonal rewards), (B,)."""
     B = len(group)
     if args.normalizer == "batch":
         pairs = [(i, i) for i in range(B)]
@@ -398,9 +376,8 @@ def group_weights(group: list, ref_model, reward_model, args, pad_id: int, devic
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float,
                      batch_size: int, device, stop_ids: list) -> list:
-    """One response per prompt, sampled from softmax(logits / T) (no top-k, no top-p) with the KV cache,
-    left-padded batches. Returns (prompt_ids, response_ids, finished) per prompt: the response is cut
-    after its first stop id (which it keeps); `finished` is False when it hit max_new_tokens first."""
+    """One response per prompt sampled from softmax(logits / T) (KV cache, left-padded batches):
+    (prompt_ids, response_ids cut after the first stop id, finished: False if max_new_tokens hit first)."""
     tokenizer.padding_side = "left"
     model.eval()
     config = sampling_config(temperature, max_new_tokens, tokenizer.pad_token_id, stop_ids)
@@ -426,11 +403,9 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The reward of each sequence: the score head at its last attended token, the EOS that ends
-    prompt + response. The index comes from the attention mask, never from pad_token_id:
-    transformers' own pooling reads the last token that is not pad, which with pad == eos (common in
-    chat checkpoints) is the token before the EOS. Positions count from the first attended token, so
-    left and right padding give the same score. input_ids, attention_mask: (B, T). Returns (B,), fp32."""
+    """The reward of each sequence: the score head at its last attended token (the EOS after the response).
+    The index comes from the attention mask, never pad_token_id: transformers' own pooling reads the last
+    non-pad token, which with pad == eos is the token before the EOS. (B, T) -> (B,), fp32."""
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
@@ -442,11 +417,9 @@ def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch
 @torch.no_grad()
 def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, args, device,
                      autocast, stop_ids: list, path: Path) -> dict:
-    """Samples the policy at args.temperature (the same prompts and seed at every call; the caller's
-    random state is left as it was), then scores each response with the reward model and measures
-    log pi_T(y|x) - log pi_ref,T(y|x) (both from logits / T), whose mean over samples estimates
-    KL(pi_T || pi_ref,T): the KL of what was sampled (at T = 1, of the models themselves). The samples
-    go to `path` (jsonl), the metrics are returned."""
+    """Samples the policy at args.temperature (the same prompts and seed at every call, the caller's
+    random state untouched), writes the samples to `path`, and returns the reward model's mean score and
+    the mean of log pi_T(y|x) - log pi_ref,T(y|x) (both from logits / T): KL(pi_T || pi_ref,T)."""
     training, batch_size = policy.training, 4 * args.batch_size
     with torch.random.fork_rng(), autocast:  # sampled in the precision its log-probs are taken in
         torch.manual_seed(args.seed)
@@ -474,16 +447,6 @@ def evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts: list, 
 # ---- Training -------------------------------------------------------------------------------------
 
 
-def dry_run(tokenizer, groups: list, total_steps: int, args) -> dict:
-    """--dry_run: one tokenised example and the counts, before any model loads."""
-    prompt_ids, response_ids = groups[0][0]
-    labels = [-100] * len(prompt_ids) + response_ids
-    print("example: " + show_example(tokenizer, prompt_ids + response_ids, labels))
-    print(f"dry run: {len(groups)} groups of {args.batch_size} examples, {total_steps} optimiser steps "
-          f"of {args.gradient_accumulation_steps} group(s); no model loaded, nothing written")
-    return {"train/groups": len(groups), "train/steps": total_steps}
-
-
 def main(args: Args) -> dict:
     # set-up: every argument, the output dir and every tokenizer checked before any model loads
     check_args(args)
@@ -498,17 +461,19 @@ def main(args: Args) -> dict:
     units = build_units(load_split(args.dataset, args.train_split, needs), tokenizer, args.responses,
                         args.max_length, stop_ids, f"'{args.dataset}' {args.train_split}")
     groups = make_groups(units, args.batch_size, args.seed)
-    if not groups:
-        raise UsageError(f"{sum(map(len, units))} training examples are fewer than one group of --batch_size "
-                         f"{args.batch_size}; lower it")
     total_steps = count_steps(len(groups) * args.batch_size, args)  # one group per micro-batch
     prompts = None
     if args.eval_prompts.lower() != "none":
         prompts = first(load_split(args.eval_prompts, args.eval_prompts_split, [("prompt",)]),
                         args.num_eval_prompts)["prompt"]
         prompts = drop_long_prompts(prompts, tokenizer, args.max_prompt_length, f"'{args.eval_prompts}'")
-    if args.dry_run:
-        return dry_run(tokenizer, groups, total_steps, args)
+    if args.dry_run:  # one tokenised example and the counts, before any model loads
+        prompt_ids, response_ids = groups[0][0]
+        print("example: " + show_example(tokenizer, prompt_ids + response_ids,
+                                         [-100] * len(prompt_ids) + response_ids))
+        print(f"dry run: {len(groups)} groups of {args.batch_size} examples, {total_steps} optimiser steps "
+              f"of {args.gradient_accumulation_steps} group(s); no model loaded, nothing written")
+        return {"train/groups": len(groups), "train/steps": total_steps}
     checkpoint = last_checkpoint(out) if args.resume else None
 
     # models: the policy trains; the reference and the reward model are frozen
@@ -516,8 +481,8 @@ def main(args: Args) -> dict:
     if not args.dropout:
         disable_dropout(policy)
     ref_model = place(load_model(ref_name, args.trust_remote_code), device, frozen=True)
-    reward_model = load_scalar_model(args.reward_model, pad_id, args.trust_remote_code)
-    reward_model = place(reward_model, device, frozen=True)
+    reward_model = place(load_scalar_model(args.reward_model, pad_id, args.trust_remote_code), device,
+                         frozen=True)
     optimizer, scheduler = start_training([policy], args, total_steps, "cosine")
     start_step, progress = 0, {"time": 0.0, "tokens": 0, "window": {}}
     if checkpoint:  # --resume: the optimiser, schedule, data position, random state and weights as they were
@@ -589,14 +554,13 @@ def main(args: Args) -> dict:
 
 
 class UsageError(SystemExit):
-    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2, as
-    for a malformed command line (str() gives the message, for code that calls main directly)."""
+    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2."""
 
     def __init__(self, message: str):
         super().__init__(2)
         self.message = f"error: {message}"
 
-    def __str__(self) -> str:
+    def __str__(self) -> str:  # the message, for code that calls main directly
         return self.message
 
 
@@ -623,25 +587,21 @@ def training_problems(args) -> list:
 
 def count_steps(n_rows: int, args) -> int:
     """Optimiser steps of the run: --max_steps, else the epochs' micro-batches over the accumulation."""
-    if world_size() > 1:  # under torchrun: --batch_size is per process
-        print(f"global batch: --batch_size {args.batch_size} x {world_size()} processes x "
-              f"--gradient_accumulation_steps {args.gradient_accumulation_steps} = "
-              f"{args.batch_size * world_size() * args.gradient_accumulation_steps}")
-    if args.max_steps:
-        return args.max_steps
-    micro = args.num_epochs * math.ceil(n_rows / (args.batch_size * world_size()))
-    if micro < args.gradient_accumulation_steps:
+    world, accumulation = world_size(), args.gradient_accumulation_steps
+    if world > 1:  # under torchrun --batch_size is per process
+        print(f"global batch: --batch_size {args.batch_size} x {world} processes x "
+              f"--gradient_accumulation_steps {accumulation} = {args.batch_size * world * accumulation}")
+    micro = args.num_epochs * math.ceil(n_rows / (args.batch_size * world))
+    if not args.max_steps and micro < accumulation:
         raise UsageError(f"{n_rows} training rows make {micro} micro-batches of --batch_size "
-                         f"{args.batch_size} x {world_size()} process(es) in {args.num_epochs} epoch(s), "
-                         "fewer than one optimiser step "
-                         f"of --gradient_accumulation_steps {args.gradient_accumulation_steps}: lower it, or "
+                         f"{args.batch_size} x {world} process(es) in {args.num_epochs} epoch(s), fewer than "
+                         f"one optimiser step of --gradient_accumulation_steps {accumulation}: lower it, or "
                          "set --max_steps")
-    return micro // args.gradient_accumulation_steps
+    return args.max_steps or micro // accumulation
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
-    """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`, or
-    (schedule "constant") the peak rate from then on."""
+    """Learning-rate multiplier: linear warmup from 0, then linear or cosine decay to `floor`, or constant."""
     if step < warmup:
         return step / max(1, warmup)
     if schedule == "constant":
@@ -652,17 +612,14 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 
 
 
 def resolve(path: str) -> str:
-    """A relative path that is not under the working directory but is next to this script (the toy
-    defaults) resolves there, so `python ~/minialign/sft.py` works from any folder; `~` is expanded."""
+    """`~` expanded; a relative path missing here but present next to this script (the toy) resolves there."""
     path = os.path.expanduser(path)
     here = Path(__file__).resolve().parent / path
     return str(here) if not Path(path).exists() and here.exists() else path
 
 
 def locate(name: str, what: str) -> str:
-    """The path `name` resolves to, or `name` as a hub id. A name that looks like a path (./x, /x, ~/x,
-    a/b/c, x.jsonl, or a/b where the folder a exists here: a typo in runs/my-run) and does not exist
-    fails at once, instead of after a minute of trying the hub."""
+    """The path `name` resolves to, or `name` as a hub id; a missing path fails now, not after the hub."""
     path = resolve(name)
     if Path(path).exists():
         return path
@@ -683,23 +640,8 @@ def load_failure(name: str, what: str, error: Exception) -> SystemExit:
     return SystemExit(f"error: could not load {what} '{name}': {reason}")
 
 
-def field_problem(value) -> Optional[str]:
-    """Why a text field of a row is unusable, or None: it must be a string or a list of messages."""
-    if value is None:
-        return "is missing"
-    if isinstance(value, str) or (isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value)):
-        return None
-    return (f"is {type(value).__name__} {str(value)[:40]!r}; expected a string or a list of "
-            "{role, content} messages")
-
-
 def load_split(name: str, split: str, needs: list):
-    """One split of a hub dataset, a local directory of {split}.jsonl files, or a .jsonl file (its rows
-    are the split "train", so train[:100] slices it; load_splits holds some out for evaluation).
-    `needs` lists alternatives: each a tuple of columns that together suffice. Every row's fields are
-    checked here, so a bad row fails with its number, not deep inside."""
+    """One split of a hub dataset, a folder of {split}.jsonl files or one .jsonl file, every row checked."""
     from datasets import load_dataset
 
     path = locate(name, "dataset")
@@ -710,7 +652,7 @@ def load_split(name: str, split: str, needs: list):
         raise SystemExit(f"error: {where} is empty: {file} has no rows")
     try:
         data = (load_dataset("json", data_files=path, split=split if split.startswith("train") else "train")
-                if one_file else load_dataset(path, split=split))  # a file's rows are its split "train"
+                if one_file else load_dataset(path, split=split))
     except Exception as e:  # datasets raises many types; all mean the same to a user
         raise load_failure(name, f"split '{split}' of dataset", e)
     columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
@@ -719,12 +661,18 @@ def load_split(name: str, split: str, needs: list):
         raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
     if len(data) == 0:
         raise SystemExit(f"error: {where} has no rows")
-    columns = list(dict.fromkeys([c for c in ("prompt",) if c in data.column_names] + list(columns)))
+    columns = list(dict.fromkeys(["prompt"] * ("prompt" in data.column_names) + list(columns)))
     for i, row in enumerate(data.select_columns(columns)):
-        for column in columns:
-            problem = field_problem(row[column])
-            if problem and not (column == "prompt" and row[column] == ""):
-                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' {problem}")
+        for column, value in row.items():
+            messages = isinstance(value, list) and value and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in value)
+            if value is None:
+                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' is missing")
+            if not (isinstance(value, str) or messages):
+                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' is {type(value).__name__} "
+                                 f"{str(value)[:40]!r}; expected a string or a list of "
+                                 "{role, content} messages")
     return data
 
 
@@ -734,7 +682,7 @@ def first(data, n: Optional[int]):
 
 
 def report_dropped(kept: int, dropped: int, max_length: int, where: str) -> None:
-    """Rows whose prompt leaves no room for a response token carry no loss: they are dropped, and said."""
+    """Rows whose prompt leaves no room for a response token carry no loss: dropped, and said."""
     if dropped:
         print(f"note: {where}: dropped {dropped} of {kept + dropped} rows whose prompt fills --max_length "
               f"{max_length} (no response token left)")
@@ -743,13 +691,10 @@ def report_dropped(kept: int, dropped: int, max_length: int, where: str) -> None
 
 
 def drop_long_prompts(prompts: list, tokenizer, max_prompt_length: int, where: str) -> list:
-    """The prompts of at most max_prompt_length tokens as the model sees them (Table 9's L_p: one long
-    prompt would set the memory of its whole batch); the others are dropped, and counted."""
-    kept = []
-    for prompt in prompts:
-        ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=not isinstance(prompt, list))
-        if len(ids["input_ids"]) <= max_prompt_length:
-            kept.append(prompt)
+    """The prompts of at most max_prompt_length tokens (Table 9's L_p); the others dropped, and counted."""
+    lengths = [len(tokenizer(format_prompt(tokenizer, p), add_special_tokens=isinstance(p, str))["input_ids"])
+               for p in prompts]
+    kept = [p for p, n in zip(prompts, lengths) if n <= max_prompt_length]
     if len(kept) < len(prompts):
         print(f"note: {where}: dropped {len(prompts) - len(kept)} of {len(prompts)} prompts longer than "
               f"--max_prompt_length {max_prompt_length} tokens")
@@ -759,7 +704,7 @@ def drop_long_prompts(prompts: list, tokenizer, max_prompt_length: int, where: s
     return kept
 
 
-# Used only for a tokenizer without a chat template; documented in the README.
+# Used only for a tokenizer without a chat template; documented in docs/conventions.md#data.
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
@@ -785,8 +730,7 @@ def load_tokenizer(name: str, trust_remote_code: bool):
 
 
 def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: bool) -> None:
-    """Models that exchange token ids must share vocabulary and chat template, or scores are noise: each
-    other model's tokenizer is checked against `tokenizer` (of own_name), each distinct name loaded once."""
+    """Models that exchange token ids must share vocabulary and chat template, or scores are noise."""
     for name in dict.fromkeys(names):
         if Path(resolve(name)).resolve() == Path(resolve(own_name)).resolve():
             continue
@@ -800,9 +744,7 @@ def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: b
 
 
 def stop_token_ids(tokenizer, name: str) -> list:
-    """Every token id that ends a response: the tokenizer's EOS, then each id in the checkpoint's
-    generation_config.json `eos_token_id` (an int or a list: chat models often list their end-of-turn
-    and end-of-text tokens, and generation stops on any of them)."""
+    """Every id that ends a response: the tokenizer's EOS and generation_config.json's eos_token_id(s)."""
     from transformers import GenerationConfig
 
     try:
@@ -820,29 +762,19 @@ def format_prompt(tokenizer, prompt) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-def format_example(tokenizer, prompt, completion) -> tuple:
-    """(prompt_text, completion_text, templated): the response is what the template adds after the
-    prompt, so it carries the template's end-of-turn token (and whatever the template writes after it,
-    which tokenize_example cuts off)."""
-    if isinstance(prompt, str):
-        return prompt, completion, False
-    prompt_text = format_prompt(tokenizer, prompt)
-    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise SystemExit("error: the chat template does not render the prompt as a prefix of the full "
-                         f"conversation, so the response cannot be located:\n{prompt_text!r}\n{full_text!r}")
-    return prompt_text, full_text[len(prompt_text):], True
-
-
 def tokenize_example(tokenizer, prompt, completion, max_length: int, stop_ids: list,
                      check: bool = False) -> tuple:
-    """(prompt_ids, completion_ids). The response is what the policy emits: its tokens up to and
-    including the first stop id. Template text after the end-of-turn token (ChatML's newline after
-    <|im_end|>) is not part of it; a response with no stop id gets the tokenizer's EOS. Prompt and
-    response are tokenised apart and concatenated, so the response mask is exact; `check` warns when
-    that differs from tokenising the joined text (a BPE merge across the boundary, or special tokens
-    added twice): the model is then trained on a tokenisation that it would not see at inference."""
-    prompt_text, completion_text, templated = format_example(tokenizer, prompt, completion)
+    """(prompt_ids, completion_ids), apart so the response mask is exact; the response ends at a stop id."""
+    templated = not isinstance(prompt, str)
+    prompt_text, completion_text = prompt, completion
+    if templated:
+        prompt_text = format_prompt(tokenizer, prompt)
+        full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        if not full_text.startswith(prompt_text):
+            raise SystemExit("error: the chat template does not render the prompt as a prefix of the full "
+                             "conversation, so the response cannot be located:\n"
+                             f"{prompt_text!r}\n{full_text!r}")
+        completion_text = full_text[len(prompt_text):]
     prompt_ids = tokenizer(prompt_text, add_special_tokens=not templated)["input_ids"]
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
     ends = [t for t, token in enumerate(completion_ids) if token in stop_ids]
@@ -865,9 +797,7 @@ def show_example(tokenizer, input_ids: list, labels: list) -> str:
 
 
 def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
-    """Refuses, before loading any weights, a checkpoint of the wrong kind: a reward model
-    (...ForSequenceClassification) where a causal LM is needed, or a causal LM (...ForCausalLM) as a
-    reward model, whose score head would be random."""
+    """Refuses, before loading weights, a reward model where a causal LM is needed, or the converse."""
     from transformers import AutoConfig
 
     try:
@@ -904,10 +834,7 @@ def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
 
 def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32,
                       new_head: bool = False):
-    """A reward (or value) model: AutoModelForSequenceClassification with one output. A checkpoint with
-    no trained score head (a causal LM) is refused unless `new_head` (a value model may start from one).
-    A config without pad_token_id gets the tokenizer's (transformers refuses padded batches without
-    one); `score` reads the reward at the index the attention mask gives, whatever the pad id."""
+    """A reward (or value) model: a sequence classifier with one output and a trained score head."""
     from transformers import AutoModelForSequenceClassification
 
     if not new_head:
@@ -939,20 +866,16 @@ def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, 
 
 
 def generate(model, batch: dict, config):
-    """model.generate with `config` and nothing else (KV-cached). transformers fills every field a
-    config leaves unset from the checkpoint's generation_config.json (a repetition penalty, min_p,
-    suppressed tokens...), which would change the distribution sampled, so that one is set aside."""
+    """model.generate (KV-cached) with `config` alone, not the checkpoint's generation_config.json."""
     checkpoint_config, model.generation_config = model.generation_config, config
-    try:  # under FSDP every process runs the forward passes until all have finished (synced_gpus)
+    try:  # under FSDP every process runs forward passes until all have finished (synced_gpus)
         return model.generate(**batch, generation_config=config, synced_gpus=world_size() > 1)
     finally:
         model.generation_config = checkpoint_config
 
 
 def setup(args) -> tuple:
-    """Seeds, device (cuda when present; under torchrun this process's GPU) and compute dtype (bf16
-    autocast on CUDA, fp32 elsewhere); transformers' per-load reports and progress bars hidden unless
-    --verbose. (device, dtype, autocast)"""
+    """Seeds, device (joining torchrun's processes), dtype, quiet loading: (device, dtype, autocast)."""
     import datasets
     import transformers
 
@@ -962,53 +885,38 @@ def setup(args) -> tuple:
         datasets.disable_progress_bars()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
-                          else args.device)
-    device = start_processes(device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
+    if "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized():  # under torchrun
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if rank() > 0:
+            sys.stdout = open(os.devnull, "w")  # rank 0 alone prints
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     return device, dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
 
 
-# ---- Many processes: torchrun --nproc_per_node N <script>.py ... (FSDP2). Without torchrun, none of
-# this does anything. Every process holds 1/N of each model (its weights, and for the trained ones their
-# gradients and AdamW state), trains on its share of each global batch and runs every evaluation in
-# full (simple, and evaluations are small); rank 0 alone prints, logs and writes. Collectives pair
-# numbers by position: every process computes the same keys in the same order.
+# ---- Many processes: torchrun --nproc_per_node N <script>.py ... (FSDP2); without torchrun, none of this
+# does anything. Every process holds 1/N of each model (and of the trained ones' gradients and AdamW state),
+# trains on its share of each global batch and runs every evaluation in full; rank 0 alone prints and
+# writes. Collectives pair numbers by position: every process computes the same keys in the same order.
 
 
 def rank() -> int:
-    """This process's number, 0 to world_size() - 1: 0 without torchrun."""
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def world_size() -> int:
-    """The number of processes: 1 without torchrun."""
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
-def start_processes(device):
-    """Under torchrun (which sets LOCAL_RANK), joins the process group: NCCL between GPUs (this
-    process's GPU is cuda:LOCAL_RANK), gloo on CPUs. Ranks above 0 print nothing and show no progress
-    bar (quiet). Returns the device."""
-    if "LOCAL_RANK" not in os.environ or torch.distributed.is_initialized():
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if rank() > 0:
-        sys.stdout = open(os.devnull, "w")
-    return device
-
-
 def place(model, device, frozen: bool = False):
-    """The model on `device` (`frozen`: in eval mode, without gradients); under torchrun, sharded over
-    the processes with FSDP2: each decoder layer, then the rest (embeddings, head), so that a forward
-    pass gathers one layer's full weights at a time. A frozen model (reference, reward) is sharded too:
-    replicated, a 13B one would take 52 GB of fp32 on every GPU. With bf16, the gathered weights stay
-    fp32 and the forward runs under the same autocast as one process: twice the all-gather bytes of bf16
-    weights, for the numbers of one process (FSDP's bf16 policy would run the whole model in bf16,
-    residual stream included, which autocast on one process does not: SFT's first loss 1.2e-3 apart)."""
+    """The model on `device` (`frozen`: eval mode, no gradients); under torchrun sharded with FSDP2, each
+    decoder layer then the rest (frozen models too: a replicated 13B reference is 52 GB of fp32 per GPU).
+    The gathered weights stay fp32 under one process's autocast: FSDP's bf16 policy would also run the
+    residual stream in bf16 (SFT's first loss 1.2e-3 apart)."""
     model = model.to(device)
     if frozen:
         model.eval().requires_grad_(False)
@@ -1016,8 +924,7 @@ def place(model, device, frozen: bool = False):
         return model
     from torch.distributed.fsdp import fully_shard
 
-    # FSDP keeps a root's weights gathered from its forward pass to its backward pass, which a frozen
-    # model never has: frozen, every unit reshards after its forward pass
+    # a frozen model has no backward pass to keep its root's weights gathered for: reshard after forward
     shard = dict(reshard_after_forward=True if frozen else None)
     for module in model.modules():
         if type(module).__name__ in (model._no_split_modules or []):  # the decoder layers
@@ -1029,7 +936,7 @@ def place(model, device, frozen: bool = False):
 
 
 def summed(numbers: list) -> list:
-    """The numbers, each summed over the processes (as they are in one process)."""
+    """The numbers, each summed over the processes."""
     if world_size() == 1 or not numbers:
         return numbers
     nccl = torch.distributed.get_backend() == "nccl"
@@ -1039,9 +946,7 @@ def summed(numbers: list) -> list:
 
 
 def gathered(state):
-    """A state dict (a model's or an optimiser's) with each FSDP shard (a DTensor) gathered into its full
-    tensor (every process takes part), kept on rank 0's CPU for it to save, None elsewhere: the files
-    are those of a one-process run."""
+    """A state dict with each FSDP shard gathered in full, on rank 0's CPU (None elsewhere)."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(state, DTensor):
@@ -1059,38 +964,21 @@ def gathered(state):
     return full
 
 
-def sharded(optimizer, saved: dict) -> dict:
-    """A checkpoint's AdamW state dict (full tensors) cut to this process's FSDP shards, one tensor at a
-    time, before optimizer.load_state_dict (which keeps them as they are)."""
-    from torch.distributed.tensor import distribute_tensor
-
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    ids = [i for group in saved["param_groups"] for i in group["params"]]
-    for i, param in zip(ids, params):
-        for key, value in saved["state"].get(i, {}).items():
-            if key != "step":  # the moments, shaped as the parameter (the step count is a scalar)
-                saved["state"][i][key] = distribute_tensor(value.to(param.device), param.device_mesh,
-                                                           param.placements)
-    return saved
-
-
 def quiet():
-    """tqdm's `disable`: True on ranks above 0 (one progress bar), else None (tqdm's choice: a bar on a
-    terminal only)."""
+    """tqdm's `disable`: True on ranks above 0 (one progress bar), else None (a bar on a terminal only)."""
     return True if rank() > 0 else None
 
 
 def start_training(models: list, args, total_steps: int, schedule: str, floor: float = 0.0,
                    eps: float = 1e-8) -> tuple:
-    """The models in train mode (with gradient checkpointing if asked), one fused AdamW over all their
-    parameters (one kernel for all tensors), and warmup then `schedule` (lr_factor). (optimizer, scheduler)"""
+    """Train mode (gradient checkpointing if asked), one fused AdamW, warmup then `schedule`."""
     for model in models:
         model.train()
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
     params = [p for model in models for p in model.parameters()]
-    fused = params[0].device.type in ("cpu", "cuda")
+    fused = params[0].device.type in ("cpu", "cuda")  # one kernel for all tensors
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=args.adam_betas, eps=eps,
                                   weight_decay=args.weight_decay, fused=fused)
     warmup = int(args.warmup_ratio * total_steps)
@@ -1101,10 +989,7 @@ def start_training(models: list, args, total_steps: int, schedule: str, floor: f
 
 
 def optimizer_step(optimizer, scheduler, max_grad_norm: float, loss: float, when: str) -> float:
-    """Clips the gradient norm, steps and zeroes the gradients, unless the loss or the gradient is not
-    finite: then the run stops before the update, saying `when`. Returns the norm before clipping. Under
-    torchrun, `loss` is summed over the processes and the norm is that of the whole gradient, so every
-    process stops, or steps, together."""
+    """Clips, steps and zeroes the gradients, or stops the run if the loss or gradient is not finite."""
     loss = summed([loss])[0]
     if not math.isfinite(loss):
         raise SystemExit(f"error: the loss became {loss} {when}; stopping before the update (the last "
@@ -1133,8 +1018,7 @@ def tally(window: dict, sums: dict, n: int) -> None:
 def means(window: dict) -> dict:
     """The window's means (under torchrun over every process's rows); the window is emptied."""
     n = window.pop("n")
-    totals = summed(list(window.values()) + [n])
-    n = totals.pop()
+    *totals, n = summed(list(window.values()) + [n])
     result = {k: v / n for k, v in zip(window, totals)}
     window.clear()
     return result
@@ -1160,14 +1044,10 @@ def write_jsonl(path: Path, rows: list) -> None:
 
 
 def log(out: Path, record: dict) -> None:
-    """One record appended to out/metrics.jsonl, and the same as one printed line. Under torchrun every
-    process calls it: each float is first averaged over the processes (a throughput is then per process,
-    a PPO statistic of the minibatch that of the global one; a train_record, already reduced by means,
-    stays as it is) and rank 0 writes."""
-    if world_size() > 1:
-        floats = [k for k, v in record.items() if isinstance(v, float)]
-        for k, total in zip(floats, summed([record[k] for k in floats])):
-            record[k] = total / world_size()
+    """One record appended to out/metrics.jsonl and printed (floats averaged over the processes)."""
+    floats = [k for k, v in record.items() if isinstance(v, float)]
+    for k, total in zip(floats, summed([record[k] for k in floats])):
+        record[k] = total / world_size()
     if rank() > 0:
         return
     with open(out / "metrics.jsonl", "a") as f:
@@ -1175,30 +1055,8 @@ def log(out: Path, record: dict) -> None:
     tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
 
-def run_info(device, dtype: str) -> dict:
-    """What a reader needs to reproduce a run besides its arguments."""
-    import subprocess
-
-    import datasets
-    import transformers
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
-            "python": sys.version.split()[0], "torch": torch.__version__,
-            "transformers": transformers.__version__, "datasets": datasets.__version__,
-            "device": str(device), "dtype": dtype, "processes": world_size(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def check_output_dir(args, script: str, models: list, resume: Optional[bool]) -> Path:
-    """Fails before any work if the run would overwrite a previous one; writes nothing. With --resume,
-    the directory must hold an unfinished run with the same arguments. `resume` None: the script
-    cannot resume. Sets args.output_dir (the default is runs/<script>-<time>). Only rank 0 checks: the
-    others would race with its writing (torchrun stops them all when one fails)."""
+def check_output_dir(args, script: str, models: list, resume: bool) -> Path:
+    """Fails before any work if the run would overwrite another (or, to --resume, is not the same run)."""
     out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.output_dir = str(out)
     if rank() > 0:
@@ -1218,19 +1076,15 @@ def check_output_dir(args, script: str, models: list, resume: Optional[bool]) ->
                    and recorded.get(k) != v]
         if changed:
             raise UsageError(f"--resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
-                              "resume with the same ones")
-        return out
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        hint = "--resume to continue it, " if resume is not None else ""
-        raise UsageError(f"output_dir '{out}' already holds a run; pass {hint}--overwrite to start over, or "
-                          "choose another --output_dir")
+                             "resume with the same ones")
+    elif out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"output_dir '{out}' already holds a run; pass --resume to continue it, --overwrite "
+                         "to start over, or choose another --output_dir")
     return out
 
 
 def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional[int] = None) -> None:
-    """Called once the inputs have loaded. A new run: empties an --overwrite'n dir, writes args.json (the
-    arguments, then under "run" the versions, device, dtype and git commit). A resumed run keeps the
-    metrics logged up to its checkpoint and drops the later ones, which the run will log again."""
+    """A new run writes args.json; a resumed one drops the metrics logged after its checkpoint."""
     if rank() > 0:  # rank 0 writes
         return
     if resume_step is not None:
@@ -1238,11 +1092,24 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
         records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
         write_jsonl(log_file, [r for r in records if r.get("step", 0) <= resume_step])
         return
-    if out.exists():
-        shutil.rmtree(out)
+    import subprocess
+
+    import datasets
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    run = {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
+           "python": sys.version.split()[0], "torch": torch.__version__,
+           "transformers": transformers.__version__, "datasets": datasets.__version__, "device": str(device),
+           "dtype": dtype, "processes": world_size(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     with open(out / "args.json", "w") as f:
-        json.dump({**asdict(args), "run": run_info(device, dtype)}, f, indent=2)
+        json.dump({**asdict(args), "run": run}, f, indent=2)
 
 
 def check_finite(weights: dict, when: str) -> None:
@@ -1254,11 +1121,8 @@ def check_finite(weights: dict, when: str) -> None:
 
 
 def save_model(model, tokenizer, out: Path) -> None:
-    """The final model, in `out` itself (loadable as --model out). Written to a temporary folder, then
-    moved in with config.json last: until config.json is there, no loader takes the folder for a model,
-    so a crash mid-save never leaves a loadable half-model. Non-finite weights are never saved. Under
-    torchrun every process takes part in gathering the full weights, and rank 0 saves them."""
-    full = gathered(model.state_dict(keep_vars=True)) if world_size() > 1 else None
+    """The final model in `out` itself, moved in with config.json last (no loadable half-model)."""
+    full = gathered(model.state_dict(keep_vars=True)) if world_size() > 1 else None  # every process gathers
     if rank() > 0:
         return
     check_finite(dict(model.named_parameters()) if full is None else full, "at the end of training")
@@ -1272,12 +1136,7 @@ def save_model(model, tokenizer, out: Path) -> None:
 
 
 def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Optional[dict]) -> None:
-    """A periodic checkpoint, out/checkpoint-<step>: each model in its subfolder ("." for the trained
-    one, loadable as it is) and trainer_state.pt (optimiser, scheduler, progress, random states) unless
-    `state` is None. It is written complete to a temporary folder and renamed into place in one step,
-    and older checkpoints are removed only then: a kill at any moment leaves one complete checkpoint.
-    Under torchrun the shards of the models and of the optimiser are gathered, and rank 0 saves them:
-    the same files as a one-process run (--resume continues them with the same number of processes)."""
+    """out/checkpoint-<step>: the models and trainer_state.pt, renamed into place whole."""
     many = world_size() > 1
     full = {folder: gathered(m.state_dict(keep_vars=True)) if many else None for folder, m in models.items()}
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
@@ -1285,11 +1144,9 @@ def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Option
     if many and state is not None:  # every process's random states, and the log window summed over all
         rngs = [None] * world_size()
         torch.distributed.all_gather_object(rngs, rng)
-        rng = rngs
-        window = state["progress"]["window"]
-        progress = {**state["progress"], "window": dict(zip(window, summed(list(window.values()))))}
-        state = gathered(state)
-        state["progress"] = progress
+        rng, window = rngs, state["progress"]["window"]
+        state = {**gathered(state), "progress": {**state["progress"],
+                                                  "window": dict(zip(window, summed(list(window.values()))))}}
     if rank() > 0:
         return
     for folder, model in models.items():  # all checked before anything is written
@@ -1309,22 +1166,27 @@ def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Option
 
 
 def last_checkpoint(out: Path) -> Optional[Path]:
-    found = sorted(out.glob("checkpoint-*"))
-    return found[-1] if found else None
+    return max(out.glob("checkpoint-*"), default=None)
 
 
 def restore(checkpoint: Path, optimizer, scheduler) -> tuple:
-    """--resume: the optimiser, the schedule and the random states as they were at the checkpoint.
-    Returns (step, progress). Under torchrun each process keeps its shards of the AdamW state, its own
-    random states, and rank 0 the log window."""
+    """--resume: the optimiser, schedule and random states as at the checkpoint; (step, progress)."""
     many = world_size() > 1
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=False,
                        map_location="cpu" if many else None)
     if not isinstance(state.get("progress"), dict):
         raise SystemExit(f"error: {checkpoint} was written by an older version of this script, which "
                          "this one cannot continue: resume with that version, or start over (--overwrite)")
-    if many:  # the checkpoint holds full tensors, every process's random states and the summed window
-        state["optimizer"] = sharded(optimizer, state["optimizer"])
+    if many:  # the checkpoint holds full tensors: cut the AdamW moments to this process's FSDP shards
+        from torch.distributed.tensor import distribute_tensor
+
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        ids = [i for group in state["optimizer"]["param_groups"] for i in group["params"]]
+        for i, param in zip(ids, params):
+            for key, value in state["optimizer"]["state"].get(i, {}).items():
+                if key != "step":  # the step count is a scalar
+                    value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+                    state["optimizer"]["state"][i][key] = value
         state["random"] = state["random"][rank()]
         state["progress"]["window"] = state["progress"]["window"] if rank() == 0 else {}
     optimizer.load_state_dict(state["optimizer"])
@@ -1338,8 +1200,7 @@ def restore(checkpoint: Path, optimizer, scheduler) -> tuple:
 
 
 def finish(out: Path, results: dict) -> dict:
-    """eval.json ends a run: its resumable checkpoints are removed, as nothing is left to resume (a
-    checkpoint without trainer_state.pt, PPO's, is models to start from, and stays). Rank 0 writes."""
+    """Writes eval.json, which ends a run, and removes its resumable checkpoints."""
     if rank() > 0:
         return results
     with open(out / "eval.json", "w") as f:
@@ -1353,20 +1214,15 @@ def finish(out: Path, results: dict) -> dict:
 
 def describe_run(output_dir: Optional[str]) -> str:
     """What a stopped run left behind, in one line (printed on Ctrl-C)."""
-    out = Path(output_dir) if output_dir else None
-    if out is None or not (out / "args.json").exists():
+    out = Path(output_dir or "")
+    if not output_dir or not (out / "args.json").exists():
         return "nothing was written"
-    log_file = out / "metrics.jsonl"
+    log_file, checkpoint = out / "metrics.jsonl", last_checkpoint(out)
     records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
-    steps = [r.get("step", r.get("iteration")) for r in records]
-    last = f", last at step {steps[-1]}" if steps else ""
-    kept = f"args.json, metrics.jsonl ({len(records)} records{last})"
-    checkpoint = last_checkpoint(out)
-    kept += f", {checkpoint.name}" if checkpoint else ", no checkpoint yet"
-    if "resume" not in json.load(open(out / "args.json")):
-        return f"kept in {out}: {kept}; --overwrite --output_dir {out} starts over"
-    again = "continues it" if checkpoint else "starts it again"
-    return f"kept in {out}: {kept}; --resume --output_dir {out} {again}"
+    last = f", last at step {records[-1].get('step', records[-1].get('iteration'))}" if records else ""
+    kept = (f"kept in {out}: args.json, metrics.jsonl ({len(records)} records{last}), "
+            f"{checkpoint.name if checkpoint else 'no checkpoint yet'}")
+    return f"{kept}; --resume --output_dir {out} {'continues it' if checkpoint else 'starts it again'}"
 
 
 def cli(argv: Optional[list] = None) -> None:

@@ -105,8 +105,7 @@ MUTATIONS = [
              '"labels": prompt_ids + completion_ids})',
              WIRING + "sft_labels_the_response_tokens_and_nothing_else"),
     Mutation("dpo.py", "the reference log-probs computed with the policy",
-             "add_ref_logps(ref_model, train + evals if args.precompute_ref else evals,",
-             "add_ref_logps(policy, train + evals if args.precompute_ref else evals,", DPO_LOGPS),
+             "add_ref_logps(ref_model, train + evals,", "add_ref_logps(policy, train + evals,", DPO_LOGPS),
     Mutation("dpo.py", "chosen and rejected swapped after the concatenated forward",
              "policy_chosen_logps, policy_rejected_logps = batch_logps(policy, batch, autocast).chunk(2)",
              "policy_rejected_logps, policy_chosen_logps = batch_logps(policy, batch, autocast).chunk(2)",
@@ -115,6 +114,22 @@ MUTATIONS = [
              "((pg_loss + args.vf_coef * vf_loss) * (mask.sum() / n_tokens)).backward()",
              "((pg_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps).backward()",
              WIRING + "a_ppo_steps_gradient_does_not_depend_on_how_the_step_is_split"),
+    Mutation("dera.py", "the cached steps not advancing the position: every new token at the prompt's last",
+             "step_ids, positions = token[:, None], positions[:, -1:] + 1",
+             "step_ids, positions = token[:, None], positions[:, -1:]",
+             "tests/test_dera.py::test_cached_batched_decoding_equals_no_cache_loop_and_single_prompts"),
+    Mutation("dera.py", "the KL's reference log-probs taken from the realigned logits (KL 0 at every lambda)",
+             "for store, hh in ((realigned_logprobs, h), (ref_logprobs, logits[0])):",
+             "for store, hh in ((realigned_logprobs, h), (ref_logprobs, h)):",
+             "tests/test_dera.py::test_toy_sweep_reward_rises_with_lambda"),
+    Mutation("expo.py", "the log-ratio taken against the extrapolated policy itself, not the aligned model",
+             "- batch_logps(ref_model, batch, autocast, args.temperature))",
+             "- batch_logps(policy, batch, autocast, args.temperature))",
+             "tests/test_expo.py::test_alpha_search_on_the_toy"),
+    Mutation("expo.py", "theta_0 read from the aligned checkpoint (every alpha gives the aligned model)",
+             'with safe_open(sft_dir / sft_specs[name][2], framework="pt") as f:',
+             'with safe_open(aligned_dir / shard, framework="pt") as f:',
+             "tests/test_expo.py::test_alpha_minus_1_gives_the_sft_weights_and_the_result_is_linear"),
     *[clip_off(script) for script in ("sft.py", "reward_model.py", "dpo.py", "var.py", "ppo.py")],
 ]
 
@@ -159,6 +174,8 @@ def main() -> int:
             return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf"],
                                   cwd=repo).returncode
     chosen = [(i, m) for i, m in enumerate(MUTATIONS) if args.script in (None, m.script)]
+    if not chosen:  # an empty test list would make pytest collect the whole suite
+        raise SystemExit(f"error: no mutations for {args.script}")
     with tempfile.TemporaryDirectory() as tmp:
         clean = copy_of_repository(Path(tmp) / "clean")
         if pytest(clean, *sorted({m.test for _, m in chosen})) != 0:  # failing anyway, it would prove nothing

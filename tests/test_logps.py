@@ -131,17 +131,3 @@ def test_fused_adamw_takes_the_same_step():
             opt.step()
     for a, b in zip(params, copies):
         assert torch.allclose(a, b, atol=1e-6)
-
-
-def test_length_grouping_keeps_every_row_once_per_epoch_and_pads_less():
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(5, 200, (1000,), generator=g).tolist()
-    plain = dpo.epoch_order(lengths, 8, False, torch.Generator().manual_seed(1))
-    grouped = dpo.epoch_order(lengths, 8, True, torch.Generator().manual_seed(1))
-    assert plain == torch.randperm(1000, generator=torch.Generator().manual_seed(1)).tolist()  # the default
-    assert sorted(grouped) == list(range(1000))
-
-    def padding(order):
-        steps = [order[i : i + 8] for i in range(0, len(order), 8)]
-        return sum(max(lengths[j] for j in s) * len(s) - sum(lengths[j] for j in s) for s in steps)
-    assert padding(grouped) < 0.1 * padding(plain)

@@ -18,11 +18,13 @@ DIFFER_ON_PURPOSE = {
                    "response would be scored on what it does not say); dpo.py labels the responses",
     "collate_pairs": "reward_model.py right-pads for the score at the last token; dpo.py aligns the "
                      "responses for the head-only log-probs",
-    "dry_run": "each script shows its own kind of example",
     "evaluate": "reward_model.py measures pairwise accuracy; ppo.py samples with its own rollout",
     "evaluate_samples": "expo.py samples with args.batch_size itself and returns the samples; dpo.py and "
                         "var.py with 4x theirs, writing them",
     "load_model": "sft.py also starts from a config without weights (random initialisation)",
+    "check_output_dir": "ppo.py, dera.py and expo.py cannot resume: their copies carry no --resume branch",
+    "create_output_dir": "ppo.py, dera.py and expo.py cannot resume: their copies carry no --resume branch",
+    "describe_run": "ppo.py, dera.py and expo.py cannot resume: their copies carry no --resume branch",
 }
 
 
