@@ -1,6 +1,8 @@
-"""The shape of every script (issue 19): the method reads top to bottom in at most 600 lines, ending
-in a `main` of at most ~100 lines that calls named functions (no closures); the shared plumbing comes
-after it, under one banner, and tests/test_twins.py keeps its copies identical."""
+"""The shape of every script: the method reads top to bottom, ending in a `main` of at most 100 lines
+that calls named functions (no closures); the shared plumbing comes after it, under one banner, and
+tests/test_twins.py keeps its copies identical. The ceilings hold the sizes reached by the minimal
+rewrite (issue 31): a script may shrink, never grow back. Its targets (dpo/var/ppo 950, sft/reward_model
+850, dera/expo 600 lines, the banner at most at line 450) are not met yet."""
 
 import ast
 
@@ -10,15 +12,20 @@ from conftest import ROOT
 
 SCRIPTS = ["sft.py", "reward_model.py", "dpo.py", "ppo.py", "var.py", "dera.py", "expo.py"]
 BANNER = "# ---- Plumbing "
+# script: (lines of the file, line of the plumbing banner), as reached; the issue's targets above
+CEILINGS = {"sft.py": (1000, 346), "reward_model.py": (950, 337), "dpo.py": (1265, 538),
+            "ppo.py": (1124, 547), "var.py": (1242, 551), "dera.py": (741, 423), "expo.py": (810, 459)}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_the_method_fits_in_600_lines_and_main_in_100(script):
+def test_the_script_keeps_its_size_and_main_fits_in_100_lines(script):
     source = (ROOT / script).read_text()
     lines = source.splitlines()
     assert max(map(len, lines)) <= 110
     banner = next(i for i, line in enumerate(lines) if line.startswith(BANNER))
-    assert banner <= 600, f"{script}: the method part is {banner} lines"
+    most_lines, most_banner = CEILINGS[script]
+    assert len(lines) <= most_lines, f"{script}: {len(lines)} lines, more than {most_lines}"
+    assert banner + 1 <= most_banner, f"{script}: the plumbing banner is at line {banner + 1}"
     tree = ast.parse(source)
     main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
     assert main.end_lineno < banner + 1  # main closes the method part
