@@ -159,8 +159,8 @@ def render_toy(toy: dict, names: list) -> str:
         rows.append([run["label"], f"`{run['command']}`", minutes(run["wall_s"]), held_out(run, toy), *cells])
     return (table(["run", "command", "wall time", "held out", "samples", "gold", "usable gold", "grammatical",
                    "KL to toy/sft", "RM score"], rows)
-            + "\n\nOne run each (seed 0) on 2 CPU cores that other jobs shared, so the wall times overstate "
-              "the cost; ± is the standard error over the samples.")
+            + "\n\nOne run each (seed 0), one at a time on 2 CPU cores; ± is the standard error over the "
+              "samples.")
 
 
 def render_sweep(run: dict) -> str:
@@ -170,7 +170,7 @@ def render_sweep(run: dict) -> str:
              pct(r["grammatical"]), f"{r['eval/kl']:.2f}"] for r in run["rows"]]
     best = run["eval"].get("best_alpha")
     picked = "" if best is None else f" The reward model picks α = {best:g}."
-    wall = "" if run["wall_s"] is None else f", {minutes(run['wall_s'])} wall (shared cores)"
+    wall = "" if run["wall_s"] is None else f", {minutes(run['wall_s'])} wall (2 CPU cores)"
     return (table([symbol, "RM score", "gold", "usable gold", "grammatical", f"KL to {run['kl_to']}"], rows)
             + f"\n\n`{run['command']}`: {run['rows'][0]['n']} {run['prompts_split']} prompts, "
               f"T = {run['temperature']:g}{wall}.{picked}")
