@@ -52,10 +52,10 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    """Bradley-Terry reward model: train a scalar score head on preference pairs (prompt, chosen,
-    rejected) so that chosen responses score higher; report held-out accuracy. The defaults train the
-    toy's reward model from its pi_sft in about a minute on a CPU. Example: python reward_model.py
-    --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/ultrafeedback_binarized --learning_rate 1e-5"""
+    """Bradley-Terry reward model: a scalar score that ranks chosen over rejected (toy: ~1 min on a CPU).
+
+    Example: python reward_model.py --model Qwen/Qwen2.5-0.5B-Instruct
+    --dataset trl-lib/ultrafeedback_binarized --learning_rate 1e-5 --batch_size 8"""
 
     # data
     dataset: str = "toy/data/prefs"

@@ -47,10 +47,10 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    """Supervised fine-tuning: train a causal LM on the responses of chat conversations (prompt tokens
-    masked); report the held-out loss and print a few samples. The defaults train the toy's pi_sft from
-    random weights in about two minutes on a CPU. Example: python sft.py --model Qwen/Qwen2.5-0.5B
-    --dataset HuggingFaceH4/ultrachat_200k --train_split train_sft --eval_split test_sft"""
+    """Supervised fine-tuning on chat responses, then the held-out loss and samples (toy: ~2 min on a CPU).
+
+    Example: python sft.py --model Qwen/Qwen2.5-0.5B --dataset HuggingFaceH4/ultrachat_200k
+    --train_split train_sft --eval_split test_sft --learning_rate 2e-5"""
 
     # data
     dataset: str = "toy/data/sft"
