@@ -78,20 +78,33 @@ def last_token_index(attention_mask):
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
              label_smoothing=0.0, loss_type="sigmoid"):
     chosen, rejected = policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
-    losses = -beta * F.logsigmoid(chosen - rejected)
+    h = chosen - rejected
+    if loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = -(1 - label_smoothing) * beta * F.logsigmoid(h) - label_smoothing * beta * F.logsigmoid(-h)
     return losses, beta * chosen.detach(), beta * rejected.detach()
 '''),
     ("dpo", "the reference ignored", "dpo_loss", '''
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
              label_smoothing=0.0, loss_type="sigmoid"):
-    losses = -F.logsigmoid(beta * (policy_chosen_logps - policy_rejected_logps))
-    return losses, beta * policy_chosen_logps.detach(), beta * policy_rejected_logps.detach()
+    chosen, rejected = policy_chosen_logps, policy_rejected_logps
+    h = chosen - rejected
+    if loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses, beta * chosen.detach(), beta * rejected.detach()
 '''),
     ("dpo", "chosen and rejected swapped", "dpo_loss", '''
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
              label_smoothing=0.0, loss_type="sigmoid"):
     chosen, rejected = policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
-    losses = -F.logsigmoid(beta * (rejected - chosen))
+    h = rejected - chosen
+    if loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     return losses, beta * chosen.detach(), beta * rejected.detach()
 '''),
     ("dpo", "a missing detach on the logged rewards", "dpo_loss", '''
@@ -288,7 +301,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip):
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip):
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped, clipped = -advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    return (torch.max(unclipped, clipped) * mask).mean(), ((clipped > unclipped).float() * mask).mean()
+    return (torch.max(unclipped, clipped) * mask).mean(), masked_mean((clipped > unclipped).float(), mask)
 '''),
     ("ppo", "a sum over tokens where the loss is a mean", "ppo_policy_loss", '''
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip):
@@ -498,7 +511,136 @@ def extrapolate(sft_tensor, aligned_tensor, alpha):
     theta_0, theta_1 = sft_tensor.float(), aligned_tensor.float()
     return theta_1.add_(alpha * (theta_1 - theta_0)).to(aligned_tensor.dtype)
 '''),
+    # ---- mistakes outside the first catalogue (issue 38): each must be named in its feedback (NAMED)
+    ("ppo", "the EOS penalty fixed at -10, the argument ignored", "eos_trick", '''
+def eos_trick(scores, finished, penalty):
+    return torch.where(finished, scores, torch.full_like(scores, -10.0))
+'''),
+    ("ppo", "the score placed one token early", "kl_penalized_rewards", '''
+def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, beta):
+    rewards = -beta * (logprobs - ref_logprobs) * mask
+    last = mask.sum(1).long() - 2
+    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+'''),
+    ("ppo", "the KL penalty at the last token only, summed", "kl_penalized_rewards", '''
+def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, beta):
+    kl = ((logprobs - ref_logprobs) * mask).sum(1)
+    last = mask.sum(1).long() - 1
+    rewards = torch.zeros_like(logprobs)
+    rewards[torch.arange(len(scores)), last] = scores - beta * kl
+    return rewards
+'''),
+    ("ppo", "the KL penalty twice: per token and summed at the last token", "kl_penalized_rewards", '''
+def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, beta):
+    rewards = -beta * (logprobs - ref_logprobs) * mask
+    last = mask.sum(1).long() - 1
+    total = scores + rewards.sum(1)
+    return rewards.scatter_add(1, last[:, None], total[:, None].to(rewards.dtype))
+'''),
+    ("ppo", "GAE run forwards", "compute_gae", '''
+def compute_gae(rewards, values, mask, gamma, lam):
+    R = rewards.shape[1]
+    advantages, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in range(R):
+        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < R else torch.zeros_like(last)
+        last = (rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, (advantages + values) * mask
+'''),
+    ("ppo", "the clipped term alone, no max with the unclipped one", "ppo_policy_loss", '''
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip):
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped, clipped = -advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    return masked_mean(clipped, mask), masked_mean((clipped > unclipped).float(), mask)
+'''),
+    ("ppo", "the ratio as exp(log pi) / exp(log pi_old)", "ppo_policy_loss", '''
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip):
+    ratio = logprobs.exp() / old_logprobs.exp()
+    unclipped, clipped = -advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    return masked_mean(torch.max(unclipped, clipped), mask), masked_mean((clipped > unclipped).float(), mask)
+'''),
+    ("ppo", "the value clip fraction always 0", "ppo_value_loss", '''
+def ppo_value_loss(values, old_values, returns, mask, clip):
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped, clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
+    return 0.5 * masked_mean(torch.max(unclipped, clipped), mask), torch.tensor(0.0)
+'''),
+    ("dpo", "-log(sigmoid(beta h)): overflows at large |beta h|", "dpo_loss", '''
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             label_smoothing=0.0, loss_type="sigmoid"):
+    chosen, rejected = policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
+    h = chosen - rejected
+    if loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = -(1 - label_smoothing) * torch.log(torch.sigmoid(beta * h)) - label_smoothing * torch.log(torch.sigmoid(-beta * h))
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+'''),
+    ("dpo", "policy and reference swapped", "dpo_loss", '''
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             label_smoothing=0.0, loss_type="sigmoid"):
+    chosen, rejected = ref_chosen_logps - policy_chosen_logps, ref_rejected_logps - policy_rejected_logps
+    h = chosen - rejected
+    if loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+'''),
+    ("dpo", "the conservative-DPO term with the wrong sign", "dpo_loss", '''
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             label_smoothing=0.0, loss_type="sigmoid"):
+    chosen, rejected = policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
+    h = chosen - rejected
+    if loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+'''),
+    ("dpo", "IPO as (beta h - 1/2)^2", "dpo_loss", '''
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             label_smoothing=0.0, loss_type="sigmoid"):
+    chosen, rejected = policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
+    h = chosen - rejected
+    if loss_type == "ipo":
+        losses = (beta * h - 0.5) ** 2
+    else:
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+'''),
+    ("reward_model", "-log(sigmoid(.)) of a clamped probability: finite, but saturates", "bradley_terry_loss", '''
+def bradley_terry_loss(chosen_rewards, rejected_rewards):
+    return -torch.log(torch.sigmoid(chosen_rewards.float() - rejected_rewards.float()).clamp(min=1e-7))
+'''),
 ]
+
+
+# The words the feedback of these mutants must contain: the check names the mistake, not only a number.
+NAMED = {
+    "the EOS penalty fixed at -10, the argument ignored": "the penalty fixed at -10",
+    "-log(sigmoid(beta h)): overflows at large |beta h|": "log(sigmoid(x)) is log(0) in fp32",
+    "the value clip fraction always 0": "— that is 0",
+    "the clipped term alone, no max with the unclipped one": "the clipped term alone",
+    "GAE run forwards": "GAE run forwards",
+    "the KL penalty at the last token only, summed": "the KL penalty at the last token only",
+    "the KL penalty twice: per token and summed at the last token": "the KL penalty twice",
+    "the score placed one token early": "the score one token early",
+    "the conservative-DPO term with the wrong sign": "the eps term's sign flipped",
+    "IPO as (beta h - 1/2)^2": "(beta h - 1/2)^2",
+    "policy and reference swapped": "policy and reference swapped",
+    "the ratio as exp(log pi) / exp(log pi_old)": "take the ratio as exp(log pi - log pi_old)",
+    "no shift: position t scored on token t": "no shift",
+}
+
+# Mistakes that fail two level-1/2 checks, and why: each reason is said in the assignment's handout
+# (tests/test_assignments.py holds both). Every other mutant costs exactly one check.
+TWICE = {
+    "the log-softmax over positions, not the vocabulary":
+        "a log-softmax over positions lets the padding's logits into every token's probability",
+    "lambda applied to the reference":
+        "swapping lambda and 1 - lambda breaks the several-models sum too",
+}
 
 
 def apply(module, function: str, source: str) -> None:
