@@ -35,10 +35,10 @@ tensor (theta_1 was trained from theta_0).
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -90,11 +90,7 @@ class Args:
 
     # output and setup
     output_dir: Optional[str] = None
-    """where the run goes (default: runs/expo-<time>); must be empty unless --overwrite"""
-    overwrite: bool = False
-    """replace the contents of an existing, non-empty output_dir"""
-    verbose: bool = False
-    """show transformers' loading reports and progress bars"""
+    """where the run goes (default: runs/expo-<time>); must be empty"""
     seed: int = 0
     """seed of the sampling, the same for every alpha so that rows are comparable"""
     device: str = "auto"
@@ -105,7 +101,7 @@ class Args:
 
 
 def check_args(args: Args) -> None:
-    """Every argument checked before anything is loaded or written: one line each, exit code 2."""
+    """Every argument checked before anything is loaded or written: one line each."""
     problems = [
         (args.max_prompt_length < 1,
          f"--max_prompt_length must be at least 1 (got {args.max_prompt_length})"),
@@ -124,7 +120,7 @@ def check_args(args: Args) -> None:
     ]
     for bad, message in problems:
         if bad:
-            raise UsageError(message)
+            raise SystemExit(f"error: {message}")
 
 
 # ---- The method's maths ---------------------------------------------------------------------------
@@ -149,7 +145,7 @@ def extrapolate(sft_tensor: torch.Tensor, aligned_tensor: torch.Tensor, alpha: f
 def checkpoint_dir(name: str) -> Path:
     """The local folder of a model: a directory as it is; a hub id through the hub's cache (downloaded
     when online), fetching only what ExPO reads: safetensors weights, json configs, tokenizer files."""
-    path = locate(name, "model")  # a path that does not exist fails here
+    path = locate(name)  # a path that does not exist fails here
     if Path(path).is_dir():
         return Path(path)
     from huggingface_hub import snapshot_download
@@ -400,13 +396,13 @@ def main(args: Args) -> dict:
     tokenizer = load_tokenizer(args.aligned, args.trust_remote_code)
     stop_ids = stop_token_ids(tokenizer, args.aligned)
     check_tokenizers(tokenizer, args.aligned, [args.sft, args.reward_model], args.trust_remote_code)
-    prompts = first(load_split(args.prompts, args.prompts_split, [("prompt",)]), args.num_prompts)["prompt"]
+    prompts = load_split(args.prompts, args.prompts_split, [("prompt",)], args.num_prompts)["prompt"]
     prompts = drop_long_prompts(prompts, tokenizer, args.max_prompt_length, f"'{args.prompts}'")
 
     # the models that stay loaded: the aligned model (the KL reference) and the reward model
     ref_model = load_model(str(aligned_dir), args.trust_remote_code, weights_dtype).to(device).eval()
-    reward_model = load_scalar_model(args.reward_model, tokenizer.pad_token_id, args.trust_remote_code,
-                                     weights_dtype).to(device).eval()
+    reward_model = load_model(args.reward_model, args.trust_remote_code, weights_dtype, scalar=True)
+    reward_model = reward_model.to(device).eval()
     create_output_dir(out, args, device, dtype)
     print(f"expo: {len(args.alphas)} alphas x {len(prompts)} prompts ({args.prompts_split}), sft {args.sft}, "
           f"aligned {args.aligned}, reward model {args.reward_model}, device {device}, {dtype}")
@@ -458,87 +454,36 @@ def main(args: Args) -> dict:
 
 # ---- Plumbing --------------------------------------------------------------------------------------
 # The same text in every script that uses it (tests/test_twins.py): arguments, data files, tokenizers,
-# loading models, the run's folder, logs and checkpoints. Safe to skip on a first reading.
+# loading models, many processes, the run's folder, logs and checkpoints. Safe to skip on a first reading.
 
 
-class UsageError(SystemExit):
-    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2."""
-
-    def __init__(self, message: str):
-        super().__init__(2)
-        self.message = f"error: {message}"
-
-    def __str__(self) -> str:  # the message, for code that calls main directly
-        return self.message
-
-
-def resolve(path: str) -> str:
-    """`~` expanded; a relative path missing here but present next to this script (the toy) resolves there."""
-    path = os.path.expanduser(path)
+def locate(name: str, what: str = "model") -> str:
+    """The local path `name` names (`~` expanded; a relative one missing here but present next to this
+    script, like the toy, resolves there), or `name` as a hub id; a missing path fails now, not at the hub."""
+    path = os.path.expanduser(name)
     here = Path(__file__).resolve().parent / path
-    return str(here) if not Path(path).exists() and here.exists() else path
-
-
-def locate(name: str, what: str) -> str:
-    """The path `name` resolves to, or `name` as a hub id; a missing path fails now, not after the hub."""
-    path = resolve(name)
-    if Path(path).exists():
-        return path
+    if Path(path).exists() or here.exists():
+        return path if Path(path).exists() else str(here)
     if (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
             or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir())):
         raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
     return path
 
 
-def load_failure(name: str, what: str, error: Exception) -> SystemExit:
-    """One line for a name that could not be loaded, naming HF_HUB_OFFLINE when that is the reason."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    if offline and not Path(resolve(name)).exists():
-        return SystemExit(f"error: {what} '{name}' is not a local path and not in the Hugging Face cache, "
-                          "and HF_HUB_OFFLINE=1 forbids downloading it: pass a local directory, or run "
-                          "once online")
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return SystemExit(f"error: could not load {what} '{name}': {reason}")
-
-
-def load_split(name: str, split: str, needs: list):
-    """One split of a hub dataset, a folder of {split}.jsonl files or one .jsonl file, every row checked."""
+def load_split(name: str, split: str, needs: list, n: Optional[int] = None):
+    """The first n rows (None: all) of a split of a hub dataset, a folder of {split}.jsonl files or one .jsonl
+    file (its one split is `train`: slice it, train[:95%] / train[95%:]), with the columns of one of needs."""
     from datasets import load_dataset
 
     path = locate(name, "dataset")
-    one_file = path.endswith((".json", ".jsonl"))
-    where = f"dataset '{name}'" if one_file else f"split '{split}' of dataset '{name}'"
-    file = Path(path) if one_file else Path(path) / f"{split.split('[')[0]}.jsonl"
-    if file.is_file() and not any(line.strip() for line in open(file)):
-        raise SystemExit(f"error: {where} is empty: {file} has no rows")
-    try:
-        data = (load_dataset("json", data_files=path, split=split if split.startswith("train") else "train")
-                if one_file else load_dataset(path, split=split))
-    except Exception as e:  # datasets raises many types; all mean the same to a user
-        raise load_failure(name, f"split '{split}' of dataset", e)
-    columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
-    if columns is None:
-        wanted = " or ".join("+".join(cols) for cols in needs)
-        raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
-    if len(data) == 0:
-        raise SystemExit(f"error: {where} has no rows")
-    columns = list(dict.fromkeys(["prompt"] * ("prompt" in data.column_names) + list(columns)))
-    for i, row in enumerate(data.select_columns(columns)):
-        for column, value in row.items():
-            messages = isinstance(value, list) and value and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in value)
-            if value is None:
-                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' is missing")
-            if not (isinstance(value, str) or messages):
-                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' is {type(value).__name__} "
-                                 f"{str(value)[:40]!r}; expected a string or a list of "
-                                 "{role, content} messages")
-    return data
-
-
-def first(data, n: Optional[int]):
-    """The first n rows of a dataset (all of them when n is None)."""
+    if path.endswith((".json", ".jsonl")):
+        data = load_dataset("json", data_files=path, split=split)
+    else:
+        data = load_dataset(path, split=split)
+    if not any(set(columns) <= set(data.column_names) for columns in needs):
+        wanted = " or ".join("+".join(columns) for columns in needs)
+        raise SystemExit(f"error: split '{split}' of dataset '{name}' has columns {data.column_names}; "
+                         f"it needs {wanted}")
     return data.select(range(min(n, len(data)))) if n else data
 
 
@@ -556,35 +501,20 @@ def drop_long_prompts(prompts: list, tokenizer, max_prompt_length: int, where: s
     return kept
 
 
-# Used only for a tokenizer without a chat template; documented in docs/conventions.md#data.
-PLAIN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
-)
-
-
 def load_tokenizer(name: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "the tokenizer of", e)
+    tokenizer = AutoTokenizer.from_pretrained(locate(name), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
-        print(f"note: the tokenizer of '{name}' has no pad token; using its EOS token for padding "
-              "(padding is masked everywhere, so this changes no result)")
+        print(f"note: the tokenizer of '{name}' has no pad token; padding with EOS (masked everywhere)")
         tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
-        print(f"note: the tokenizer of '{name}' has no chat template; conversations are formatted as "
-              "'role: content<eos>' lines (PLAIN_CHAT_TEMPLATE)")
-        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     return tokenizer
 
 
 def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: bool) -> None:
     """Models that exchange token ids must share vocabulary and chat template, or scores are noise."""
     for name in dict.fromkeys(names):
-        if Path(resolve(name)).resolve() == Path(resolve(own_name)).resolve():
+        if Path(locate(name)).resolve() == Path(locate(own_name)).resolve():
             continue
         other = load_tokenizer(name, trust_remote_code)
         if other.get_vocab() != tokenizer.get_vocab():
@@ -600,7 +530,7 @@ def stop_token_ids(tokenizer, name: str) -> list:
     from transformers import GenerationConfig
 
     try:
-        listed = GenerationConfig.from_pretrained(resolve(name)).eos_token_id
+        listed = GenerationConfig.from_pretrained(locate(name)).eos_token_id
     except OSError:  # no generation_config.json
         listed = None
     listed = [listed] if isinstance(listed, int) else list(listed or [])
@@ -618,60 +548,37 @@ def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
     """Refuses, before loading weights, a reward model where a causal LM is needed, or the converse."""
     from transformers import AutoConfig
 
-    try:
-        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "model", e)
-    found = found.architectures or []
+    config = AutoConfig.from_pretrained(locate(name), trust_remote_code=trust_remote_code)
+    found = config.architectures or []
     if found and not any(a.endswith(wanted) for a in found):
         kind = ("a causal LM (...ForCausalLM)" if wanted == "ForCausalLM"
                 else "a reward model (...ForSequenceClassification)")
         raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
 
 
-def describe_model(name: str, model) -> None:
+def load_model(name: str, trust_remote_code: bool, dtype=torch.float32, scalar: bool = False,
+               new_head: bool = False):
+    """A causal LM, or (`scalar`) a reward or value model: a sequence classifier with one output whose
+    score head was trained (`new_head`: may start random). Under torchrun rank 0 alone reads the weights;
+    the others build the model on the meta device, and `place` sends each its shards."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if scalar else AutoModelForCausalLM
+    extra = {"num_labels": 1} if scalar else {}
+    if not new_head:
+        check_architecture(name, trust_remote_code, "ForSequenceClassification" if scalar else "ForCausalLM")
+    path = locate(name)
+    if rank() > 0:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
+        with torch.device("meta"):
+            return auto.from_config(config, trust_remote_code=trust_remote_code)
+    model, info = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                       output_loading_info=True, **extra)
+    if info["missing_keys"] and not new_head:
+        raise SystemExit(f"error: '{name}' lacks weights this needs ({sorted(info['missing_keys'])[:3]}); "
+                         "is it the right checkpoint?")
     print(f"loaded '{name}': {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           "parameters")
-
-
-def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
-
-    check_architecture(name, trust_remote_code, "ForCausalLM")
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            locate(name, "model"), dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
-    except Exception as e:
-        raise load_failure(name, "model", e)
-    if info["missing_keys"]:
-        raise SystemExit(f"error: '{name}' lacks weights a causal LM needs "
-                         f"({sorted(info['missing_keys'])[:3]}); is it the right checkpoint?")
-    describe_model(name, model)
-    return model
-
-
-def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32,
-                      new_head: bool = False):
-    """A reward (or value) model: a sequence classifier with one output and a trained score head."""
-    from transformers import AutoModelForSequenceClassification
-
-    if not new_head:
-        check_architecture(name, trust_remote_code, "ForSequenceClassification")
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            locate(name, "model"), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
-            output_loading_info=True)
-    except Exception as e:
-        raise load_failure(name, "reward model", e)
-    if info["missing_keys"] and not new_head:
-        raise SystemExit(f"error: '{name}' has no trained score head ({sorted(info['missing_keys'])[:3]} "
-                         "missing): train a reward model on it first (reward_model.py)")
-    if info["missing_keys"]:
-        print(f"note: '{name}' has no trained score head: it starts random, and only training moves it")
-    describe_model(name, model)
-    if model.config.pad_token_id is None:
-        print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
-        model.config.pad_token_id = pad_token_id
     return model
 
 
@@ -693,15 +600,14 @@ def generate(model, batch: dict, config):
 
 
 def setup(args) -> tuple:
-    """Seeds, device (joining torchrun's processes), dtype, quiet loading: (device, dtype, autocast)."""
+    """Seed, device (joining torchrun's processes), dtype, quiet loading: (device, dtype, autocast)."""
     import datasets
     import transformers
 
-    if not args.verbose:
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-    random.seed(args.seed)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", "torch.distributed is disabled")  # DCP in one process: as meant
     torch.manual_seed(args.seed)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
@@ -716,10 +622,8 @@ def setup(args) -> tuple:
     return device, dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
 
 
-# ---- Many processes: torchrun --nproc_per_node N <script>.py ... (FSDP2); without torchrun, none of this
-# does anything. Every process holds 1/N of each model (and of the trained ones' gradients and AdamW state),
-# trains on its share of each global batch and runs every evaluation in full; rank 0 alone prints and
-# writes. Collectives pair numbers by position: every process computes the same keys in the same order.
+# ---- Many processes (torchrun, FSDP2; without torchrun none of this acts): each holds 1/N of every model,
+# trains on its share of each global batch, runs every evaluation in full; rank 0 alone prints and writes.
 
 
 def rank() -> int:
@@ -742,20 +646,15 @@ def check_output_dir(args, script: str, models: list) -> Path:
     """Fails before any work if the run would overwrite another; sets args.output_dir. Writes nothing."""
     out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.output_dir = str(out)
-    if rank() > 0:  # only rank 0 checks (torchrun stops every process when one fails)
-        return out
     if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
-        raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"output_dir '{out}' already holds a run; pass --overwrite to start over, or "
-                         "choose another --output_dir")
+        raise SystemExit(f"error: output_dir '{out}' holds a model this run reads; choose another")
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"error: output_dir '{out}' already holds a run; choose another --output_dir")
     return out
 
 
 def create_output_dir(out: Path, args, device, dtype: str) -> None:
-    """Once the inputs have loaded: empties an --overwrite'n dir and writes args.json."""
-    if rank() > 0:  # rank 0 writes
-        return
+    """Writes args.json and the run's provenance."""
     import subprocess
 
     import datasets
@@ -770,41 +669,10 @@ def create_output_dir(out: Path, args, device, dtype: str) -> None:
            "python": sys.version.split()[0], "torch": torch.__version__,
            "transformers": transformers.__version__, "datasets": datasets.__version__, "device": str(device),
            "dtype": dtype, "processes": world_size(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / "args.json", "w") as f:
         json.dump({**asdict(args), "run": run}, f, indent=2)
 
 
-def last_checkpoint(out: Path) -> Optional[Path]:
-    return max(out.glob("checkpoint-*"), default=None)
-
-
-def describe_run(output_dir: Optional[str]) -> str:
-    """What a stopped run left behind, in one line (printed on Ctrl-C)."""
-    out = Path(output_dir or "")
-    if not output_dir or not (out / "args.json").exists():
-        return "nothing was written"
-    log_file, checkpoint = out / "metrics.jsonl", last_checkpoint(out)
-    records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
-    last = f", last at step {records[-1].get('step', records[-1].get('iteration'))}" if records else ""
-    kept = checkpoint.name if checkpoint else "no checkpoint yet"
-    return (f"kept in {out}: args.json, metrics.jsonl ({len(records)} records{last}), {kept}; "
-            f"--overwrite --output_dir {out} starts over")
-
-
-def cli(argv: Optional[list] = None) -> None:
-    """The command line. Ctrl-C stops the run with one line saying what was kept; exit code 130."""
-    args = tyro.cli(Args, args=argv)
-    try:
-        main(args)
-    except UsageError as e:
-        print(e, file=sys.stderr)
-        raise SystemExit(2)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {describe_run(args.output_dir)}", file=sys.stderr)
-        raise SystemExit(130)
-
-
 if __name__ == "__main__":
-    cli()
+    main(tyro.cli(Args))

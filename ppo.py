@@ -44,10 +44,10 @@ import dataclasses
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -70,8 +70,6 @@ class Args:
     """split whose prompts the policy is trained on"""
     eval_split: Optional[str] = "test"
     """split for the end-of-run samples (None: skip)"""
-    eval_fraction: float = 0.05
-    """for a --prompts that is one .jsonl file: the fraction held out for the end-of-run samples"""
     num_eval_prompts: Optional[int] = 256
     """sample one response for each of the first N eval prompts (None: all)"""
     max_prompt_length: int = 1024
@@ -144,18 +142,15 @@ class Args:
     eval_temperature: Optional[float] = None
     """temperature of the end-of-run samples (None: the rollout's, the sampler PPO trained; 1.0: as others)"""
     output_dir: Optional[str] = None
-    """where the run goes (default: runs/ppo-<time>); must be empty unless --overwrite"""
-    overwrite: bool = False
-    """replace the contents of an existing, non-empty output_dir"""
+    """where the run goes (default: runs/ppo-<time>); must be empty (or --resume)"""
     log_every: int = 10
     """iterations between log lines"""
     save_every: int = 0
-    """iterations between checkpoints of the policy and value model (the last one kept; 0: none); PPO
-    cannot --resume: a checkpoint is models to load, not a run"""
+    """iterations between checkpoints (the last one kept) that --resume continues from (0: none)"""
+    resume: bool = False
+    """continue the unfinished run in --output_dir from its last checkpoint (same arguments)"""
     dry_run: bool = False
     """print one formatted, tokenised prompt and the counts, then stop before loading or writing anything"""
-    verbose: bool = False
-    """show transformers' loading reports and progress bars"""
 
     # setup
     seed: int = 0
@@ -167,7 +162,7 @@ class Args:
 
 
 def check_args(args: Args) -> None:
-    """Every argument checked before anything is loaded or written: one line each, exit code 2."""
+    """Every argument checked before anything is loaded or written: one line each."""
     episodes_per_batch = args.batch_size * args.num_rollouts_per_prompt
     step_size = args.minibatch_size * args.gradient_accumulation_steps
     counts = ["max_prompt_length", "max_new_tokens", "batch_size", "num_rollouts_per_prompt",
@@ -198,10 +193,11 @@ def check_args(args: Args) -> None:
          f"--minibatch_size x --gradient_accumulation_steps ({args.minibatch_size} x "
          f"{args.gradient_accumulation_steps}: the episodes of one optimiser step)"),
         (args.save_every < 0, f"--save_every must be 0 (no checkpoints) or more (got {args.save_every})"),
+        (args.resume and not args.output_dir, "--resume needs the --output_dir of the run to continue"),
     ]
     for bad, message in problems:
         if bad:
-            raise UsageError(message)
+            raise SystemExit(f"error: {message}")
 
 
 # ---- The method's maths ---------------------------------------------------------------------------
@@ -266,8 +262,11 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                    mask: torch.Tensor, clip: float) -> tuple:
-    """Clipped value loss: Eq. 6's 1/2 (V - G_t)^2, with V kept within clip of the rollout's values.
-    Returns (loss, clipfrac)."""
+    """Clipped value loss: Eq. 6's 1/2 (V - G_t)^2, with V kept within clip of the rollout's values:
+    1/2 max((V - G)^2, (clip(V, V_old - clip, V_old + clip) - G)^2), a mean over the response tokens
+    (mask). values, old_values, returns, mask: (B, R). Returns (loss, clipfrac): clipfrac is the
+    fraction of response tokens where the clipped value's squared error is the larger (the max takes
+    the clipped branch)."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
     unclipped, clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.max(unclipped, clipped), mask)
@@ -350,15 +349,15 @@ def take(batch: dict, index) -> dict:
 # ---- Training -------------------------------------------------------------------------------------
 
 
-def load_models(args, pad_id: int, device) -> tuple:
+def load_models(args, device) -> tuple:
     """The policy and the value model (trained; dropout off unless --dropout), the reference and the
     reward model (frozen). A --value_model may be a causal LM, its head then random (the paper: V from R)."""
     policy = place(load_model(args.model, args.trust_remote_code), device)
     ref_model = place(load_model(args.ref or args.model, args.trust_remote_code), device, frozen=True)
-    reward_model = load_scalar_model(args.reward_model, pad_id, args.trust_remote_code)
-    reward_model = place(reward_model, device, frozen=True)
-    value_model = load_scalar_model(args.value_model or args.reward_model, pad_id, args.trust_remote_code,
-                                    new_head=args.value_model is not None)
+    reward_model = place(load_model(args.reward_model, args.trust_remote_code, scalar=True), device,
+                         frozen=True)
+    value_model = load_model(args.value_model or args.reward_model, args.trust_remote_code, scalar=True,
+                             new_head=args.value_model is not None)
     value_model = place(value_model, device)
     if not args.dropout:
         disable_dropout(policy), disable_dropout(value_model)
@@ -455,20 +454,21 @@ def main(args: Args) -> dict:
     check_args(args)
     device, dtype, autocast = setup(args)
     others = [args.ref or args.model, args.reward_model, args.value_model or args.reward_model]
-    out = None if args.dry_run else check_output_dir(args, "ppo", [args.model, *others])
+    out = None if args.dry_run else check_output_dir(args, "ppo", [args.model, *others], reshard=False)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     stop_ids = stop_token_ids(tokenizer, args.model)
     check_tokenizers(tokenizer, args.model, others, args.trust_remote_code)
-    train_data, eval_data = load_splits(args.prompts, args.train_split, args.eval_split, [("prompt",)],
-                                        args.eval_fraction, args.seed)
-    train_prompts = drop_long_prompts(train_data["prompt"], tokenizer, args.max_prompt_length,
-                                      "train prompts")
-    eval_prompts = [] if eval_data is None else first(eval_data, args.num_eval_prompts)["prompt"]
+    train_prompts = drop_long_prompts(load_split(args.prompts, args.train_split, [("prompt",)])["prompt"],
+                                      tokenizer, args.max_prompt_length, "train prompts")
+    eval_prompts = []
+    if args.eval_split:
+        eval_prompts = load_split(args.prompts, args.eval_split, [("prompt",)], args.num_eval_prompts)
+        eval_prompts = eval_prompts["prompt"]
     if eval_prompts:
         eval_prompts = drop_long_prompts(eval_prompts, tokenizer, args.max_prompt_length, "eval prompts")
     if len(train_prompts) < args.batch_size * world_size():  # the prompt stream would yield no batch
-        raise UsageError(f"{len(train_prompts)} train prompts in '{args.prompts}' are fewer than one batch "
-                         f"of --batch_size {args.batch_size} x {world_size()} process(es): lower "
+        raise SystemExit(f"error: {len(train_prompts)} train prompts in '{args.prompts}' are fewer than one "
+                         f"batch of --batch_size {args.batch_size} x {world_size()} process(es): lower "
                          "--batch_size, or give more prompts")
     episodes_per_batch = args.batch_size * args.num_rollouts_per_prompt  # per process under torchrun
     num_iterations = args.total_episodes // (episodes_per_batch * world_size())
@@ -477,23 +477,27 @@ def main(args: Args) -> dict:
     if args.dry_run:
         return dry_run(tokenizer, train_prompts, eval_prompts, num_iterations, total_steps, args)
 
-    policy, ref_model, reward_model, value_model = load_models(args, tokenizer.pad_token_id, device)
+    policy, ref_model, reward_model, value_model = load_models(args, device)
     optimizer, scheduler = start_training([policy, value_model], args, total_steps, "constant",
                                           eps=args.adam_eps)  # Table 9: constant after warmup
-    create_output_dir(out, args, device, dtype)
+    start, progress = 0, {"rollout": 0.0, "update": 0.0, "window": {}}
+    checkpoint = last_checkpoint(out) if args.resume else None
+    if checkpoint:  # the models, optimiser, schedule, prompt stream and random states where they were
+        start, progress = restore(checkpoint, [policy, value_model], optimizer, scheduler)
+    create_output_dir(out, args, device, dtype, resume_step=start if args.resume else None)
     print(f"ppo: {len(train_prompts)} train prompts, {num_iterations} iterations of {episodes_per_batch} "
           f"episodes x {world_size()} process(es), {total_steps} optimiser steps of {step_size} episodes, "
           f"beta {args.beta}, device {device}, {dtype}")
 
-    stream = prompt_stream(train_prompts, args.batch_size, args.seed)
-    times, window = {"rollout": 0.0, "update": 0.0}, {}
-    for iteration in tqdm(range(1, num_iterations + 1), desc="ppo", dynamic_ncols=True, disable=quiet()):
+    stream = prompt_stream(train_prompts, args.batch_size, args.seed, skip=start)
+    window = progress["window"]
+    for iteration in tqdm(range(start + 1, num_iterations + 1), desc="ppo", disable=rank() > 0 or None):
         # 1. rollout: one response per prompt, sampled at --temperature and cut after its first stop id
         start = time.time()
         prompts = [p for p in next(stream) for _ in range(args.num_rollouts_per_prompt)]
         with autocast:  # sampled in the precision the old log-probs and the KL are taken in
             batch = rollout(policy, tokenizer, prompts, args, device, stop_ids)
-        times["rollout"] += time.time() - start
+        progress["rollout"] += time.time() - start
         start, stats = time.time(), {}
         order = torch.randperm(episodes_per_batch, device=device)
         for offset in range(0, episodes_per_batch, step_size):  # one optimiser step's b x g episodes
@@ -519,24 +523,23 @@ def main(args: Args) -> dict:
                 grad_norm = optimizer_step(optimizer, scheduler, args.max_grad_norm, loss,
                                            f"at iteration {iteration}")
                 append(stats, {"train/grad_norm": grad_norm})
-        times["update"] += time.time() - start
-        append(window, {key: sum(v) / len(v) for key, v in stats.items()})
+        progress["update"] += time.time() - start
+        tally(window, {key: sum(v) / len(v) for key, v in stats.items()}, 1)
 
         if iteration % args.log_every == 0 or iteration == num_iterations:
-            elapsed = max(times["rollout"] + times["update"], 1e-9)
+            elapsed = max(progress["rollout"] + progress["update"], 1e-9)
             log(out, {"iteration": iteration, "episodes": iteration * episodes_per_batch * world_size(),
-                      **{k: sum(v) / len(v) for k, v in window.items()},
+                      **means(window),
                       "train/lr": scheduler.get_last_lr()[0],
                       "perf/episodes_per_s": iteration * episodes_per_batch / elapsed,
-                      "perf/rollout_fraction": times["rollout"] / elapsed})
-            window = {}
+                      "perf/rollout_fraction": progress["rollout"] / elapsed})
         if args.save_every and iteration % args.save_every == 0 and iteration < num_iterations:
-            save_checkpoint({".": policy, "value_model": value_model}, tokenizer, out, iteration, None)
+            save_checkpoint([policy, value_model], optimizer, scheduler, out, iteration, progress)
     save_model(policy, tokenizer, out)
 
-    elapsed = times["rollout"] + times["update"]
+    elapsed = progress["rollout"] + progress["update"]
     results = {"train/iterations": num_iterations, "train/runtime_s": round(elapsed, 1),
-               "perf/rollout_s": round(times["rollout"], 1), "perf/update_s": round(times["update"], 1),
+               "perf/rollout_s": round(progress["rollout"], 1), "perf/update_s": round(progress["update"], 1),
                "perf/episodes_per_s": round(num_iterations * episodes_per_batch / max(elapsed, 1e-9), 2)}
     if eval_prompts:
         results.update(evaluate(policy, ref_model, reward_model, tokenizer, eval_prompts, args, device,
@@ -546,18 +549,7 @@ def main(args: Args) -> dict:
 
 # ---- Plumbing --------------------------------------------------------------------------------------
 # The same text in every script that uses it (tests/test_twins.py): arguments, data files, tokenizers,
-# loading models, the run's folder, logs and checkpoints. Safe to skip on a first reading.
-
-
-class UsageError(SystemExit):
-    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2."""
-
-    def __init__(self, message: str):
-        super().__init__(2)
-        self.message = f"error: {message}"
-
-    def __str__(self) -> str:  # the message, for code that calls main directly
-        return self.message
+# loading models, many processes, the run's folder, logs and checkpoints. Safe to skip on a first reading.
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
@@ -571,99 +563,45 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 
     return floor + (1.0 - floor) * decay
 
 
-def prompt_stream(prompts: list, batch_size: int, seed: int):
-    """Endless shuffled batches of prompts (an epoch's remainder dropped); under torchrun a part each."""
-    me, world, g = rank(), world_size(), torch.Generator().manual_seed(seed)
+def prompt_stream(prompts: list, batch_size: int, seed: int, skip: int):
+    """Endless shuffled batches of prompts (an epoch's remainder dropped), after `skip` done ones; under
+    torchrun a part each."""
+    me, world, g, n = rank(), world_size(), torch.Generator().manual_seed(seed), 0
     while True:
         order = torch.randperm(len(prompts), generator=g).tolist()
         for i in range(0, len(order) - batch_size * world + 1, batch_size * world):
-            yield [prompts[j] for j in order[i + me * batch_size : i + (me + 1) * batch_size]]
+            n += 1
+            if n > skip:
+                yield [prompts[j] for j in order[i + me * batch_size : i + (me + 1) * batch_size]]
 
 
-def resolve(path: str) -> str:
-    """`~` expanded; a relative path missing here but present next to this script (the toy) resolves there."""
-    path = os.path.expanduser(path)
+def locate(name: str, what: str = "model") -> str:
+    """The local path `name` names (`~` expanded; a relative one missing here but present next to this
+    script, like the toy, resolves there), or `name` as a hub id; a missing path fails now, not at the hub."""
+    path = os.path.expanduser(name)
     here = Path(__file__).resolve().parent / path
-    return str(here) if not Path(path).exists() and here.exists() else path
-
-
-def locate(name: str, what: str) -> str:
-    """The path `name` resolves to, or `name` as a hub id; a missing path fails now, not after the hub."""
-    path = resolve(name)
-    if Path(path).exists():
-        return path
+    if Path(path).exists() or here.exists():
+        return path if Path(path).exists() else str(here)
     if (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
             or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir())):
         raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
     return path
 
 
-def load_failure(name: str, what: str, error: Exception) -> SystemExit:
-    """One line for a name that could not be loaded, naming HF_HUB_OFFLINE when that is the reason."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    if offline and not Path(resolve(name)).exists():
-        return SystemExit(f"error: {what} '{name}' is not a local path and not in the Hugging Face cache, "
-                          "and HF_HUB_OFFLINE=1 forbids downloading it: pass a local directory, or run "
-                          "once online")
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return SystemExit(f"error: could not load {what} '{name}': {reason}")
-
-
-def load_split(name: str, split: str, needs: list):
-    """One split of a hub dataset, a folder of {split}.jsonl files or one .jsonl file, every row checked."""
+def load_split(name: str, split: str, needs: list, n: Optional[int] = None):
+    """The first n rows (None: all) of a split of a hub dataset, a folder of {split}.jsonl files or one .jsonl
+    file (its one split is `train`: slice it, train[:95%] / train[95%:]), with the columns of one of needs."""
     from datasets import load_dataset
 
     path = locate(name, "dataset")
-    one_file = path.endswith((".json", ".jsonl"))
-    where = f"dataset '{name}'" if one_file else f"split '{split}' of dataset '{name}'"
-    file = Path(path) if one_file else Path(path) / f"{split.split('[')[0]}.jsonl"
-    if file.is_file() and not any(line.strip() for line in open(file)):
-        raise SystemExit(f"error: {where} is empty: {file} has no rows")
-    try:
-        data = (load_dataset("json", data_files=path, split=split if split.startswith("train") else "train")
-                if one_file else load_dataset(path, split=split))
-    except Exception as e:  # datasets raises many types; all mean the same to a user
-        raise load_failure(name, f"split '{split}' of dataset", e)
-    columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
-    if columns is None:
-        wanted = " or ".join("+".join(cols) for cols in needs)
-        raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
-    if len(data) == 0:
-        raise SystemExit(f"error: {where} has no rows")
-    columns = list(dict.fromkeys(["prompt"] * ("prompt" in data.column_names) + list(columns)))
-    for i, row in enumerate(data.select_columns(columns)):
-        for column, value in row.items():
-            messages = isinstance(value, list) and value and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in value)
-            if value is None:
-                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' is missing")
-            if not (isinstance(value, str) or messages):
-                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' is {type(value).__name__} "
-                                 f"{str(value)[:40]!r}; expected a string or a list of "
-                                 "{role, content} messages")
-    return data
-
-
-def load_splits(name: str, train_split: str, eval_split: Optional[str], needs: list, eval_fraction: float,
-                seed: int) -> tuple:
-    """(train rows, eval rows or None); one .jsonl file holds out a shuffled `eval_fraction` for eval."""
-    train = load_split(name, train_split, needs)
-    if not eval_split:
-        return train, None
-    if not resolve(name).endswith((".json", ".jsonl")):
-        return train, load_split(name, eval_split, needs)
-    if not 0 < eval_fraction < 1 or len(train) < 2:
-        raise SystemExit(f"error: '{name}' is one file ({len(train)} rows), with no separate eval split: "
-                         "hold out rows with 0 < --eval_fraction < 1, or pass --eval_split None")
-    parts = train.train_test_split(test_size=eval_fraction, seed=seed)
-    print(f"note: '{name}' is one file: {len(parts['train'])} rows to train on, {len(parts['test'])} held "
-          f"out for evaluation (--eval_fraction {eval_fraction})")
-    return parts["train"], parts["test"]
-
-
-def first(data, n: Optional[int]):
-    """The first n rows of a dataset (all of them when n is None)."""
+    if path.endswith((".json", ".jsonl")):
+        data = load_dataset("json", data_files=path, split=split)
+    else:
+        data = load_dataset(path, split=split)
+    if not any(set(columns) <= set(data.column_names) for columns in needs):
+        wanted = " or ".join("+".join(columns) for columns in needs)
+        raise SystemExit(f"error: split '{split}' of dataset '{name}' has columns {data.column_names}; "
+                         f"it needs {wanted}")
     return data.select(range(min(n, len(data)))) if n else data
 
 
@@ -681,35 +619,20 @@ def drop_long_prompts(prompts: list, tokenizer, max_prompt_length: int, where: s
     return kept
 
 
-# Used only for a tokenizer without a chat template; documented in docs/conventions.md#data.
-PLAIN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
-)
-
-
 def load_tokenizer(name: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "the tokenizer of", e)
+    tokenizer = AutoTokenizer.from_pretrained(locate(name), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
-        print(f"note: the tokenizer of '{name}' has no pad token; using its EOS token for padding "
-              "(padding is masked everywhere, so this changes no result)")
+        print(f"note: the tokenizer of '{name}' has no pad token; padding with EOS (masked everywhere)")
         tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
-        print(f"note: the tokenizer of '{name}' has no chat template; conversations are formatted as "
-              "'role: content<eos>' lines (PLAIN_CHAT_TEMPLATE)")
-        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     return tokenizer
 
 
 def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: bool) -> None:
     """Models that exchange token ids must share vocabulary and chat template, or scores are noise."""
     for name in dict.fromkeys(names):
-        if Path(resolve(name)).resolve() == Path(resolve(own_name)).resolve():
+        if Path(locate(name)).resolve() == Path(locate(own_name)).resolve():
             continue
         other = load_tokenizer(name, trust_remote_code)
         if other.get_vocab() != tokenizer.get_vocab():
@@ -725,7 +648,7 @@ def stop_token_ids(tokenizer, name: str) -> list:
     from transformers import GenerationConfig
 
     try:
-        listed = GenerationConfig.from_pretrained(resolve(name)).eos_token_id
+        listed = GenerationConfig.from_pretrained(locate(name)).eos_token_id
     except OSError:  # no generation_config.json
         listed = None
     listed = [listed] if isinstance(listed, int) else list(listed or [])
@@ -743,60 +666,37 @@ def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
     """Refuses, before loading weights, a reward model where a causal LM is needed, or the converse."""
     from transformers import AutoConfig
 
-    try:
-        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "model", e)
-    found = found.architectures or []
+    config = AutoConfig.from_pretrained(locate(name), trust_remote_code=trust_remote_code)
+    found = config.architectures or []
     if found and not any(a.endswith(wanted) for a in found):
         kind = ("a causal LM (...ForCausalLM)" if wanted == "ForCausalLM"
                 else "a reward model (...ForSequenceClassification)")
         raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
 
 
-def describe_model(name: str, model) -> None:
+def load_model(name: str, trust_remote_code: bool, dtype=torch.float32, scalar: bool = False,
+               new_head: bool = False):
+    """A causal LM, or (`scalar`) a reward or value model: a sequence classifier with one output whose
+    score head was trained (`new_head`: may start random). Under torchrun rank 0 alone reads the weights;
+    the others build the model on the meta device, and `place` sends each its shards."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if scalar else AutoModelForCausalLM
+    extra = {"num_labels": 1} if scalar else {}
+    if not new_head:
+        check_architecture(name, trust_remote_code, "ForSequenceClassification" if scalar else "ForCausalLM")
+    path = locate(name)
+    if rank() > 0:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
+        with torch.device("meta"):
+            return auto.from_config(config, trust_remote_code=trust_remote_code)
+    model, info = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                       output_loading_info=True, **extra)
+    if info["missing_keys"] and not new_head:
+        raise SystemExit(f"error: '{name}' lacks weights this needs ({sorted(info['missing_keys'])[:3]}); "
+                         "is it the right checkpoint?")
     print(f"loaded '{name}': {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           "parameters")
-
-
-def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
-
-    check_architecture(name, trust_remote_code, "ForCausalLM")
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            locate(name, "model"), dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
-    except Exception as e:
-        raise load_failure(name, "model", e)
-    if info["missing_keys"]:
-        raise SystemExit(f"error: '{name}' lacks weights a causal LM needs "
-                         f"({sorted(info['missing_keys'])[:3]}); is it the right checkpoint?")
-    describe_model(name, model)
-    return model
-
-
-def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32,
-                      new_head: bool = False):
-    """A reward (or value) model: a sequence classifier with one output and a trained score head."""
-    from transformers import AutoModelForSequenceClassification
-
-    if not new_head:
-        check_architecture(name, trust_remote_code, "ForSequenceClassification")
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            locate(name, "model"), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
-            output_loading_info=True)
-    except Exception as e:
-        raise load_failure(name, "reward model", e)
-    if info["missing_keys"] and not new_head:
-        raise SystemExit(f"error: '{name}' has no trained score head ({sorted(info['missing_keys'])[:3]} "
-                         "missing): train a reward model on it first (reward_model.py)")
-    if info["missing_keys"]:
-        print(f"note: '{name}' has no trained score head: it starts random, and only training moves it")
-    describe_model(name, model)
-    if model.config.pad_token_id is None:
-        print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
-        model.config.pad_token_id = pad_token_id
     return model
 
 
@@ -818,15 +718,14 @@ def generate(model, batch: dict, config):
 
 
 def setup(args) -> tuple:
-    """Seeds, device (joining torchrun's processes), dtype, quiet loading: (device, dtype, autocast)."""
+    """Seed, device (joining torchrun's processes), dtype, quiet loading: (device, dtype, autocast)."""
     import datasets
     import transformers
 
-    if not args.verbose:
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-    random.seed(args.seed)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", "torch.distributed is disabled")  # DCP in one process: as meant
     torch.manual_seed(args.seed)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
@@ -841,10 +740,8 @@ def setup(args) -> tuple:
     return device, dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
 
 
-# ---- Many processes: torchrun --nproc_per_node N <script>.py ... (FSDP2); without torchrun, none of this
-# does anything. Every process holds 1/N of each model (and of the trained ones' gradients and AdamW state),
-# trains on its share of each global batch and runs every evaluation in full; rank 0 alone prints and
-# writes. Collectives pair numbers by position: every process computes the same keys in the same order.
+# ---- Many processes (torchrun, FSDP2; without torchrun none of this acts): each holds 1/N of every model,
+# trains on its share of each global batch, runs every evaluation in full; rank 0 alone prints and writes.
 
 
 def rank() -> int:
@@ -857,25 +754,30 @@ def world_size() -> int:
 
 def place(model, device, frozen: bool = False):
     """The model on `device` (`frozen`: eval mode, no gradients); under torchrun sharded with FSDP2, each
-    decoder layer then the rest (frozen models too: a replicated 13B reference is 52 GB of fp32 per GPU).
+    decoder layer then the rest (frozen models too), rank 0's weights sent to each process as its shards.
     The gathered weights stay fp32 under one process's autocast: FSDP's bf16 policy would also run the
     residual stream in bf16 (SFT's first loss 1.2e-3 apart)."""
-    model = model.to(device)
     if frozen:
         model.eval().requires_grad_(False)
     if world_size() == 1:
-        return model
+        return model.to(device)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    # a frozen model has no backward pass to keep its root's weights gathered for: reshard after forward
-    shard = dict(reshard_after_forward=True if frozen else None)
-    for module in model.modules():
-        if type(module).__name__ in (model._no_split_modules or []):  # the decoder layers
-            fully_shard(module, **shard)
+    weights = model.to(device).state_dict() if rank() == 0 else {}  # elsewhere the model is on "meta"
+    # every unit reshards after its forward, the root too: optimiser and checkpoints see only shards
+    units = [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]
     if hasattr(model, "score"):  # a scalar model: score() calls its backbone and head, not the whole
-        fully_shard(getattr(model, model.base_model_prefix), **shard)
-        fully_shard(model.score, **shard)
-    return fully_shard(model, **shard)
+        units += [getattr(model, model.base_model_prefix), model.score]
+    for unit in units + [model]:
+        fully_shard(unit, reshard_after_forward=True)
+    if rank() > 0:
+        model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, weights, options=options)
+    for buffer in model.buffers():  # not in a state dict (the rotary frequencies): rank 0's
+        torch.distributed.broadcast(buffer, src=0)
+    return model
 
 
 def summed(numbers: list) -> list:
@@ -895,30 +797,6 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     x = x.clone()
     torch.distributed.all_reduce(x)
     return x
-
-
-def gathered(state):
-    """A state dict with each FSDP shard gathered in full, on rank 0's CPU (None elsewhere)."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(state, DTensor):
-        full = state.detach().full_tensor()
-        return full.cpu() if rank() == 0 else None
-    if isinstance(state, list):
-        return [gathered(v) for v in state]
-    if not isinstance(state, dict):
-        return state
-    full, done = {}, {}  # done: by id, so that a tensor under two names (tied embeddings) stays one
-    for k, v in state.items():
-        if id(v) not in done:
-            done[id(v)] = gathered(v)
-        full[k] = done[id(v)]
-    return full
-
-
-def quiet():
-    """tqdm's `disable`: True on ranks above 0 (one progress bar), else None (a bar on a terminal only)."""
-    return True if rank() > 0 else None
 
 
 def start_training(models: list, args, total_steps: int, schedule: str, floor: float = 0.0,
@@ -960,6 +838,22 @@ def optimizer_step(optimizer, scheduler, max_grad_norm: float, loss: float, when
     return grad_norm
 
 
+def tally(window: dict, sums: dict, n: int) -> None:
+    """Adds metric sums over n rows (or tokens) to a log window; `means` divides them at the log step."""
+    for k, v in sums.items():
+        window[k] = window.get(k, 0.0) + v
+    window["n"] = window.get("n", 0) + n
+
+
+def means(window: dict) -> dict:
+    """The window's means (under torchrun over every process's rows); the window is emptied."""
+    n = window.pop("n")
+    *totals, n = summed(list(window.values()) + [n])
+    result = {k: v / n for k, v in zip(window, totals)}
+    window.clear()
+    return result
+
+
 def append(stats: dict, values: dict) -> None:
     """Appends each value (a float or a 0-d tensor) to its list in `stats`."""
     for k, v in values.items():
@@ -986,23 +880,43 @@ def log(out: Path, record: dict) -> None:
     tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
 
-def check_output_dir(args, script: str, models: list) -> Path:
-    """Fails before any work if the run would overwrite another; sets args.output_dir. Writes nothing."""
+def check_output_dir(args, script: str, models: list, reshard: bool = True) -> Path:
+    """Fails before any work if the run would overwrite another or, to --resume, is not the same run: the
+    same arguments, on another number of processes only where `reshard` and the global batch is the same."""
     out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.output_dir = str(out)
     if rank() > 0:  # only rank 0 checks (torchrun stops every process when one fails)
         return out
-    if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
-        raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"output_dir '{out}' already holds a run; pass --overwrite to start over, or "
-                         "choose another --output_dir")
+    if any(Path(locate(m)).resolve() == out.resolve() for m in models):
+        raise SystemExit(f"error: output_dir '{out}' holds a model this run reads; choose another")
+    if not args.resume:
+        if out.exists() and any(out.iterdir()):
+            raise SystemExit(f"error: output_dir '{out}' already holds a run; pass --resume to continue it, "
+                             "or choose another --output_dir")
+        return out
+    if not (out / "args.json").exists() or (out / "eval.json").exists():
+        raise SystemExit(f"error: --resume: '{out}' holds no unfinished run (args.json without eval.json)")
+    recorded = json.load(open(out / "args.json"))
+    recorded["processes"] = recorded["run"]["processes"]
+    current = {**json.loads(json.dumps(asdict(args))), "processes": world_size()}  # tuples as lists
+    if reshard and recorded["batch_size"] * recorded["processes"] == args.batch_size * world_size():
+        current.update(batch_size=recorded["batch_size"], processes=recorded["processes"])  # DCP reshards
+    changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items()
+               if k not in ("output_dir", "resume", "dry_run", "save_every") and recorded.get(k) != v]
+    if changed:
+        raise SystemExit(f"error: --resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
+                         "resume with the same ones (or the same global batch on other processes)")
     return out
 
 
-def create_output_dir(out: Path, args, device, dtype: str) -> None:
-    """Once the inputs have loaded: empties an --overwrite'n dir and writes args.json."""
+def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional[int] = None) -> None:
+    """A new run writes args.json and its provenance; a resumed one drops the records after its checkpoint."""
     if rank() > 0:  # rank 0 writes
+        return
+    if resume_step is not None:
+        log_file = out / "metrics.jsonl"
+        records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
+        write_jsonl(log_file, [r for r in records if r.get("step", r.get("iteration")) <= resume_step])
         return
     import subprocess
 
@@ -1018,67 +932,82 @@ def create_output_dir(out: Path, args, device, dtype: str) -> None:
            "python": sys.version.split()[0], "torch": torch.__version__,
            "transformers": transformers.__version__, "datasets": datasets.__version__, "device": str(device),
            "dtype": dtype, "processes": world_size(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / "args.json", "w") as f:
         json.dump({**asdict(args), "run": run}, f, indent=2)
 
 
-def check_finite(weights: dict, when: str) -> None:
-    """Refuses to save weights (name -> tensor) that hold a NaN or an infinity."""
-    bad = [n for n, p in weights.items() if p.is_floating_point() and not torch.isfinite(p).all()]
-    if bad:
-        raise SystemExit(f"error: {len(bad)} weight tensors are non-finite {when} (first: {bad[0]}); "
-                         "nothing saved. Try a lower --learning_rate or float32")
-
-
 def save_model(model, tokenizer, out: Path) -> None:
-    """The final model in `out` itself, moved in with config.json last (no loadable half-model)."""
-    full = gathered(model.state_dict(keep_vars=True)) if world_size() > 1 else None  # every process gathers
+    """The final model in `out` itself, loadable by from_pretrained: every process gathers the full weights
+    (cpu_offload: rank 0 alone keeps them), rank 0 writes them, config.json last (no loadable half-model)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank() > 0:
         return
-    check_finite(dict(model.named_parameters()) if full is None else full, "at the end of training")
+    for name in model.all_tied_weights_keys:  # a tied weight is saved once, as one process saves it
+        weights.pop(name, None)
     tmp = out / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=full)
+    model.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
         os.replace(f, out / f.name)
     tmp.rmdir()
 
 
-def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Optional[dict]) -> None:
-    """out/checkpoint-<step>: the models and trainer_state.pt, renamed into place whole."""
-    many = world_size() > 1
-    full = {folder: gathered(m.state_dict(keep_vars=True)) if many else None for folder, m in models.items()}
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    if many and state is not None:  # every process's random states, and the log window summed over all
-        rngs = [None] * world_size()
-        torch.distributed.all_gather_object(rngs, rng)
-        rng, window = rngs, state["progress"]["window"]
-        state = {**gathered(state), "progress": {**state["progress"],
-                                                  "window": dict(zip(window, summed(list(window.values()))))}}
-    if rank() > 0:
-        return
-    for folder, model in models.items():  # all checked before anything is written
-        weights = dict(model.named_parameters()) if full[folder] is None else full[folder]
-        check_finite(weights, f"at step {step}")
-    final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for folder, model in models.items():
-        model.save_pretrained(tmp / folder, state_dict=full[folder])
-        tokenizer.save_pretrained(tmp / folder)  # each folder loads on its own
-    if state is not None:
-        torch.save({"step": step, **state, "random": rng}, tmp / "trainer_state.pt")
-    os.replace(tmp, final)
-    for old in out.glob("checkpoint-*"):
-        if old != final:
-            shutil.rmtree(old)
+def save_checkpoint(models: list, optimizer, scheduler, out: Path, step: int, progress: dict) -> None:
+    """out/checkpoint-<step>: a torch.distributed.checkpoint folder into which each process writes its own
+    shards of the models and AdamW moments, and beside them the step, schedule and progress (the log window
+    summed over the processes) and each process's random state. DCP writes .metadata last: only a folder
+    that has it counts, so a save cut short leaves the previous checkpoint the one to resume from."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    folder = out / f"checkpoint-{step:06d}"
+    folder.mkdir(exist_ok=True)
+    window = progress["window"]
+    progress = {**progress, "window": dict(zip(window, summed(list(window.values()))))}
+    if rank() == 0:
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "progress": progress},
+                   folder / "trainer_state.pt")
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    torch.save({"torch": torch.get_rng_state(), "cuda": cuda}, folder / f"random-{rank()}.pt")
+    model_state, optimizer_state = get_state_dict(torch.nn.ModuleList(models), optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+    if rank() == 0:
+        for old in out.glob("checkpoint-*"):
+            if old != folder:
+                shutil.rmtree(old)
 
 
 def last_checkpoint(out: Path) -> Optional[Path]:
-    return max(out.glob("checkpoint-*"), default=None)
+    """The newest complete checkpoint: the newest folder with DCP's .metadata."""
+    return max((f.parent for f in out.glob("checkpoint-*/.metadata")), default=None)
+
+
+def restore(checkpoint: Path, models: list, optimizer, scheduler) -> tuple:
+    """--resume: the models, AdamW moments (DCP reshards them to this run's processes), schedule and random
+    states as at the checkpoint. Returns (step, progress)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    modules = torch.nn.ModuleList(models)
+    model_state, optimizer_state = get_state_dict(modules, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=checkpoint)
+    set_state_dict(modules, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    trainer = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    scheduler.load_state_dict(trainer["scheduler"])
+    if rank() > 0:  # the window holds every process's rows: rank 0 alone keeps it
+        trainer["progress"]["window"] = {}
+    if (checkpoint / f"random-{rank()}.pt").exists():  # a process the saving run lacked keeps its seed
+        states = torch.load(checkpoint / f"random-{rank()}.pt")
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] is not None:
+            torch.cuda.set_rng_state(states["cuda"])
+    print(f"resuming from {checkpoint} (step {trainer['step']})")
+    return trainer["step"], trainer["progress"]
 
 
 def finish(out: Path, results: dict) -> dict:
@@ -1088,37 +1017,10 @@ def finish(out: Path, results: dict) -> dict:
     with open(out / "eval.json", "w") as f:
         json.dump(results, f, indent=2)
     for checkpoint in out.glob("checkpoint-*"):
-        if (checkpoint / "trainer_state.pt").exists():
-            shutil.rmtree(checkpoint)
+        shutil.rmtree(checkpoint)
     print(f"\nsaved to {out}: " + json.dumps(results, indent=1))
     return results
 
 
-def describe_run(output_dir: Optional[str]) -> str:
-    """What a stopped run left behind, in one line (printed on Ctrl-C)."""
-    out = Path(output_dir or "")
-    if not output_dir or not (out / "args.json").exists():
-        return "nothing was written"
-    log_file, checkpoint = out / "metrics.jsonl", last_checkpoint(out)
-    records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
-    last = f", last at step {records[-1].get('step', records[-1].get('iteration'))}" if records else ""
-    kept = checkpoint.name if checkpoint else "no checkpoint yet"
-    return (f"kept in {out}: args.json, metrics.jsonl ({len(records)} records{last}), {kept}; "
-            f"--overwrite --output_dir {out} starts over")
-
-
-def cli(argv: Optional[list] = None) -> None:
-    """The command line. Ctrl-C stops the run with one line saying what was kept; exit code 130."""
-    args = tyro.cli(Args, args=argv)
-    try:
-        main(args)
-    except UsageError as e:
-        print(e, file=sys.stderr)
-        raise SystemExit(2)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {describe_run(args.output_dir)}", file=sys.stderr)
-        raise SystemExit(130)
-
-
 if __name__ == "__main__":
-    cli()
+    main(tyro.cli(Args))

@@ -51,10 +51,10 @@ whatever the checkpoint's generation config says.
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -147,9 +147,7 @@ class Args:
 
     # logging and output
     output_dir: Optional[str] = None
-    """where the run goes (default: runs/var-<time>); must be empty unless --overwrite"""
-    overwrite: bool = False
-    """replace the contents of an existing, non-empty output_dir"""
+    """where the run goes (default: runs/var-<time>); must be empty (or --resume)"""
     log_every: int = 20
     """optimiser steps between log lines"""
     save_every: int = 200
@@ -158,8 +156,6 @@ class Args:
     """continue the unfinished run in --output_dir from its last checkpoint (same arguments)"""
     dry_run: bool = False
     """print one tokenised example (its loss tokens in [[ ]]) and the counts; stop before any model loads"""
-    verbose: bool = False
-    """show transformers' loading reports and progress bars"""
 
     # setup
     seed: int = 0
@@ -171,7 +167,7 @@ class Args:
 
 
 def check_args(args: Args) -> None:
-    """Every argument checked before anything is loaded or written: one line each, exit code 2."""
+    """Every argument checked before anything is loaded or written: one line each."""
     problems = [
         (args.max_prompt_length < 1,
          f"--max_prompt_length must be at least 1 (got {args.max_prompt_length})"),
@@ -187,7 +183,7 @@ def check_args(args: Args) -> None:
     ]
     for bad, message in problems:
         if bad:
-            raise UsageError(message)
+            raise SystemExit(f"error: {message}")
 
 
 # ---- The method's maths ---------------------------------------------------------------------------
@@ -261,7 +257,7 @@ def build_units(data, tokenizer, responses: str, max_length: int, stop_ids: list
     """Per row, the (prompt_ids, response_ids) examples it contributes, kept together when groups form: one
     for an SFT row, one or two for a preference row. A row whose prompt fills max_length is dropped."""
     units = []
-    for i, row in enumerate(data):
+    for row in data:
         if "chosen" in row:
             prompt, chosen, rejected = split_pair(row)
             completions = {"chosen": [chosen], "rejected": [rejected], "both": [chosen, rejected]}[responses]
@@ -269,7 +265,7 @@ def build_units(data, tokenizer, responses: str, max_length: int, stop_ids: list
             prompt, completions = row["messages"][:-1], [row["messages"][-1:]]
         else:
             prompt, completions = row["prompt"], [row["completion"]]
-        unit = [tokenize_example(tokenizer, prompt, c, max_length, stop_ids, check=(i == 0))
+        unit = [tokenize_example(tokenizer, prompt, c, max_length, stop_ids)
                 for c in completions]
         if all(response for _, response in unit):
             units.append(unit)
@@ -288,7 +284,7 @@ def make_groups(units: list, batch_size: int, seed: int) -> list:
     order = torch.randperm(len(units), generator=torch.Generator().manual_seed(seed)).tolist()
     examples = [ex for i in order for ex in units[i]]
     if len(examples) < batch_size:
-        raise UsageError(f"{len(examples)} training examples are fewer than one group of --batch_size "
+        raise SystemExit(f"error: {len(examples)} training examples are fewer than one group of --batch_size "
                          f"{batch_size}; lower it")
     return [examples[i : i + batch_size] for i in range(0, len(examples) - batch_size + 1, batch_size)]
 
@@ -453,7 +449,7 @@ def main(args: Args) -> dict:
     device, dtype, autocast = setup(args)
     ref_name = args.ref or args.model
     out = None if args.dry_run else check_output_dir(args, "var", [args.model, ref_name, args.reward_model],
-                                                     resume=args.resume)
+                                                     reshard=False)  # a group is one process's batch
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     stop_ids, pad_id = stop_token_ids(tokenizer, args.model), tokenizer.pad_token_id
     check_tokenizers(tokenizer, args.model, [ref_name, args.reward_model], args.trust_remote_code)
@@ -464,8 +460,8 @@ def main(args: Args) -> dict:
     total_steps = count_steps(len(groups) * args.batch_size, args)  # one group per micro-batch
     prompts = None
     if args.eval_prompts.lower() != "none":
-        prompts = first(load_split(args.eval_prompts, args.eval_prompts_split, [("prompt",)]),
-                        args.num_eval_prompts)["prompt"]
+        prompts = load_split(args.eval_prompts, args.eval_prompts_split, [("prompt",)],
+                             args.num_eval_prompts)["prompt"]
         prompts = drop_long_prompts(prompts, tokenizer, args.max_prompt_length, f"'{args.eval_prompts}'")
     if args.dry_run:  # one tokenised example and the counts, before any model loads
         prompt_ids, response_ids = groups[0][0]
@@ -474,26 +470,26 @@ def main(args: Args) -> dict:
         print(f"dry run: {len(groups)} groups of {args.batch_size} examples, {total_steps} optimiser steps "
               f"of {args.gradient_accumulation_steps} group(s); no model loaded, nothing written")
         return {"train/groups": len(groups), "train/steps": total_steps}
-    checkpoint = last_checkpoint(out) if args.resume else None
 
     # models: the policy trains; the reference and the reward model are frozen
-    policy = place(load_model(str(checkpoint or args.model), args.trust_remote_code), device)
+    policy = place(load_model(args.model, args.trust_remote_code), device)
     if not args.dropout:
         disable_dropout(policy)
     ref_model = place(load_model(ref_name, args.trust_remote_code), device, frozen=True)
-    reward_model = place(load_scalar_model(args.reward_model, pad_id, args.trust_remote_code), device,
+    reward_model = place(load_model(args.reward_model, args.trust_remote_code, scalar=True), device,
                          frozen=True)
     optimizer, scheduler = start_training([policy], args, total_steps, "cosine")
     start_step, progress = 0, {"time": 0.0, "tokens": 0, "window": {}}
-    if checkpoint:  # --resume: the optimiser, schedule, data position, random state and weights as they were
-        start_step, progress = restore(checkpoint, optimizer, scheduler)
-    create_output_dir(out, args, device, dtype, resume_step=start_step if checkpoint else None)
+    checkpoint = last_checkpoint(out) if args.resume else None
+    if checkpoint:  # the weights, optimiser, schedule, data position and random states where they were
+        start_step, progress = restore(checkpoint, [policy], optimizer, scheduler)
+    create_output_dir(out, args, device, dtype, resume_step=start_step if args.resume else None)
 
     # the frozen work, once per fixed group (B^2 reward-model passes each, but for the batch normaliser)
     start = time.time()
     if "frozen" not in progress:
         progress["frozen"] = [group_weights(g, ref_model, reward_model, args, pad_id, device, autocast)
-                              for g in tqdm(groups, desc="weights", leave=False, disable=quiet())]
+                              for g in tqdm(groups, desc="weights", leave=False, disable=rank() > 0 or None)]
     frozen_time = time.time() - start
     weights, rewards = zip(*progress["frozen"])
     all_weights = torch.cat(weights)
@@ -502,13 +498,13 @@ def main(args: Args) -> dict:
           f"ESS per group {torch.stack([effective_sample_size(w) for w in weights]).mean():.2f})")
     if prompts is not None and args.sample_every and start_step == 0:  # the starting point too
         metrics = evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts, args, device,
-                                   autocast, stop_ids, samples_path(out, 0))
+                                   autocast, stop_ids, out / "samples" / "step_000000.jsonl")
         log(out, {"step": 0, **metrics})
 
     # the loop: one group per micro-batch, its fixed weights on the policy's sequence log-probs
     stream = group_stream(len(groups), args.seed, skip=start_step * args.gradient_accumulation_steps)
     window = progress["window"]
-    for step in tqdm(range(start_step + 1, total_steps + 1), desc="var", dynamic_ncols=True, disable=quiet()):
+    for step in tqdm(range(start_step + 1, total_steps + 1), desc="var", disable=rank() > 0 or None):
         step_start = time.time()
         for _ in range(args.gradient_accumulation_steps):
             k = next(stream)
@@ -528,12 +524,10 @@ def main(args: Args) -> dict:
             log(out, train_record(step, window, grad_norm, scheduler, progress))
         if prompts is not None and args.sample_every and step % args.sample_every == 0 and step < total_steps:
             metrics = evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts, args, device,
-                                       autocast, stop_ids, samples_path(out, step))
+                                       autocast, stop_ids, out / "samples" / f"step_{step:06d}.jsonl")
             log(out, {"step": step, **metrics})
         if args.save_every and step % args.save_every == 0 and step < total_steps:
-            save_checkpoint({".": policy}, tokenizer, out, step, {"optimizer": optimizer.state_dict(),
-                                                                  "scheduler": scheduler.state_dict(),
-                                                                  "progress": progress})
+            save_checkpoint([policy], optimizer, scheduler, out, step, progress)
     save_model(policy, tokenizer, out)
 
     elapsed = max(progress["time"], 1e-9)
@@ -550,37 +544,19 @@ def main(args: Args) -> dict:
 
 # ---- Plumbing --------------------------------------------------------------------------------------
 # The same text in every script that uses it (tests/test_twins.py): arguments, data files, tokenizers,
-# loading models, the run's folder, logs and checkpoints. Safe to skip on a first reading.
-
-
-class UsageError(SystemExit):
-    """A bad argument, found before any work: `cli` prints "error: <message>" and exits with code 2."""
-
-    def __init__(self, message: str):
-        super().__init__(2)
-        self.message = f"error: {message}"
-
-    def __str__(self) -> str:  # the message, for code that calls main directly
-        return self.message
+# loading models, many processes, the run's folder, logs and checkpoints. Safe to skip on a first reading.
 
 
 def training_problems(args) -> list:
     """The checks every trainer shares, as (is_bad, message) pairs for check_args."""
-    return [
-        (args.num_epochs < 1, f"--num_epochs must be at least 1 (got {args.num_epochs})"),
-        (args.max_steps is not None and args.max_steps < 1,
-         f"--max_steps must be at least 1 (got {args.max_steps}); leave it unset to train --num_epochs"),
-        (args.batch_size < 1, f"--batch_size must be at least 1 (got {args.batch_size})"),
-        (args.gradient_accumulation_steps < 1,
-         f"--gradient_accumulation_steps must be at least 1 (got {args.gradient_accumulation_steps})"),
+    counts = ["num_epochs", "max_steps", "batch_size", "gradient_accumulation_steps", "log_every"]
+    return [(getattr(args, n) is not None and getattr(args, n) < 1,
+             f"--{n} must be at least 1 (got {getattr(args, n)})") for n in counts] + [
         (args.learning_rate <= 0, f"--learning_rate must be positive (got {args.learning_rate})"),
         (not 0 <= args.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1) (got {args.warmup_ratio})"),
         (args.max_grad_norm <= 0, f"--max_grad_norm must be positive (got {args.max_grad_norm})"),
-        (args.max_length < 2,
-         f"--max_length must leave room for a prompt and a response (got {args.max_length})"),
-        (args.log_every < 1, f"--log_every must be at least 1 (got {args.log_every})"),
+        (args.max_length < 2, f"--max_length must fit a prompt and a response (got {args.max_length})"),
         (args.save_every < 0, f"--save_every must be 0 (no checkpoints) or more (got {args.save_every})"),
-        (args.resume and args.overwrite, "--resume continues a run and --overwrite replaces it: pass one"),
         (args.resume and not args.output_dir, "--resume needs the --output_dir of the run to continue"),
     ]
 
@@ -593,7 +569,7 @@ def count_steps(n_rows: int, args) -> int:
               f"--gradient_accumulation_steps {accumulation} = {args.batch_size * world * accumulation}")
     micro = args.num_epochs * math.ceil(n_rows / (args.batch_size * world))
     if not args.max_steps and micro < accumulation:
-        raise UsageError(f"{n_rows} training rows make {micro} micro-batches of --batch_size "
+        raise SystemExit(f"error: {n_rows} training rows make {micro} micro-batches of --batch_size "
                          f"{args.batch_size} x {world} process(es) in {args.num_epochs} epoch(s), fewer than "
                          f"one optimiser step of --gradient_accumulation_steps {accumulation}: lower it, or "
                          "set --max_steps")
@@ -611,73 +587,33 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 
     return floor + (1.0 - floor) * decay
 
 
-def resolve(path: str) -> str:
-    """`~` expanded; a relative path missing here but present next to this script (the toy) resolves there."""
-    path = os.path.expanduser(path)
+def locate(name: str, what: str = "model") -> str:
+    """The local path `name` names (`~` expanded; a relative one missing here but present next to this
+    script, like the toy, resolves there), or `name` as a hub id; a missing path fails now, not at the hub."""
+    path = os.path.expanduser(name)
     here = Path(__file__).resolve().parent / path
-    return str(here) if not Path(path).exists() and here.exists() else path
-
-
-def locate(name: str, what: str) -> str:
-    """The path `name` resolves to, or `name` as a hub id; a missing path fails now, not after the hub."""
-    path = resolve(name)
-    if Path(path).exists():
-        return path
+    if Path(path).exists() or here.exists():
+        return path if Path(path).exists() else str(here)
     if (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
             or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir())):
         raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
     return path
 
 
-def load_failure(name: str, what: str, error: Exception) -> SystemExit:
-    """One line for a name that could not be loaded, naming HF_HUB_OFFLINE when that is the reason."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    if offline and not Path(resolve(name)).exists():
-        return SystemExit(f"error: {what} '{name}' is not a local path and not in the Hugging Face cache, "
-                          "and HF_HUB_OFFLINE=1 forbids downloading it: pass a local directory, or run "
-                          "once online")
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return SystemExit(f"error: could not load {what} '{name}': {reason}")
-
-
-def load_split(name: str, split: str, needs: list):
-    """One split of a hub dataset, a folder of {split}.jsonl files or one .jsonl file, every row checked."""
+def load_split(name: str, split: str, needs: list, n: Optional[int] = None):
+    """The first n rows (None: all) of a split of a hub dataset, a folder of {split}.jsonl files or one .jsonl
+    file (its one split is `train`: slice it, train[:95%] / train[95%:]), with the columns of one of needs."""
     from datasets import load_dataset
 
     path = locate(name, "dataset")
-    one_file = path.endswith((".json", ".jsonl"))
-    where = f"dataset '{name}'" if one_file else f"split '{split}' of dataset '{name}'"
-    file = Path(path) if one_file else Path(path) / f"{split.split('[')[0]}.jsonl"
-    if file.is_file() and not any(line.strip() for line in open(file)):
-        raise SystemExit(f"error: {where} is empty: {file} has no rows")
-    try:
-        data = (load_dataset("json", data_files=path, split=split if split.startswith("train") else "train")
-                if one_file else load_dataset(path, split=split))
-    except Exception as e:  # datasets raises many types; all mean the same to a user
-        raise load_failure(name, f"split '{split}' of dataset", e)
-    columns = next((cols for cols in needs if set(cols) <= set(data.column_names)), None)
-    if columns is None:
-        wanted = " or ".join("+".join(cols) for cols in needs)
-        raise SystemExit(f"error: {where} has columns {data.column_names}; it needs {wanted}")
-    if len(data) == 0:
-        raise SystemExit(f"error: {where} has no rows")
-    columns = list(dict.fromkeys(["prompt"] * ("prompt" in data.column_names) + list(columns)))
-    for i, row in enumerate(data.select_columns(columns)):
-        for column, value in row.items():
-            messages = isinstance(value, list) and value and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in value)
-            if value is None:
-                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' is missing")
-            if not (isinstance(value, str) or messages):
-                raise SystemExit(f"error: {where}, row {i + 1}: field '{column}' is {type(value).__name__} "
-                                 f"{str(value)[:40]!r}; expected a string or a list of "
-                                 "{role, content} messages")
-    return data
-
-
-def first(data, n: Optional[int]):
-    """The first n rows of a dataset (all of them when n is None)."""
+    if path.endswith((".json", ".jsonl")):
+        data = load_dataset("json", data_files=path, split=split)
+    else:
+        data = load_dataset(path, split=split)
+    if not any(set(columns) <= set(data.column_names) for columns in needs):
+        wanted = " or ".join("+".join(columns) for columns in needs)
+        raise SystemExit(f"error: split '{split}' of dataset '{name}' has columns {data.column_names}; "
+                         f"it needs {wanted}")
     return data.select(range(min(n, len(data)))) if n else data
 
 
@@ -704,35 +640,20 @@ def drop_long_prompts(prompts: list, tokenizer, max_prompt_length: int, where: s
     return kept
 
 
-# Used only for a tokenizer without a chat template; documented in docs/conventions.md#data.
-PLAIN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
-)
-
-
 def load_tokenizer(name: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "the tokenizer of", e)
+    tokenizer = AutoTokenizer.from_pretrained(locate(name), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
-        print(f"note: the tokenizer of '{name}' has no pad token; using its EOS token for padding "
-              "(padding is masked everywhere, so this changes no result)")
+        print(f"note: the tokenizer of '{name}' has no pad token; padding with EOS (masked everywhere)")
         tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
-        print(f"note: the tokenizer of '{name}' has no chat template; conversations are formatted as "
-              "'role: content<eos>' lines (PLAIN_CHAT_TEMPLATE)")
-        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     return tokenizer
 
 
 def check_tokenizers(tokenizer, own_name: str, names: list, trust_remote_code: bool) -> None:
     """Models that exchange token ids must share vocabulary and chat template, or scores are noise."""
     for name in dict.fromkeys(names):
-        if Path(resolve(name)).resolve() == Path(resolve(own_name)).resolve():
+        if Path(locate(name)).resolve() == Path(locate(own_name)).resolve():
             continue
         other = load_tokenizer(name, trust_remote_code)
         if other.get_vocab() != tokenizer.get_vocab():
@@ -748,7 +669,7 @@ def stop_token_ids(tokenizer, name: str) -> list:
     from transformers import GenerationConfig
 
     try:
-        listed = GenerationConfig.from_pretrained(resolve(name)).eos_token_id
+        listed = GenerationConfig.from_pretrained(locate(name)).eos_token_id
     except OSError:  # no generation_config.json
         listed = None
     listed = [listed] if isinstance(listed, int) else list(listed or [])
@@ -762,8 +683,7 @@ def format_prompt(tokenizer, prompt) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-def tokenize_example(tokenizer, prompt, completion, max_length: int, stop_ids: list,
-                     check: bool = False) -> tuple:
+def tokenize_example(tokenizer, prompt, completion, max_length: int, stop_ids: list) -> tuple:
     """(prompt_ids, completion_ids), apart so the response mask is exact; the response ends at a stop id."""
     templated = not isinstance(prompt, str)
     prompt_text, completion_text = prompt, completion
@@ -779,13 +699,6 @@ def tokenize_example(tokenizer, prompt, completion, max_length: int, stop_ids: l
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
     ends = [t for t, token in enumerate(completion_ids) if token in stop_ids]
     completion_ids = completion_ids[: ends[0] + 1] if ends else completion_ids + [tokenizer.eos_token_id]
-    if check:
-        joined = tokenizer(prompt_text + completion_text, add_special_tokens=not templated)["input_ids"]
-        apart = prompt_ids + completion_ids
-        n = min(len(joined), len(apart))  # the joined text may go on past the stop; apart may add EOS
-        if joined[:n] != apart[:n]:
-            print(f"warning: prompt and response tokenise differently apart than together:\n"
-                  f"  apart:    {apart}\n  together: {joined}")
     return prompt_ids, completion_ids[: max(0, max_length - len(prompt_ids))]
 
 
@@ -800,60 +713,37 @@ def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
     """Refuses, before loading weights, a reward model where a causal LM is needed, or the converse."""
     from transformers import AutoConfig
 
-    try:
-        found = AutoConfig.from_pretrained(locate(name, "model"), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_failure(name, "model", e)
-    found = found.architectures or []
+    config = AutoConfig.from_pretrained(locate(name), trust_remote_code=trust_remote_code)
+    found = config.architectures or []
     if found and not any(a.endswith(wanted) for a in found):
         kind = ("a causal LM (...ForCausalLM)" if wanted == "ForCausalLM"
                 else "a reward model (...ForSequenceClassification)")
         raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
 
 
-def describe_model(name: str, model) -> None:
+def load_model(name: str, trust_remote_code: bool, dtype=torch.float32, scalar: bool = False,
+               new_head: bool = False):
+    """A causal LM, or (`scalar`) a reward or value model: a sequence classifier with one output whose
+    score head was trained (`new_head`: may start random). Under torchrun rank 0 alone reads the weights;
+    the others build the model on the meta device, and `place` sends each its shards."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if scalar else AutoModelForCausalLM
+    extra = {"num_labels": 1} if scalar else {}
+    if not new_head:
+        check_architecture(name, trust_remote_code, "ForSequenceClassification" if scalar else "ForCausalLM")
+    path = locate(name)
+    if rank() > 0:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
+        with torch.device("meta"):
+            return auto.from_config(config, trust_remote_code=trust_remote_code)
+    model, info = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                       output_loading_info=True, **extra)
+    if info["missing_keys"] and not new_head:
+        raise SystemExit(f"error: '{name}' lacks weights this needs ({sorted(info['missing_keys'])[:3]}); "
+                         "is it the right checkpoint?")
     print(f"loaded '{name}': {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           "parameters")
-
-
-def load_model(name: str, trust_remote_code: bool, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
-
-    check_architecture(name, trust_remote_code, "ForCausalLM")
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            locate(name, "model"), dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
-    except Exception as e:
-        raise load_failure(name, "model", e)
-    if info["missing_keys"]:
-        raise SystemExit(f"error: '{name}' lacks weights a causal LM needs "
-                         f"({sorted(info['missing_keys'])[:3]}); is it the right checkpoint?")
-    describe_model(name, model)
-    return model
-
-
-def load_scalar_model(name: str, pad_token_id: int, trust_remote_code: bool, dtype=torch.float32,
-                      new_head: bool = False):
-    """A reward (or value) model: a sequence classifier with one output and a trained score head."""
-    from transformers import AutoModelForSequenceClassification
-
-    if not new_head:
-        check_architecture(name, trust_remote_code, "ForSequenceClassification")
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            locate(name, "model"), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
-            output_loading_info=True)
-    except Exception as e:
-        raise load_failure(name, "reward model", e)
-    if info["missing_keys"] and not new_head:
-        raise SystemExit(f"error: '{name}' has no trained score head ({sorted(info['missing_keys'])[:3]} "
-                         "missing): train a reward model on it first (reward_model.py)")
-    if info["missing_keys"]:
-        print(f"note: '{name}' has no trained score head: it starts random, and only training moves it")
-    describe_model(name, model)
-    if model.config.pad_token_id is None:
-        print(f"note: the config of '{name}' has no pad_token_id; using the tokenizer's ({pad_token_id})")
-        model.config.pad_token_id = pad_token_id
     return model
 
 
@@ -875,15 +765,14 @@ def generate(model, batch: dict, config):
 
 
 def setup(args) -> tuple:
-    """Seeds, device (joining torchrun's processes), dtype, quiet loading: (device, dtype, autocast)."""
+    """Seed, device (joining torchrun's processes), dtype, quiet loading: (device, dtype, autocast)."""
     import datasets
     import transformers
 
-    if not args.verbose:
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-    random.seed(args.seed)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", "torch.distributed is disabled")  # DCP in one process: as meant
     torch.manual_seed(args.seed)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
@@ -898,10 +787,8 @@ def setup(args) -> tuple:
     return device, dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
 
 
-# ---- Many processes: torchrun --nproc_per_node N <script>.py ... (FSDP2); without torchrun, none of this
-# does anything. Every process holds 1/N of each model (and of the trained ones' gradients and AdamW state),
-# trains on its share of each global batch and runs every evaluation in full; rank 0 alone prints and
-# writes. Collectives pair numbers by position: every process computes the same keys in the same order.
+# ---- Many processes (torchrun, FSDP2; without torchrun none of this acts): each holds 1/N of every model,
+# trains on its share of each global batch, runs every evaluation in full; rank 0 alone prints and writes.
 
 
 def rank() -> int:
@@ -914,25 +801,30 @@ def world_size() -> int:
 
 def place(model, device, frozen: bool = False):
     """The model on `device` (`frozen`: eval mode, no gradients); under torchrun sharded with FSDP2, each
-    decoder layer then the rest (frozen models too: a replicated 13B reference is 52 GB of fp32 per GPU).
+    decoder layer then the rest (frozen models too), rank 0's weights sent to each process as its shards.
     The gathered weights stay fp32 under one process's autocast: FSDP's bf16 policy would also run the
     residual stream in bf16 (SFT's first loss 1.2e-3 apart)."""
-    model = model.to(device)
     if frozen:
         model.eval().requires_grad_(False)
     if world_size() == 1:
-        return model
+        return model.to(device)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    # a frozen model has no backward pass to keep its root's weights gathered for: reshard after forward
-    shard = dict(reshard_after_forward=True if frozen else None)
-    for module in model.modules():
-        if type(module).__name__ in (model._no_split_modules or []):  # the decoder layers
-            fully_shard(module, **shard)
+    weights = model.to(device).state_dict() if rank() == 0 else {}  # elsewhere the model is on "meta"
+    # every unit reshards after its forward, the root too: optimiser and checkpoints see only shards
+    units = [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]
     if hasattr(model, "score"):  # a scalar model: score() calls its backbone and head, not the whole
-        fully_shard(getattr(model, model.base_model_prefix), **shard)
-        fully_shard(model.score, **shard)
-    return fully_shard(model, **shard)
+        units += [getattr(model, model.base_model_prefix), model.score]
+    for unit in units + [model]:
+        fully_shard(unit, reshard_after_forward=True)
+    if rank() > 0:
+        model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, weights, options=options)
+    for buffer in model.buffers():  # not in a state dict (the rotary frequencies): rank 0's
+        torch.distributed.broadcast(buffer, src=0)
+    return model
 
 
 def summed(numbers: list) -> list:
@@ -943,30 +835,6 @@ def summed(numbers: list) -> list:
     total = torch.tensor(numbers, dtype=torch.float64, device="cuda" if nccl else "cpu")
     torch.distributed.all_reduce(total)
     return total.tolist()
-
-
-def gathered(state):
-    """A state dict with each FSDP shard gathered in full, on rank 0's CPU (None elsewhere)."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(state, DTensor):
-        full = state.detach().full_tensor()
-        return full.cpu() if rank() == 0 else None
-    if isinstance(state, list):
-        return [gathered(v) for v in state]
-    if not isinstance(state, dict):
-        return state
-    full, done = {}, {}  # done: by id, so that a tensor under two names (tied embeddings) stays one
-    for k, v in state.items():
-        if id(v) not in done:
-            done[id(v)] = gathered(v)
-        full[k] = done[id(v)]
-    return full
-
-
-def quiet():
-    """tqdm's `disable`: True on ranks above 0 (one progress bar), else None (a bar on a terminal only)."""
-    return True if rank() > 0 else None
 
 
 def start_training(models: list, args, total_steps: int, schedule: str, floor: float = 0.0,
@@ -1031,10 +899,6 @@ def train_record(step: int, window: dict, grad_norm: float, scheduler, progress:
             "perf/tokens_per_s": progress["tokens"] / progress["time"]}
 
 
-def samples_path(out: Path, step: int) -> Path:
-    return out / "samples" / f"step_{step:06d}.jsonl"
-
-
 def write_jsonl(path: Path, rows: list) -> None:
     if rank() > 0:  # rank 0 writes
         return
@@ -1055,42 +919,43 @@ def log(out: Path, record: dict) -> None:
     tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
 
-def check_output_dir(args, script: str, models: list, resume: bool) -> Path:
-    """Fails before any work if the run would overwrite another (or, to --resume, is not the same run)."""
+def check_output_dir(args, script: str, models: list, reshard: bool = True) -> Path:
+    """Fails before any work if the run would overwrite another or, to --resume, is not the same run: the
+    same arguments, on another number of processes only where `reshard` and the global batch is the same."""
     out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.output_dir = str(out)
-    if rank() > 0:
+    if rank() > 0:  # only rank 0 checks (torchrun stops every process when one fails)
         return out
-    if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
-        raise UsageError(f"output_dir '{out}' holds a model this run reads; choose another")
-    if resume:
-        if not (out / "args.json").exists():
-            raise UsageError(f"--resume: '{out}' holds no run to continue (no args.json); drop --resume")
-        if (out / "eval.json").exists():
-            raise UsageError(f"--resume: the run in '{out}' finished (it has eval.json); nothing to continue")
-        recorded = json.load(open(out / "args.json"))
-        recorded["processes"] = recorded.get("run", {}).get("processes", 1)  # the data order depends on it
-        current = {**json.loads(json.dumps(asdict(args))), "processes": world_size()}  # tuples as lists
-        changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items()
-                   if k not in ("output_dir", "overwrite", "resume", "dry_run", "verbose", "save_every")
-                   and recorded.get(k) != v]
-        if changed:
-            raise UsageError(f"--resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
-                             "resume with the same ones")
-    elif out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"output_dir '{out}' already holds a run; pass --resume to continue it, --overwrite "
-                         "to start over, or choose another --output_dir")
+    if any(Path(locate(m)).resolve() == out.resolve() for m in models):
+        raise SystemExit(f"error: output_dir '{out}' holds a model this run reads; choose another")
+    if not args.resume:
+        if out.exists() and any(out.iterdir()):
+            raise SystemExit(f"error: output_dir '{out}' already holds a run; pass --resume to continue it, "
+                             "or choose another --output_dir")
+        return out
+    if not (out / "args.json").exists() or (out / "eval.json").exists():
+        raise SystemExit(f"error: --resume: '{out}' holds no unfinished run (args.json without eval.json)")
+    recorded = json.load(open(out / "args.json"))
+    recorded["processes"] = recorded["run"]["processes"]
+    current = {**json.loads(json.dumps(asdict(args))), "processes": world_size()}  # tuples as lists
+    if reshard and recorded["batch_size"] * recorded["processes"] == args.batch_size * world_size():
+        current.update(batch_size=recorded["batch_size"], processes=recorded["processes"])  # DCP reshards
+    changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items()
+               if k not in ("output_dir", "resume", "dry_run", "save_every") and recorded.get(k) != v]
+    if changed:
+        raise SystemExit(f"error: --resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
+                         "resume with the same ones (or the same global batch on other processes)")
     return out
 
 
 def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional[int] = None) -> None:
-    """A new run writes args.json; a resumed one drops the metrics logged after its checkpoint."""
+    """A new run writes args.json and its provenance; a resumed one drops the records after its checkpoint."""
     if rank() > 0:  # rank 0 writes
         return
     if resume_step is not None:
         log_file = out / "metrics.jsonl"
         records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
-        write_jsonl(log_file, [r for r in records if r.get("step", 0) <= resume_step])
+        write_jsonl(log_file, [r for r in records if r.get("step", r.get("iteration")) <= resume_step])
         return
     import subprocess
 
@@ -1106,97 +971,82 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
            "python": sys.version.split()[0], "torch": torch.__version__,
            "transformers": transformers.__version__, "datasets": datasets.__version__, "device": str(device),
            "dtype": dtype, "processes": world_size(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / "args.json", "w") as f:
         json.dump({**asdict(args), "run": run}, f, indent=2)
 
 
-def check_finite(weights: dict, when: str) -> None:
-    """Refuses to save weights (name -> tensor) that hold a NaN or an infinity."""
-    bad = [n for n, p in weights.items() if p.is_floating_point() and not torch.isfinite(p).all()]
-    if bad:
-        raise SystemExit(f"error: {len(bad)} weight tensors are non-finite {when} (first: {bad[0]}); "
-                         "nothing saved. Try a lower --learning_rate or float32")
-
-
 def save_model(model, tokenizer, out: Path) -> None:
-    """The final model in `out` itself, moved in with config.json last (no loadable half-model)."""
-    full = gathered(model.state_dict(keep_vars=True)) if world_size() > 1 else None  # every process gathers
+    """The final model in `out` itself, loadable by from_pretrained: every process gathers the full weights
+    (cpu_offload: rank 0 alone keeps them), rank 0 writes them, config.json last (no loadable half-model)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank() > 0:
         return
-    check_finite(dict(model.named_parameters()) if full is None else full, "at the end of training")
+    for name in model.all_tied_weights_keys:  # a tied weight is saved once, as one process saves it
+        weights.pop(name, None)
     tmp = out / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=full)
+    model.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
         os.replace(f, out / f.name)
     tmp.rmdir()
 
 
-def save_checkpoint(models: dict, tokenizer, out: Path, step: int, state: Optional[dict]) -> None:
-    """out/checkpoint-<step>: the models and trainer_state.pt, renamed into place whole."""
-    many = world_size() > 1
-    full = {folder: gathered(m.state_dict(keep_vars=True)) if many else None for folder, m in models.items()}
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    if many and state is not None:  # every process's random states, and the log window summed over all
-        rngs = [None] * world_size()
-        torch.distributed.all_gather_object(rngs, rng)
-        rng, window = rngs, state["progress"]["window"]
-        state = {**gathered(state), "progress": {**state["progress"],
-                                                  "window": dict(zip(window, summed(list(window.values()))))}}
-    if rank() > 0:
-        return
-    for folder, model in models.items():  # all checked before anything is written
-        weights = dict(model.named_parameters()) if full[folder] is None else full[folder]
-        check_finite(weights, f"at step {step}")
-    final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for folder, model in models.items():
-        model.save_pretrained(tmp / folder, state_dict=full[folder])
-        tokenizer.save_pretrained(tmp / folder)  # each folder loads on its own
-    if state is not None:
-        torch.save({"step": step, **state, "random": rng}, tmp / "trainer_state.pt")
-    os.replace(tmp, final)
-    for old in out.glob("checkpoint-*"):
-        if old != final:
-            shutil.rmtree(old)
+def save_checkpoint(models: list, optimizer, scheduler, out: Path, step: int, progress: dict) -> None:
+    """out/checkpoint-<step>: a torch.distributed.checkpoint folder into which each process writes its own
+    shards of the models and AdamW moments, and beside them the step, schedule and progress (the log window
+    summed over the processes) and each process's random state. DCP writes .metadata last: only a folder
+    that has it counts, so a save cut short leaves the previous checkpoint the one to resume from."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    folder = out / f"checkpoint-{step:06d}"
+    folder.mkdir(exist_ok=True)
+    window = progress["window"]
+    progress = {**progress, "window": dict(zip(window, summed(list(window.values()))))}
+    if rank() == 0:
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "progress": progress},
+                   folder / "trainer_state.pt")
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    torch.save({"torch": torch.get_rng_state(), "cuda": cuda}, folder / f"random-{rank()}.pt")
+    model_state, optimizer_state = get_state_dict(torch.nn.ModuleList(models), optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+    if rank() == 0:
+        for old in out.glob("checkpoint-*"):
+            if old != folder:
+                shutil.rmtree(old)
 
 
 def last_checkpoint(out: Path) -> Optional[Path]:
-    return max(out.glob("checkpoint-*"), default=None)
+    """The newest complete checkpoint: the newest folder with DCP's .metadata."""
+    return max((f.parent for f in out.glob("checkpoint-*/.metadata")), default=None)
 
 
-def restore(checkpoint: Path, optimizer, scheduler) -> tuple:
-    """--resume: the optimiser, schedule and random states as at the checkpoint; (step, progress)."""
-    many = world_size() > 1
-    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False,
-                       map_location="cpu" if many else None)
-    if not isinstance(state.get("progress"), dict):
-        raise SystemExit(f"error: {checkpoint} was written by an older version of this script, which "
-                         "this one cannot continue: resume with that version, or start over (--overwrite)")
-    if many:  # the checkpoint holds full tensors: cut the AdamW moments to this process's FSDP shards
-        from torch.distributed.tensor import distribute_tensor
+def restore(checkpoint: Path, models: list, optimizer, scheduler) -> tuple:
+    """--resume: the models, AdamW moments (DCP reshards them to this run's processes), schedule and random
+    states as at the checkpoint. Returns (step, progress)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        ids = [i for group in state["optimizer"]["param_groups"] for i in group["params"]]
-        for i, param in zip(ids, params):
-            for key, value in state["optimizer"]["state"].get(i, {}).items():
-                if key != "step":  # the step count is a scalar
-                    value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
-                    state["optimizer"]["state"][i][key] = value
-        state["random"] = state["random"][rank()]
-        state["progress"]["window"] = state["progress"]["window"] if rank() == 0 else {}
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    random.setstate(state["random"]["python"])
-    torch.set_rng_state(state["random"]["torch"])
-    if state["random"]["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["random"]["cuda"])
-    print(f"resuming from {checkpoint} (step {state['step']})")
-    return state["step"], state["progress"]
+    modules = torch.nn.ModuleList(models)
+    model_state, optimizer_state = get_state_dict(modules, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=checkpoint)
+    set_state_dict(modules, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    trainer = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    scheduler.load_state_dict(trainer["scheduler"])
+    if rank() > 0:  # the window holds every process's rows: rank 0 alone keeps it
+        trainer["progress"]["window"] = {}
+    if (checkpoint / f"random-{rank()}.pt").exists():  # a process the saving run lacked keeps its seed
+        states = torch.load(checkpoint / f"random-{rank()}.pt")
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] is not None:
+            torch.cuda.set_rng_state(states["cuda"])
+    print(f"resuming from {checkpoint} (step {trainer['step']})")
+    return trainer["step"], trainer["progress"]
 
 
 def finish(out: Path, results: dict) -> dict:
@@ -1206,37 +1056,10 @@ def finish(out: Path, results: dict) -> dict:
     with open(out / "eval.json", "w") as f:
         json.dump(results, f, indent=2)
     for checkpoint in out.glob("checkpoint-*"):
-        if (checkpoint / "trainer_state.pt").exists():
-            shutil.rmtree(checkpoint)
+        shutil.rmtree(checkpoint)
     print(f"\nsaved to {out}: " + json.dumps(results, indent=1))
     return results
 
 
-def describe_run(output_dir: Optional[str]) -> str:
-    """What a stopped run left behind, in one line (printed on Ctrl-C)."""
-    out = Path(output_dir or "")
-    if not output_dir or not (out / "args.json").exists():
-        return "nothing was written"
-    log_file, checkpoint = out / "metrics.jsonl", last_checkpoint(out)
-    records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
-    last = f", last at step {records[-1].get('step', records[-1].get('iteration'))}" if records else ""
-    kept = (f"kept in {out}: args.json, metrics.jsonl ({len(records)} records{last}), "
-            f"{checkpoint.name if checkpoint else 'no checkpoint yet'}")
-    return f"{kept}; --resume --output_dir {out} {'continues it' if checkpoint else 'starts it again'}"
-
-
-def cli(argv: Optional[list] = None) -> None:
-    """The command line. Ctrl-C stops the run with one line saying what was kept; exit code 130."""
-    args = tyro.cli(Args, args=argv)
-    try:
-        main(args)
-    except UsageError as e:
-        print(e, file=sys.stderr)
-        raise SystemExit(2)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {describe_run(args.output_dir)}", file=sys.stderr)
-        raise SystemExit(130)
-
-
 if __name__ == "__main__":
-    cli()
+    main(tyro.cli(Args))

@@ -1,9 +1,11 @@
 """The runs of tests/test_distributed.py, and its worker: `torchrun --nproc_per_node 2 tests/distributed_runs.py
 OUT` trains each run below on 2 processes (gloo, CPU) into OUT/<run>, the way a user's torchrun would,
 while the test trains the same runs in one process with the batch doubled. Rank 1 is given its own
-output folders, OUT/rank1/<run>: it must write nothing there, nor anywhere. The last run is stopped after its checkpoint
-and resumed on 2 processes (both then read the one folder, as on a shared filesystem)."""
+output folders, OUT/rank1/<run>: it must write nothing there, nor anywhere. The runs of STOPPED are stopped
+after their checkpoint (both processes then read the one folder, as on a shared filesystem): "sft_resumed"
+and "ppo_resumed" are resumed on 2 processes here, "sft_resharded" on 1 process by the test."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -16,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 # every toy model (and in DPO and VAR by default), so one process and two see the same function.
 RUNS = {
     "sft": ("sft", dict(model="toy/sft", max_train_samples=48, max_eval_samples=8, max_steps=3, batch_size=8,
-                        log_every=1, eval_every=0, save_every=2, num_samples=0), "batch_size"),
+                        log_every=1, eval_every=0, num_samples=0), "batch_size"),
     "dpo": ("dpo", dict(max_train_samples=48, max_eval_samples=8, max_steps=3, batch_size=8, log_every=1,
                         reward_model="none", learning_rate=1e-4), "batch_size"),
     # AdamW's first step moves a weight by ~lr x sign(gradient): where the gradient is ~0, float noise
@@ -34,12 +36,20 @@ RUNS = {
     "sft_resumed": ("sft", dict(model="toy/sft", max_train_samples=48, max_eval_samples=8, max_steps=4,
                                 batch_size=8, log_every=3, eval_every=0, save_every=2, num_samples=0),
                     "batch_size"),
+    # the same, resumed on 1 process with its global batch of 8 (DCP reshards the weights and moments)
+    "sft_resharded": ("sft", dict(model="toy/sft", max_train_samples=48, max_eval_samples=8, max_steps=4,
+                                  batch_size=8, log_every=3, eval_every=0, save_every=2, num_samples=0),
+                      "batch_size"),
 }
+STOPPED = ["sft_resumed", "sft_resharded"]
 
 
 # PPO's processes sample with their own random streams, so a run is checked end to end, not against one
 # process: 2 iterations of 2 x 4 prompts
 PPO = dict(total_episodes=16, batch_size=4, minibatch_size=4, max_new_tokens=8, num_eval_prompts=4, log_every=1)
+# three iterations, a checkpoint after each of the first two; the resumed twin stops at the end and resumes
+# from iteration 2: the same rollouts and losses at iteration 3 (its random states came back)
+PPO_RESUMED = dict(PPO, total_episodes=24, save_every=1)
 
 
 def run_args(name: str, out: Path, processes: int):
@@ -70,30 +80,32 @@ def whitening_check(out: Path) -> None:
                   open(out / "whitening.json", "w"))
 
 
-def stopped_and_resumed(out: Path) -> None:
-    """The run "sft_resumed" killed at its end (no eval.json: its checkpoint stays), then resumed."""
-    module, args = run_args("sft_resumed", out, 2)
+def stopped(module, args) -> None:
+    """The run killed at its end, after the final save (no eval.json: its last checkpoint stays)."""
     finish = module.finish
-    module.finish = lambda *_: sys.exit("stopped")  # as a kill after the final save
+    module.finish = lambda *_: sys.exit("stopped")
     try:
         module.main(args)
     except SystemExit:
         pass
     module.finish = finish
-    _, args = run_args("sft_resumed", out, 2)
-    args.resume = True
-    module.main(args)
 
 
 if __name__ == "__main__":
     out, rank = Path(sys.argv[1]), int(os.environ["RANK"])
     os.chdir(ROOT)
     for name in RUNS:
-        if name != "sft_resumed":
+        if name not in STOPPED:
             module, args = run_args(name, out if rank == 0 else out / "rank1", 2)
             module.main(args)
     whitening_check(out)
-    stopped_and_resumed(out)
+    for name in STOPPED:
+        stopped(*run_args(name, out, 2))
+    module, args = run_args("sft_resumed", out, 2)
+    module.main(dataclasses.replace(args, resume=True))
     import ppo
 
     ppo.main(ppo.Args(**PPO, output_dir=str((out if rank == 0 else out / "rank1") / "ppo")))
+    ppo.main(ppo.Args(**PPO_RESUMED, output_dir=str(out / "ppo_whole")))
+    stopped(ppo, ppo.Args(**PPO_RESUMED, output_dir=str(out / "ppo_resumed")))
+    ppo.main(ppo.Args(**PPO_RESUMED, output_dir=str(out / "ppo_resumed"), resume=True))

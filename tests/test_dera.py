@@ -49,8 +49,8 @@ def test_sample_token_filters():
 def models():
     tokenizer = dera.load_tokenizer(str(TOY / "sft"), False)
     tokenizer.padding_side = "left"
-    ref = dera.load_causal_lm(str(TOY / "sft"), torch.float32, False).eval()
-    aligned = dera.load_causal_lm(str(TOY / "dpo"), torch.float32, False).eval()
+    ref = dera.load_model(str(TOY / "sft"), False).eval()
+    aligned = dera.load_model(str(TOY / "dpo"), False).eval()
     prompts = [dera.format_prompt(tokenizer, p) for p in toy_prompts("validation")[:6]]
     return ref, aligned, tokenizer, prompts
 

@@ -1,7 +1,11 @@
-"""Issue 21: the trainers under torchrun (FSDP2, gloo on the CPU). Two processes with half the batch
-each train as one process with the whole batch: the same loss at every step and the same saved
-weights; rank 0 alone writes; PPO whitens its advantages over the global minibatch. One torchrun of
-tests/distributed_runs.py trains every run; this process trains the one-process twins."""
+"""The trainers under torchrun (FSDP2, gloo on the CPU). Two processes with half the batch each train as
+one process with the whole batch: the same loss at every step and the same saved weights; rank 0 alone
+writes; PPO whitens its advantages over the global minibatch. Checkpoints are DCP folders: a run stopped
+and resumed on 2 processes, or resumed on 1 (the global batch kept), continues as the uninterrupted one;
+so does PPO. One torchrun of tests/distributed_runs.py trains every run; this process trains the
+one-process twins, then resumes "sft_resharded" alone."""
+
+import dataclasses
 
 import json
 import math
@@ -13,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from distributed_runs import PPO, RUNS, run_args
+from distributed_runs import PPO, RUNS, STOPPED, run_args
 
 
 # Runs whose later losses and saved weights may differ more than fp32's 1e-5 and 1e-4. In bf16 the first
@@ -35,12 +39,14 @@ def runs(tmp_path_factory):
         for name in RUNS:  # meanwhile, the same runs in this process
             module, args = run_args(name, one, 1)
             module.main(args)
-        output = launched.communicate(timeout=300)[0]
+        output = launched.communicate(timeout=400)[0]
     finally:  # a hang or a failure here leaves no processes behind (torchrun stops its workers)
         if launched.poll() is None:
             launched.terminate()
             launched.wait(timeout=60)
     assert launched.returncode == 0, output[-3000:]
+    module, args = run_args("sft_resharded", two, 1)  # the 2-process checkpoint of step 2, on 1 process
+    module.main(dataclasses.replace(args, resume=True))
     return two, one, output
 
 
@@ -57,8 +63,9 @@ def max_difference(a, b) -> float:
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_two_processes_train_as_one_with_the_whole_batch(runs, name):
-    """For "sft_resumed" the two processes were stopped after step 3 and resumed from step 2: their
-    AdamW state, random states and half-full log window came back from the one checkpoint."""
+    """For "sft_resumed" the two processes were stopped after step 4 and resumed from step 2: their
+    AdamW state, random states and half-full log window came back from the one checkpoint; for
+    "sft_resharded" one process took over from the two, with the global batch of 8."""
     two, one, _ = runs
     curve = [(r["step"], r["train/loss"]) for r in records(two, name) if "train/loss" in r]
     expected = [(r["step"], r["train/loss"]) for r in records(one, name) if "train/loss" in r]
@@ -76,6 +83,8 @@ def test_the_gathered_checkpoint_loads_as_the_one_process_one(runs):
     from transformers import AutoModelForCausalLM
 
     two, one, _ = runs
+    # the same keys (max_difference checks them) and bytes: a tied weight saved once, as one process saves it
+    assert (two / "sft" / "model.safetensors").stat().st_size == (one / "sft" / "model.safetensors").stat().st_size
     config = json.load(open(two / "sft" / "config.json"))
     assert config["architectures"] == json.load(open(one / "sft" / "config.json"))["architectures"]
     model, reference = (AutoModelForCausalLM.from_pretrained(d / "sft") for d in (two, one))
@@ -88,7 +97,7 @@ def test_rank_0_alone_writes_and_prints_the_global_batch(runs):
     two, one, output = runs
     assert not (two / "rank1").exists()  # rank 1 was given its own output folders
     for name in RUNS:
-        if name == "sft_resumed":
+        if name in STOPPED:
             assert "resuming from" in output and "checkpoint-000002 (step 2)" in output
             continue
         assert sorted(p.name for p in (two / name).iterdir()) == sorted(p.name for p in (one / name).iterdir())
@@ -118,3 +127,16 @@ def test_ppo_rolls_out_and_updates_on_two_processes(runs):
     assert {"eval.json", "samples.jsonl", "model.safetensors"} <= {p.name for p in (two / "ppo").iterdir()}
     assert len(open(two / "ppo" / "samples.jsonl").readlines()) == PPO["num_eval_prompts"]
     assert "iterations of 4 episodes x 2 process(es)" in output
+
+
+def test_ppo_stopped_and_resumed_on_two_processes_equals_the_uninterrupted_run(runs):
+    """Resumed from iteration 2: iteration 3's rollouts (their scores and lengths) and losses are the
+    uninterrupted run's, so the policy, value model, optimiser, prompt stream and random states came back."""
+    two, _, output = runs
+    whole, resumed = records(two, "ppo_whole"), records(two, "ppo_resumed")
+    assert [r["iteration"] for r in whole] == [r["iteration"] for r in resumed] == [1, 2, 3]
+    assert "resuming from" in output and "checkpoint-000002 (step 2)" in output
+    for a, b in zip(whole, resumed):
+        for key in a:
+            if not key.startswith("perf/") and isinstance(a[key], float):
+                assert abs(a[key] - b[key]) < 1e-5, (key, a, b)

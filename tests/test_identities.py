@@ -14,8 +14,8 @@ from conftest import TOY
 
 @pytest.fixture(scope="module")
 def sft_and_dpo():
-    return (dera.load_causal_lm(str(TOY / "sft"), torch.float32, False).eval(),
-            dera.load_causal_lm(str(TOY / "dpo"), torch.float32, False).eval())
+    return (dera.load_model(str(TOY / "sft"), False).eval(),
+            dera.load_model(str(TOY / "dpo"), False).eval())
 
 
 @pytest.mark.parametrize("alpha", [0.3, 1.0])

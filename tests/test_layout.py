@@ -13,8 +13,7 @@ from conftest import ROOT
 SCRIPTS = ["sft.py", "reward_model.py", "dpo.py", "ppo.py", "var.py", "dera.py", "expo.py"]
 BANNER = "# ---- Plumbing "
 # script: (lines of the file, line of the plumbing banner), as reached; the targets above
-CEILINGS = {"sft.py": (1000, 346), "reward_model.py": (950, 337), "dpo.py": (1265, 538),
-            "ppo.py": (1124, 547), "var.py": (1242, 551), "dera.py": (741, 423), "expo.py": (810, 459)}
+CEILINGS = {"sft.py": (811, 331), "reward_model.py": (798, 318), "dpo.py": (1063, 529), "ppo.py": (1026, 550), "var.py": (1065, 545), "dera.py": (612, 406), "expo.py": (678, 455)}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -35,4 +34,6 @@ def test_the_script_keeps_its_size_and_main_fits_in_100_lines(script):
     assert not nested, f"{script}: main defines closures"
     defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
     after = {n.name for n in defs if n.lineno > banner}
-    assert "cli" in after and not after & {n.name for n in defs if n.lineno < banner}
+    assert "restore" in after or script in ("dera.py", "expo.py")
+    assert not after & {n.name for n in defs if n.lineno < banner}
+    assert source.endswith('\n\nif __name__ == "__main__":\n    main(tyro.cli(Args))\n')

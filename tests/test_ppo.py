@@ -105,7 +105,7 @@ def test_clipped_losses_have_no_gradient_where_clipping_binds():
 def toy_models():
     tok = ppo.load_tokenizer(str(TOY / "sft"), False)
     policy = ppo.load_model(str(TOY / "sft"), False).eval()
-    rm = ppo.load_scalar_model(str(TOY / "rm"), tok.pad_token_id, False).eval()
+    rm = ppo.load_model(str(TOY / "rm"), False, scalar=True).eval()
     return tok, policy, rm
 
 
@@ -158,3 +158,35 @@ def test_smoke_run_learns(tmp_path):
     first, last = log[0]["objective/score"], log[-1]["objective/score"]
     assert last > first + 0.5, (first, last)
     assert all(r["val/eos_rate"] > 0.9 for r in log) and log[-1]["objective/kl"] > 0
+
+
+def test_a_stopped_run_resumes_with_the_same_rollouts_and_losses(tmp_path, monkeypatch):
+    """Ctrl-C in iteration 3, --resume from the checkpoint of iteration 2: every logged number (the
+    rollouts' scores and lengths, the losses) and the end-of-run samples equal an uninterrupted run's, so
+    the policy, value model, optimiser, prompt stream and random states all came back."""
+    def run(out, **changes):
+        ppo.main(ppo.Args(total_episodes=16, batch_size=4, minibatch_size=2, gradient_accumulation_steps=2,
+                          ppo_epochs=2, max_new_tokens=8, num_eval_prompts=4, log_every=1, save_every=1,
+                          output_dir=str(out), **changes))
+
+    run(tmp_path / "whole")
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def interrupt_in_iteration_3(*args, **kwargs):  # two optimiser steps (epochs) per iteration
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.utils, "clip_grad_norm_", interrupt_in_iteration_3)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "stopped")
+    run(tmp_path / "stopped", resume=True)
+    whole, resumed = ([json.loads(line) for line in open(tmp_path / run_dir / "metrics.jsonl")]
+                      for run_dir in ("whole", "stopped"))
+    assert [r["iteration"] for r in resumed] == [r["iteration"] for r in whole] == [1, 2, 3, 4]
+    for a, b in zip(whole, resumed):
+        assert all(abs(a[k] - b[k]) < 1e-5 for k in a if not k.startswith("perf/")), (a, b)
+    samples = [open(tmp_path / run_dir / "samples.jsonl").read() for run_dir in ("whole", "stopped")]
+    assert samples[0] == samples[1]

@@ -46,7 +46,7 @@ def test_tokenize_conversation(toy_tokenizer):
     tok = toy_tokenizer
     prompt = [{"role": "user", "content": "How was the cake?"}]
     prompt_ids, completion_ids = sft.tokenize_example(
-        tok, prompt, [{"role": "assistant", "content": "It was good."}], 1024, [tok.eos_token_id], check=True)
+        tok, prompt, [{"role": "assistant", "content": "It was good."}], 1024, [tok.eos_token_id])
     assert tok.convert_ids_to_tokens(prompt_ids)[-1] == "<|assistant|>"
     assert tok.decode(completion_ids) == "It was good.<|end|>"
     full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": "It was good."}],
@@ -92,7 +92,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, capsys):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "model.safetensors").write_text("precious")
-    with pytest.raises(SystemExit, match="already holds a run.*--overwrite"):
+    with pytest.raises(SystemExit, match="already holds a run.*--resume"):
         sft.main(sft.Args(output_dir=str(busy)))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert [p.name for p in busy.iterdir()] == ["model.safetensors"]

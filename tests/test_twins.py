@@ -22,9 +22,8 @@ DIFFER_ON_PURPOSE = {
     "evaluate_samples": "expo.py samples with args.batch_size itself and returns the samples; dpo.py and "
                         "var.py with 4x theirs, writing them",
     "load_model": "sft.py also starts from a config without weights (random initialisation)",
-    "check_output_dir": "ppo.py, dera.py and expo.py cannot resume: their copies carry no --resume branch",
-    "create_output_dir": "ppo.py, dera.py and expo.py cannot resume: their copies carry no --resume branch",
-    "describe_run": "ppo.py, dera.py and expo.py cannot resume: their copies carry no --resume branch",
+    "check_output_dir": "dera.py and expo.py train nothing, so they never resume: no --resume branch",
+    "create_output_dir": "dera.py and expo.py train nothing, so they never resume: no --resume branch",
 }
 
 

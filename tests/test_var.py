@@ -156,7 +156,7 @@ def test_group_weights_match_separately_computed_matrices_in_any_micro_batch(nor
     data = var.load_split(str(TOY / "data" / "prefs"), "test[:2]", [("chosen", "rejected")])
     group = var.make_groups(var.build_units(data, tok, "both", 1024, [tok.eos_token_id]), 4, seed=0)[0]
     ref = var.load_model(str(TOY / "sft"), False).eval()
-    rm = var.load_scalar_model(str(TOY / "rm"), tok.pad_token_id, False).eval()
+    rm = var.load_model(str(TOY / "rm"), False, scalar=True).eval()
     no_autocast = torch.autocast("cpu", enabled=False)
     ref_logps, rewards = torch.zeros(4, 4), torch.zeros(4, 4)
     with torch.no_grad():

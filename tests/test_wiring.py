@@ -162,7 +162,8 @@ def ppo_record(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     for name, fn in [("rollout", rollout), ("take", take), ("eos_trick", eos_trick),
                      ("kl_penalized_rewards", kl_penalized_rewards), ("compute_gae", compute_gae),
-                     ("ppo_policy_loss", ppo_policy_loss), ("ppo_value_loss", ppo_value_loss)]:
+                     ("ppo_policy_loss", ppo_policy_loss), ("ppo_value_loss", ppo_value_loss),
+                     ("finish", lambda out, results: results)]:  # the checkpoint of iteration 1 stays
         patch.setattr(ppo, name, fn)
     args = ppo.Args(total_episodes=16, batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=8,
                     eval_split=None, learning_rate=1e-3, warmup_ratio=0.0, beta=0.5, gamma=0.99, lam=0.9,
@@ -238,9 +239,13 @@ def test_old_log_probs_reference_and_values_are_each_models_own(ppo_record):
     models saved after the first iteration: the KL's two arguments are the log-probs under that policy
     and under pi_ref, in that order, at the rollout temperature; the values fed to GAE are the value
     model's, read at the position before each response token (not the reward model's, not shifted)."""
-    checkpoint = Path(ppo_record["args"].output_dir) / "checkpoint-000001"
-    policy = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-    value_model = AutoModelForSequenceClassification.from_pretrained(checkpoint / "value_model").eval()
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    policy = AutoModelForCausalLM.from_pretrained(TOY / "sft").eval()
+    value_model = AutoModelForSequenceClassification.from_pretrained(TOY / "rm").eval()
+    state = {"model": get_model_state_dict(torch.nn.ModuleList([policy, value_model]))}  # the models' tensors
+    dcp.load(state, checkpoint_id=Path(ppo_record["args"].output_dir) / "checkpoint-000001", no_dist=True)
     ref = AutoModelForCausalLM.from_pretrained(TOY / "sft").eval()
     call, gae, temperature = ppo_record["kl"][2], ppo_record["gae"][2], ppo_record["args"].temperature
     mb = call["mb"]
