@@ -409,12 +409,12 @@ def main(args: Args) -> dict:
 
 
 def locate(name: str, what: str = "model") -> str:
-    """The local path `name` names (`~` expanded; a relative one missing here but present next to this
-    script, like the toy, resolves there), or `name` as a hub id; a missing path fails now, not at the hub."""
+    """The path `name` names (`~` expanded; if missing here, next to this script: the toy), or `name` as a
+    hub id; a missing path fails now, not at the hub."""
     path = os.path.expanduser(name)
-    here = Path(__file__).resolve().parent / path
-    if Path(path).exists() or here.exists():
-        return path if Path(path).exists() else str(here)
+    for candidate in (Path(path), Path(__file__).resolve().parent / path):
+        if candidate.exists():
+            return str(candidate)
     if (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
             or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir())):
         raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
@@ -427,10 +427,8 @@ def load_split(name: str, split: str, needs: list, n: Optional[int] = None):
     from datasets import load_dataset
 
     path = locate(name, "dataset")
-    if path.endswith((".json", ".jsonl")):
-        data = load_dataset("json", data_files=path, split=split)
-    else:
-        data = load_dataset(path, split=split)
+    one_file = path.endswith((".json", ".jsonl"))
+    data = load_dataset("json", data_files=path, split=split) if one_file else load_dataset(path, split=split)
     if not any(set(columns) <= set(data.column_names) for columns in needs):
         wanted = " or ".join("+".join(columns) for columns in needs)
         raise SystemExit(f"error: split '{split}' of dataset '{name}' has columns {data.column_names}; "
@@ -509,9 +507,8 @@ def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
 
 def load_model(name: str, trust_remote_code: bool, dtype=torch.float32, scalar: bool = False,
                new_head: bool = False):
-    """A causal LM, or (`scalar`) a reward or value model: a sequence classifier with one output whose
-    score head was trained (`new_head`: may start random). Under torchrun rank 0 alone reads the weights;
-    the others build the model on the meta device, and `place` sends each its shards."""
+    """A causal LM, or (`scalar`) a reward or value model with a trained score head (`new_head`: a random one
+    allowed). Under torchrun rank 0 alone reads the weights; the others build on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if scalar else AutoModelForCausalLM
@@ -580,7 +577,7 @@ def check_output_dir(args, script: str, models: list) -> Path:
     """Fails before any work if the run would overwrite another; sets args.output_dir. Writes nothing."""
     out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.output_dir = str(out)
-    if any(Path(resolve(m)).resolve() == out.resolve() for m in models):
+    if any(Path(locate(m)).resolve() == out.resolve() for m in models):
         raise SystemExit(f"error: output_dir '{out}' holds a model this run reads; choose another")
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: output_dir '{out}' already holds a run; choose another --output_dir")
@@ -590,9 +587,7 @@ def check_output_dir(args, script: str, models: list) -> Path:
 def create_output_dir(out: Path, args, device, dtype: str) -> None:
     """Writes args.json and the run's provenance."""
     import subprocess
-
-    import datasets
-    import transformers
+    from importlib.metadata import version
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
@@ -601,7 +596,7 @@ def create_output_dir(out: Path, args, device, dtype: str) -> None:
         commit = None
     run = {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
            "python": sys.version.split()[0], "torch": torch.__version__,
-           "transformers": transformers.__version__, "datasets": datasets.__version__, "device": str(device),
+           "transformers": version("transformers"), "datasets": version("datasets"), "device": str(device),
            "dtype": dtype, "processes": world_size(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "args.json", "w") as f:

@@ -365,14 +365,13 @@ def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, tempe
     (prompt_ids, response_ids cut after the first stop id, finished: False if max_new_tokens hit first)."""
     tokenizer.padding_side = "left"
     model.eval()
-    config = sampling_config(temperature, max_new_tokens, tokenizer.pad_token_id, stop_ids)
     results = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
         texts = [format_prompt(tokenizer, p) for p in chunk]
         batch = tokenizer(texts, return_tensors="pt", padding=True,
                           add_special_tokens=not isinstance(chunk[0], list)).to(device)
-        out = generate(model, batch, config)
+        out = generate(model, batch, temperature, max_new_tokens, tokenizer.pad_token_id, stop_ids)
         for row, mask, generated in zip(batch["input_ids"], batch["attention_mask"],
                                         out[:, batch["input_ids"].shape[1] :].tolist()):
             ends = [t for t, token in enumerate(generated) if token in stop_ids]
@@ -473,9 +472,8 @@ def main(args: Args) -> dict:
         gc.collect()
     optimizer, scheduler = start_training([policy], args, total_steps, "linear")
     start_step, progress = 0, {"time": 0.0, "tokens": 0, "window": {}}
-    checkpoint = last_checkpoint(out) if args.resume else None
-    if checkpoint:  # the weights, optimiser, schedule, data position and random states where they were
-        start_step, progress = restore(checkpoint, [policy], optimizer, scheduler)
+    if args.resume and last_checkpoint(out):  # weights, optimiser, schedule, data position, random states
+        start_step, progress = restore(last_checkpoint(out), [policy], optimizer, scheduler)
     create_output_dir(out, args, device, dtype, resume_step=start_step if args.resume else None)
     print(f"dpo: {len(train)} train / {len(evals)} eval pairs, {total_steps} steps, beta {args.beta}, "
           f"{args.loss_type} loss, device {device}, {dtype}")
@@ -586,12 +584,12 @@ def micro_batches(rows: list, args, skip: int):
 
 
 def locate(name: str, what: str = "model") -> str:
-    """The local path `name` names (`~` expanded; a relative one missing here but present next to this
-    script, like the toy, resolves there), or `name` as a hub id; a missing path fails now, not at the hub."""
+    """The path `name` names (`~` expanded; if missing here, next to this script: the toy), or `name` as a
+    hub id; a missing path fails now, not at the hub."""
     path = os.path.expanduser(name)
-    here = Path(__file__).resolve().parent / path
-    if Path(path).exists() or here.exists():
-        return path if Path(path).exists() else str(here)
+    for candidate in (Path(path), Path(__file__).resolve().parent / path):
+        if candidate.exists():
+            return str(candidate)
     if (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
             or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir())):
         raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
@@ -604,10 +602,8 @@ def load_split(name: str, split: str, needs: list, n: Optional[int] = None):
     from datasets import load_dataset
 
     path = locate(name, "dataset")
-    if path.endswith((".json", ".jsonl")):
-        data = load_dataset("json", data_files=path, split=split)
-    else:
-        data = load_dataset(path, split=split)
+    one_file = path.endswith((".json", ".jsonl"))
+    data = load_dataset("json", data_files=path, split=split) if one_file else load_dataset(path, split=split)
     if not any(set(columns) <= set(data.column_names) for columns in needs):
         wanted = " or ".join("+".join(columns) for columns in needs)
         raise SystemExit(f"error: split '{split}' of dataset '{name}' has columns {data.column_names}; "
@@ -721,9 +717,8 @@ def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
 
 def load_model(name: str, trust_remote_code: bool, dtype=torch.float32, scalar: bool = False,
                new_head: bool = False):
-    """A causal LM, or (`scalar`) a reward or value model: a sequence classifier with one output whose
-    score head was trained (`new_head`: may start random). Under torchrun rank 0 alone reads the weights;
-    the others build the model on the meta device, and `place` sends each its shards."""
+    """A causal LM, or (`scalar`) a reward or value model with a trained score head (`new_head`: a random one
+    allowed). Under torchrun rank 0 alone reads the weights; the others build on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if scalar else AutoModelForCausalLM
@@ -745,16 +740,13 @@ def load_model(name: str, trust_remote_code: bool, dtype=torch.float32, scalar: 
     return model
 
 
-def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
-    """Pure sampling from softmax(logits / T), stopping on any stop id: no top-k, no top-p, no penalty."""
+def generate(model, batch: dict, temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
+    """model.generate (KV-cached): pure sampling from softmax(logits / T) until any stop id, with no top-k,
+    top-p or penalty from the checkpoint's generation_config.json (set aside meanwhile)."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                            max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stop_ids)
-
-
-def generate(model, batch: dict, config):
-    """model.generate (KV-cached) with `config` alone, not the checkpoint's generation_config.json."""
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                              max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stop_ids)
     checkpoint_config, model.generation_config = model.generation_config, config
     try:  # under FSDP every process runs forward passes until all have finished (synced_gpus)
         return model.generate(**batch, generation_config=config, synced_gpus=world_size() > 1)
@@ -798,10 +790,9 @@ def world_size() -> int:
 
 
 def place(model, device, frozen: bool = False):
-    """The model on `device` (`frozen`: eval mode, no gradients); under torchrun sharded with FSDP2, each
-    decoder layer then the rest (frozen models too), rank 0's weights sent to each process as its shards.
-    The gathered weights stay fp32 under one process's autocast: FSDP's bf16 policy would also run the
-    residual stream in bf16 (SFT's first loss 1.2e-3 apart)."""
+    """The model on `device` (`frozen`: eval mode, no gradients); under torchrun sharded with FSDP2 (each
+    decoder layer, then the rest), each process receiving its shards of rank 0's weights. The gathered
+    weights stay fp32 under one process's autocast (FSDP's bf16 policy: SFT's first loss 1.2e-3 apart)."""
     if frozen:
         model.eval().requires_grad_(False)
     if world_size() == 1:
@@ -956,9 +947,7 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
         write_jsonl(log_file, [r for r in records if r.get("step", r.get("iteration")) <= resume_step])
         return
     import subprocess
-
-    import datasets
-    import transformers
+    from importlib.metadata import version
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
@@ -967,7 +956,7 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
         commit = None
     run = {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
            "python": sys.version.split()[0], "torch": torch.__version__,
-           "transformers": transformers.__version__, "datasets": datasets.__version__, "device": str(device),
+           "transformers": version("transformers"), "datasets": version("datasets"), "device": str(device),
            "dtype": dtype, "processes": world_size(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "args.json", "w") as f:
@@ -975,8 +964,8 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
 
 
 def save_model(model, tokenizer, out: Path) -> None:
-    """The final model in `out` itself, loadable by from_pretrained: every process gathers the full weights
-    (cpu_offload: rank 0 alone keeps them), rank 0 writes them, config.json last (no loadable half-model)."""
+    """The final model in `out`, written by rank 0 from the full weights (cpu_offload: rank 0 alone keeps
+    them) with config.json last: no loadable half-model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -994,14 +983,12 @@ def save_model(model, tokenizer, out: Path) -> None:
 
 
 def save_checkpoint(models: list, optimizer, scheduler, out: Path, step: int, progress: dict) -> None:
-    """out/checkpoint-<step>: a torch.distributed.checkpoint folder into which each process writes its own
-    shards of the models and AdamW moments, and beside them the step, schedule and progress (the log window
-    summed over the processes) and each process's random state. DCP writes .metadata last: only a folder
-    that has it counts, so a save cut short leaves the previous checkpoint the one to resume from."""
+    """out/checkpoint-<step>: a DCP folder of every process's shards of the models and AdamW moments, the
+    step, schedule and progress (the log window summed over processes) and each process's random state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    folder = out / f"checkpoint-{step:06d}"
+    folder = out / f"checkpoint-{step:06d}"  # counts once DCP writes .metadata, last: see last_checkpoint
     folder.mkdir(exist_ok=True)
     window = progress["window"]
     progress = {**progress, "window": dict(zip(window, summed(list(window.values()))))}
@@ -1019,13 +1006,12 @@ def save_checkpoint(models: list, optimizer, scheduler, out: Path, step: int, pr
 
 
 def last_checkpoint(out: Path) -> Optional[Path]:
-    """The newest complete checkpoint: the newest folder with DCP's .metadata."""
+    """The newest complete checkpoint: a save cut short has no .metadata, and the previous one counts."""
     return max((f.parent for f in out.glob("checkpoint-*/.metadata")), default=None)
 
 
 def restore(checkpoint: Path, models: list, optimizer, scheduler) -> tuple:
-    """--resume: the models, AdamW moments (DCP reshards them to this run's processes), schedule and random
-    states as at the checkpoint. Returns (step, progress)."""
+    """The models, AdamW moments (resharded by DCP), schedule and random states as saved: (step, progress)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 

@@ -269,9 +269,8 @@ def main(args: Args) -> dict:
     model = place(load_reward_model(args.model, pad_id, args.trust_remote_code), device)
     optimizer, scheduler = start_training([model], args, total_steps, "linear", args.final_lr_ratio)
     start_step, progress = 0, {"time": 0.0, "tokens": 0, "pairs": 0, "window": {}, "eval": {}}
-    checkpoint = last_checkpoint(out) if args.resume else None
-    if checkpoint:  # the weights, optimiser, schedule, data position and random states where they were
-        start_step, progress = restore(checkpoint, [model], optimizer, scheduler)
+    if args.resume and last_checkpoint(out):  # weights, optimiser, schedule, data position, random states
+        start_step, progress = restore(last_checkpoint(out), [model], optimizer, scheduler)
     create_output_dir(out, args, device, dtype, resume_step=start_step if args.resume else None)
     print(f"reward_model: {len(train)} train / {len(evals)} eval pairs, {total_steps} steps, "
           f"device {device}, {dtype}")
@@ -375,12 +374,12 @@ def micro_batches(rows: list, args, skip: int):
 
 
 def locate(name: str, what: str = "model") -> str:
-    """The local path `name` names (`~` expanded; a relative one missing here but present next to this
-    script, like the toy, resolves there), or `name` as a hub id; a missing path fails now, not at the hub."""
+    """The path `name` names (`~` expanded; if missing here, next to this script: the toy), or `name` as a
+    hub id; a missing path fails now, not at the hub."""
     path = os.path.expanduser(name)
-    here = Path(__file__).resolve().parent / path
-    if Path(path).exists() or here.exists():
-        return path if Path(path).exists() else str(here)
+    for candidate in (Path(path), Path(__file__).resolve().parent / path):
+        if candidate.exists():
+            return str(candidate)
     if (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
             or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir())):
         raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
@@ -393,10 +392,8 @@ def load_split(name: str, split: str, needs: list, n: Optional[int] = None):
     from datasets import load_dataset
 
     path = locate(name, "dataset")
-    if path.endswith((".json", ".jsonl")):
-        data = load_dataset("json", data_files=path, split=split)
-    else:
-        data = load_dataset(path, split=split)
+    one_file = path.endswith((".json", ".jsonl"))
+    data = load_dataset("json", data_files=path, split=split) if one_file else load_dataset(path, split=split)
     if not any(set(columns) <= set(data.column_names) for columns in needs):
         wanted = " or ".join("+".join(columns) for columns in needs)
         raise SystemExit(f"error: split '{split}' of dataset '{name}' has columns {data.column_names}; "
@@ -473,9 +470,8 @@ def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
 
 def load_model(name: str, trust_remote_code: bool, dtype=torch.float32, scalar: bool = False,
                new_head: bool = False):
-    """A causal LM, or (`scalar`) a reward or value model: a sequence classifier with one output whose
-    score head was trained (`new_head`: may start random). Under torchrun rank 0 alone reads the weights;
-    the others build the model on the meta device, and `place` sends each its shards."""
+    """A causal LM, or (`scalar`) a reward or value model with a trained score head (`new_head`: a random one
+    allowed). Under torchrun rank 0 alone reads the weights; the others build on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if scalar else AutoModelForCausalLM
@@ -533,10 +529,9 @@ def world_size() -> int:
 
 
 def place(model, device, frozen: bool = False):
-    """The model on `device` (`frozen`: eval mode, no gradients); under torchrun sharded with FSDP2, each
-    decoder layer then the rest (frozen models too), rank 0's weights sent to each process as its shards.
-    The gathered weights stay fp32 under one process's autocast: FSDP's bf16 policy would also run the
-    residual stream in bf16 (SFT's first loss 1.2e-3 apart)."""
+    """The model on `device` (`frozen`: eval mode, no gradients); under torchrun sharded with FSDP2 (each
+    decoder layer, then the rest), each process receiving its shards of rank 0's weights. The gathered
+    weights stay fp32 under one process's autocast (FSDP's bf16 policy: SFT's first loss 1.2e-3 apart)."""
     if frozen:
         model.eval().requires_grad_(False)
     if world_size() == 1:
@@ -691,9 +686,7 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
         write_jsonl(log_file, [r for r in records if r.get("step", r.get("iteration")) <= resume_step])
         return
     import subprocess
-
-    import datasets
-    import transformers
+    from importlib.metadata import version
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
@@ -702,7 +695,7 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
         commit = None
     run = {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
            "python": sys.version.split()[0], "torch": torch.__version__,
-           "transformers": transformers.__version__, "datasets": datasets.__version__, "device": str(device),
+           "transformers": version("transformers"), "datasets": version("datasets"), "device": str(device),
            "dtype": dtype, "processes": world_size(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "args.json", "w") as f:
@@ -710,8 +703,8 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
 
 
 def save_model(model, tokenizer, out: Path) -> None:
-    """The final model in `out` itself, loadable by from_pretrained: every process gathers the full weights
-    (cpu_offload: rank 0 alone keeps them), rank 0 writes them, config.json last (no loadable half-model)."""
+    """The final model in `out`, written by rank 0 from the full weights (cpu_offload: rank 0 alone keeps
+    them) with config.json last: no loadable half-model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -729,14 +722,12 @@ def save_model(model, tokenizer, out: Path) -> None:
 
 
 def save_checkpoint(models: list, optimizer, scheduler, out: Path, step: int, progress: dict) -> None:
-    """out/checkpoint-<step>: a torch.distributed.checkpoint folder into which each process writes its own
-    shards of the models and AdamW moments, and beside them the step, schedule and progress (the log window
-    summed over the processes) and each process's random state. DCP writes .metadata last: only a folder
-    that has it counts, so a save cut short leaves the previous checkpoint the one to resume from."""
+    """out/checkpoint-<step>: a DCP folder of every process's shards of the models and AdamW moments, the
+    step, schedule and progress (the log window summed over processes) and each process's random state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    folder = out / f"checkpoint-{step:06d}"
+    folder = out / f"checkpoint-{step:06d}"  # counts once DCP writes .metadata, last: see last_checkpoint
     folder.mkdir(exist_ok=True)
     window = progress["window"]
     progress = {**progress, "window": dict(zip(window, summed(list(window.values()))))}
@@ -754,13 +745,12 @@ def save_checkpoint(models: list, optimizer, scheduler, out: Path, step: int, pr
 
 
 def last_checkpoint(out: Path) -> Optional[Path]:
-    """The newest complete checkpoint: the newest folder with DCP's .metadata."""
+    """The newest complete checkpoint: a save cut short has no .metadata, and the previous one counts."""
     return max((f.parent for f in out.glob("checkpoint-*/.metadata")), default=None)
 
 
 def restore(checkpoint: Path, models: list, optimizer, scheduler) -> tuple:
-    """--resume: the models, AdamW moments (DCP reshards them to this run's processes), schedule and random
-    states as at the checkpoint. Returns (step, progress)."""
+    """The models, AdamW moments (resharded by DCP), schedule and random states as saved: (step, progress)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 

@@ -257,8 +257,8 @@ def show_samples(model, tokenizer, eval_rows: list, args, device, stop_ids: list
     batch = tokenizer([format_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
                       add_special_tokens=not isinstance(prompts[0], list)).to(device)
     model.eval()
-    config = sampling_config(args.temperature, args.max_new_tokens, tokenizer.pad_token_id, stop_ids)
-    generated = generate(model, batch, config)[:, batch["input_ids"].shape[1] :]
+    generated = generate(model, batch, args.temperature, args.max_new_tokens, tokenizer.pad_token_id,
+                         stop_ids)[:, batch["input_ids"].shape[1] :]
     responses = tokenizer.batch_decode(generated, skip_special_tokens=True)
     write_jsonl(out / "samples.jsonl", [{"prompt": p, "response": r} for p, r in zip(prompts, responses)])
     for prompt, response in zip(prompts, responses):
@@ -286,9 +286,8 @@ def main(args: Args) -> dict:
     model = place(load_model(args.model, args.trust_remote_code), device)
     optimizer, scheduler = start_training([model], args, total_steps, args.lr_schedule)
     start_step, progress = 0, {"time": 0.0, "tokens": 0, "window": {}, "eval_loss": None}
-    checkpoint = last_checkpoint(out) if args.resume else None
-    if checkpoint:  # the weights, optimiser, schedule, data position and random states where they were
-        start_step, progress = restore(checkpoint, [model], optimizer, scheduler)
+    if args.resume and last_checkpoint(out):  # weights, optimiser, schedule, data position, random states
+        start_step, progress = restore(last_checkpoint(out), [model], optimizer, scheduler)
     create_output_dir(out, args, device, dtype, resume_step=start_step if args.resume else None)
     print(f"sft: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train)} train / "
           f"{len(evals)} eval examples, {total_steps} steps, device {device}, {dtype}")
@@ -388,12 +387,12 @@ def micro_batches(rows: list, args, skip: int):
 
 
 def locate(name: str, what: str = "model") -> str:
-    """The local path `name` names (`~` expanded; a relative one missing here but present next to this
-    script, like the toy, resolves there), or `name` as a hub id; a missing path fails now, not at the hub."""
+    """The path `name` names (`~` expanded; if missing here, next to this script: the toy), or `name` as a
+    hub id; a missing path fails now, not at the hub."""
     path = os.path.expanduser(name)
-    here = Path(__file__).resolve().parent / path
-    if Path(path).exists() or here.exists():
-        return path if Path(path).exists() else str(here)
+    for candidate in (Path(path), Path(__file__).resolve().parent / path):
+        if candidate.exists():
+            return str(candidate)
     if (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
             or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir())):
         raise SystemExit(f"error: {what} '{name}' not found: no such file or directory")
@@ -406,10 +405,8 @@ def load_split(name: str, split: str, needs: list, n: Optional[int] = None):
     from datasets import load_dataset
 
     path = locate(name, "dataset")
-    if path.endswith((".json", ".jsonl")):
-        data = load_dataset("json", data_files=path, split=split)
-    else:
-        data = load_dataset(path, split=split)
+    one_file = path.endswith((".json", ".jsonl"))
+    data = load_dataset("json", data_files=path, split=split) if one_file else load_dataset(path, split=split)
     if not any(set(columns) <= set(data.column_names) for columns in needs):
         wanted = " or ".join("+".join(columns) for columns in needs)
         raise SystemExit(f"error: split '{split}' of dataset '{name}' has columns {data.column_names}; "
@@ -493,16 +490,13 @@ def check_architecture(name: str, trust_remote_code: bool, wanted: str) -> None:
         raise SystemExit(f"error: '{name}' is a {'/'.join(found)} checkpoint; this needs {kind} here")
 
 
-def sampling_config(temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
-    """Pure sampling from softmax(logits / T), stopping on any stop id: no top-k, no top-p, no penalty."""
+def generate(model, batch: dict, temperature: float, max_new_tokens: int, pad_token_id: int, stop_ids: list):
+    """model.generate (KV-cached): pure sampling from softmax(logits / T) until any stop id, with no top-k,
+    top-p or penalty from the checkpoint's generation_config.json (set aside meanwhile)."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                            max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stop_ids)
-
-
-def generate(model, batch: dict, config):
-    """model.generate (KV-cached) with `config` alone, not the checkpoint's generation_config.json."""
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                              max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stop_ids)
     checkpoint_config, model.generation_config = model.generation_config, config
     try:  # under FSDP every process runs forward passes until all have finished (synced_gpus)
         return model.generate(**batch, generation_config=config, synced_gpus=world_size() > 1)
@@ -546,10 +540,9 @@ def world_size() -> int:
 
 
 def place(model, device, frozen: bool = False):
-    """The model on `device` (`frozen`: eval mode, no gradients); under torchrun sharded with FSDP2, each
-    decoder layer then the rest (frozen models too), rank 0's weights sent to each process as its shards.
-    The gathered weights stay fp32 under one process's autocast: FSDP's bf16 policy would also run the
-    residual stream in bf16 (SFT's first loss 1.2e-3 apart)."""
+    """The model on `device` (`frozen`: eval mode, no gradients); under torchrun sharded with FSDP2 (each
+    decoder layer, then the rest), each process receiving its shards of rank 0's weights. The gathered
+    weights stay fp32 under one process's autocast (FSDP's bf16 policy: SFT's first loss 1.2e-3 apart)."""
     if frozen:
         model.eval().requires_grad_(False)
     if world_size() == 1:
@@ -704,9 +697,7 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
         write_jsonl(log_file, [r for r in records if r.get("step", r.get("iteration")) <= resume_step])
         return
     import subprocess
-
-    import datasets
-    import transformers
+    from importlib.metadata import version
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
@@ -715,7 +706,7 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
         commit = None
     run = {"command": " ".join(sys.argv), "script": Path(__file__).name, "git_commit": commit,
            "python": sys.version.split()[0], "torch": torch.__version__,
-           "transformers": transformers.__version__, "datasets": datasets.__version__, "device": str(device),
+           "transformers": version("transformers"), "datasets": version("datasets"), "device": str(device),
            "dtype": dtype, "processes": world_size(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "args.json", "w") as f:
@@ -723,8 +714,8 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
 
 
 def save_model(model, tokenizer, out: Path) -> None:
-    """The final model in `out` itself, loadable by from_pretrained: every process gathers the full weights
-    (cpu_offload: rank 0 alone keeps them), rank 0 writes them, config.json last (no loadable half-model)."""
+    """The final model in `out`, written by rank 0 from the full weights (cpu_offload: rank 0 alone keeps
+    them) with config.json last: no loadable half-model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -742,14 +733,12 @@ def save_model(model, tokenizer, out: Path) -> None:
 
 
 def save_checkpoint(models: list, optimizer, scheduler, out: Path, step: int, progress: dict) -> None:
-    """out/checkpoint-<step>: a torch.distributed.checkpoint folder into which each process writes its own
-    shards of the models and AdamW moments, and beside them the step, schedule and progress (the log window
-    summed over the processes) and each process's random state. DCP writes .metadata last: only a folder
-    that has it counts, so a save cut short leaves the previous checkpoint the one to resume from."""
+    """out/checkpoint-<step>: a DCP folder of every process's shards of the models and AdamW moments, the
+    step, schedule and progress (the log window summed over processes) and each process's random state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    folder = out / f"checkpoint-{step:06d}"
+    folder = out / f"checkpoint-{step:06d}"  # counts once DCP writes .metadata, last: see last_checkpoint
     folder.mkdir(exist_ok=True)
     window = progress["window"]
     progress = {**progress, "window": dict(zip(window, summed(list(window.values()))))}
@@ -767,13 +756,12 @@ def save_checkpoint(models: list, optimizer, scheduler, out: Path, step: int, pr
 
 
 def last_checkpoint(out: Path) -> Optional[Path]:
-    """The newest complete checkpoint: the newest folder with DCP's .metadata."""
+    """The newest complete checkpoint: a save cut short has no .metadata, and the previous one counts."""
     return max((f.parent for f in out.glob("checkpoint-*/.metadata")), default=None)
 
 
 def restore(checkpoint: Path, models: list, optimizer, scheduler) -> tuple:
-    """--resume: the models, AdamW moments (DCP reshards them to this run's processes), schedule and random
-    states as at the checkpoint. Returns (step, progress)."""
+    """The models, AdamW moments (resharded by DCP), schedule and random states as saved: (step, progress)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 

@@ -28,6 +28,7 @@ scripts: after changing a script's default, delete the runs it affects (or the w
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -182,12 +183,12 @@ def main(args: Args) -> None:
                 and done.get("finished", 0) >= timings.get(upstream, {}).get("finished", 0)):
             print(f"[{i}/{len(jobs)}] {name}: done already ({timings[name]['seconds']} s)")
             continue
-        if out.exists():  # an interrupted run, or one whose command or input changed: train it again
-            full.append("--overwrite")
         print(f"[{i}/{len(jobs)}] {name}: {' '.join(full[1:])}", flush=True)
         redo.add(name)
         if args.dry_run:
             continue
+        if out.exists():  # an interrupted run, or one whose command or input changed: train it again
+            shutil.rmtree(out)
         timings.pop(name, None)  # unfinished until it ends: an interruption leaves no stale entry
         timings_file.parent.mkdir(parents=True, exist_ok=True)
         timings_file.write_text(json.dumps(timings, indent=1))

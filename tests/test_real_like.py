@@ -97,10 +97,10 @@ def test_sampling_is_exactly_softmax_of_logits_over_temperature(tier):
     prompts = toy_prompts("validation")[:16]
     batch = tok([ppo.format_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True,
                 add_special_tokens=False)
-    config = ppo.sampling_config(0.7, 24, tok.pad_token_id, stops)
-    config.output_scores, config.return_dict_in_generate = True, True
+
     torch.manual_seed(0)
-    out = ppo.generate(model, batch, config)
+    scored = {**batch, "output_scores": True, "return_dict_in_generate": True}  # the sampler's own scores
+    out = ppo.generate(model, scored, 0.7, 24, tok.pad_token_id, stops)
     Q = batch["input_ids"].shape[1]
     response = out.sequences[:, Q:]
     is_stop = torch.isin(response, torch.tensor(stops))
@@ -117,7 +117,7 @@ def test_sampling_is_exactly_softmax_of_logits_over_temperature(tier):
     text = ppo.format_prompt(tok, PROMPT) + "The pizza was great, and"
     one = tok([text] * N, return_tensors="pt", add_special_tokens=False)
     torch.manual_seed(1)
-    tokens = dpo.generate(model, one, dpo.sampling_config(1.0, 1, tok.pad_token_id, stops))[:, -1]
+    tokens = dpo.generate(model, one, 1.0, 1, tok.pad_token_id, stops)[:, -1]
     with torch.no_grad():
         logits = model(input_ids=one["input_ids"][:1]).logits[:, -1].float()
     target = logits.softmax(-1)[0]
