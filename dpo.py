@@ -34,6 +34,7 @@ drawn from softmax(logits / T) whatever the checkpoint's sampling settings, are 
 """
 
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -145,6 +146,10 @@ class Args:
     """optimiser steps between checkpoints (the last one kept) that --resume continues from (0: none)"""
     resume: bool = False
     """continue the unfinished run in --output_dir from its last checkpoint (same arguments)"""
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
+    """also send the logged records to a tracker (its package installed: pip install tensorboard, ...)"""
+    run_name: Optional[str] = None
+    """the run's name in wandb or trackio (default: the output dir's name; TensorBoard uses the folder's)"""
     dry_run: bool = False
     """print one tokenised pair (its loss tokens in [[ ]]) and the counts, and stop before any model loads"""
 
@@ -225,22 +230,44 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
 # ---- Data: preference pairs, tokenised with response-only labels ----------------------------------
 
 
-def split_pair(row: dict) -> tuple:
-    """(prompt, chosen, rejected); without `prompt`, whole conversations (the last message answers)
-    or whole texts (an empty prompt)."""
+def split_pair(row: dict) -> Optional[tuple]:
+    """(prompt, chosen, rejected). Without `prompt` (Anthropic HH-RLHF's rows), the prompt is what the sides
+    share: texts are split after the last "\n\nAssistant:" of their common prefix, else at its last
+    whitespace (never inside a word); message lists after their common messages, each side then one final
+    assistant message. None when there is no such split: equal sides, or one side the other's prefix."""
     if "prompt" in row:
         return row["prompt"], row["chosen"], row["rejected"]
-    if isinstance(row["chosen"], str):
-        return "", row["chosen"], row["rejected"]
-    return row["chosen"][:-1], row["chosen"][-1:], row["rejected"][-1:]
+    chosen, rejected = row["chosen"], row["rejected"]
+    shorter, longer = sorted((chosen, rejected), key=len)
+    if longer[: len(shorter)] == shorter:
+        return None
+    if isinstance(chosen, str):
+        shared = os.path.commonprefix([chosen, rejected])
+        marker = shared.rfind("\n\nAssistant:")
+        cut = marker + len("\n\nAssistant:") if marker >= 0 else max(map(shared.rfind, " \n\t")) + 1
+    else:
+        cut = next(i for i, (c, r) in enumerate(zip(chosen, rejected)) if c != r)
+        last = {chosen[-1]["role"], rejected[-1]["role"]}
+        if not len(chosen) == len(rejected) == cut + 1 or last != {"assistant"}:  # one reply each, no more
+            return None
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def split_pairs(data, where: str) -> list:
+    """split_pair of every row; the rows without a split are dropped, and counted."""
+    splits = [split_pair(row) for row in data]
+    kept = [split for split in splits if split]
+    if len(kept) < len(splits):
+        print(f"note: {where}: dropped {len(splits) - len(kept)} of {len(splits)} pairs with no prompt to "
+              "split off (equal sides, one side the other's prefix, or more than one final message)")
+    return kept
 
 
 def build_pairs(data, tokenizer, max_length: int, stop_ids: list, where: str = "the data") -> list:
     """For each row, prompt + chosen and prompt + rejected as token ids with response-only labels. A
     row whose prompt leaves no room for a response within max_length is dropped, and counted."""
-    pairs = []
-    for row in data:
-        prompt, chosen, rejected = split_pair(row)
+    pairs, rows = [], split_pairs(data, where)
+    for prompt, chosen, rejected in rows:
         pair = {}
         for side, completion in (("chosen", chosen), ("rejected", rejected)):
             prompt_ids, completion_ids = tokenize_example(tokenizer, prompt, completion, max_length, stop_ids)
@@ -248,7 +275,7 @@ def build_pairs(data, tokenizer, max_length: int, stop_ids: list, where: str = "
                           "labels": [-100] * len(prompt_ids) + completion_ids}
         if completion_ids:  # the prompt is the same for both sides
             pairs.append(pair)
-    report_dropped(len(pairs), len(data) - len(pairs), max_length, where)
+    report_dropped(len(pairs), len(rows) - len(pairs), max_length, where)
     return pairs
 
 
@@ -475,6 +502,7 @@ def main(args: Args) -> dict:
     if args.resume and last_checkpoint(out):  # weights, optimiser, schedule, data position, random states
         start_step, progress = restore(last_checkpoint(out), [policy], optimizer, scheduler)
     create_output_dir(out, args, device, dtype, resume_step=start_step if args.resume else None)
+    tracker = Tracker(args, out, start_step)
     print(f"dpo: {len(train)} train / {len(evals)} eval pairs, {total_steps} steps, beta {args.beta}, "
           f"{args.loss_type} loss, device {device}, {dtype}")
 
@@ -484,7 +512,7 @@ def main(args: Args) -> dict:
     if reward_model and start_step == 0:  # --sample_every: the starting point too
         metrics = evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts, args, device,
                                    autocast, stop_ids, out / "samples" / "step_000000.jsonl")
-        log(out, {"step": 0, **metrics})
+        log(out, {"step": 0, **metrics}, tracker)
     for step in tqdm(range(start_step + 1, total_steps + 1), desc="dpo", disable=rank() > 0 or None):
         step_start = time.time()
         micro = [next(stream) for _ in range(args.gradient_accumulation_steps)]
@@ -499,13 +527,13 @@ def main(args: Args) -> dict:
         progress["time"] += time.time() - step_start
 
         if step % args.log_every == 0 or step == total_steps:
-            log(out, train_record(step, window, grad_norm, scheduler, progress))
+            log(out, train_record(step, window, grad_norm, scheduler, progress), tracker)
         if args.eval_every and step % args.eval_every == 0 and step < total_steps:  # --eval_every
-            log(out, {"step": step, **evaluate_pairs(policy, evals, args, pad_id, device, autocast)})
+            log(out, {"step": step, **evaluate_pairs(policy, evals, args, pad_id, device, autocast)}, tracker)
         if reward_model and step % args.sample_every == 0 and step < total_steps:  # --sample_every
             metrics = evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts, args, device,
                                        autocast, stop_ids, out / "samples" / f"step_{step:06d}.jsonl")
-            log(out, {"step": step, **metrics})
+            log(out, {"step": step, **metrics}, tracker)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
             save_checkpoint([policy], optimizer, scheduler, out, step, progress)
     save_model(policy, tokenizer, out)
@@ -521,7 +549,7 @@ def main(args: Args) -> dict:
                                                         scalar=True), device, frozen=True)
         results.update(evaluate_samples(policy, ref_model, reward_model, tokenizer, prompts, args, device,
                                         autocast, stop_ids, out / "samples.jsonl"))
-    return finish(out, results)
+    return finish(out, results, tracker)
 
 
 # ---- Plumbing --------------------------------------------------------------------------------------
@@ -540,6 +568,8 @@ def training_problems(args) -> list:
         (args.max_length < 2, f"--max_length must fit a prompt and a response (got {args.max_length})"),
         (args.save_every < 0, f"--save_every must be 0 (no checkpoints) or more (got {args.save_every})"),
         (args.resume and not args.output_dir, "--resume needs the --output_dir of the run to continue"),
+        (args.report_to != "none" and not importlib.util.find_spec(args.report_to),
+         f"--report_to {args.report_to} needs its package, not installed here: pip install {args.report_to}"),
     ]
 
 
@@ -896,8 +926,9 @@ def write_jsonl(path: Path, rows: list) -> None:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def log(out: Path, record: dict) -> None:
-    """One record appended to out/metrics.jsonl and printed (floats averaged over the processes)."""
+def log(out: Path, record: dict, tracker) -> None:
+    """One record appended to out/metrics.jsonl, printed and sent to the --report_to tracker (floats averaged
+    over the processes)."""
     floats = [k for k, v in record.items() if isinstance(v, float)]
     for k, total in zip(floats, summed([record[k] for k in floats])):
         record[k] = total / world_size()
@@ -906,6 +937,47 @@ def log(out: Path, record: dict) -> None:
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    tracker.log(record)
+
+
+class Tracker:
+    """--report_to's run, on rank 0: the records of metrics.jsonl at their steps, eval.json as the summary.
+    TensorBoard writes into the run's folder (`tensorboard --logdir runs/`); wandb and trackio share an API.
+    --resume continues the run: TensorBoard from the checkpoint's step, wandb under its stored run id."""
+
+    def __init__(self, args, out: Path, step: int):
+        self.kind = args.report_to if rank() == 0 else "none"
+        config = {**asdict(args), "output_dir": str(out)}
+        if self.kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.run = SummaryWriter(str(out), purge_step=step + 1)  # drops what followed the checkpoint
+            self.run.add_text("args", json.dumps(config))
+        elif self.kind != "none":
+            self.run, run_id = importlib.import_module(self.kind), out / f"{self.kind}_run_id.txt"
+            if self.kind == "wandb" and not run_id.exists():
+                run_id.write_text(self.run.util.generate_id())
+            resumed = {"id": run_id.read_text(), "dir": str(out)} if self.kind == "wandb" else {}
+            self.run.init(project="minialign", name=args.run_name or out.name, config=config, resume="allow",
+                          **resumed)
+
+    def log(self, record: dict) -> None:
+        step = record.get("step", record.get("iteration"))
+        numbers = {k: v for k, v in record.items() if k not in ("step", "iteration")}
+        if self.kind == "tensorboard":
+            for k, v in numbers.items():
+                self.run.add_scalar(k, v, step)
+        elif self.kind != "none":
+            self.run.log(numbers, step=step)
+
+    def finish(self, results: dict) -> None:
+        if self.kind == "tensorboard":
+            self.run.add_text("eval", json.dumps(results))
+            self.run.close()
+        elif self.kind != "none":
+            if self.kind == "wandb":
+                self.run.run.summary.update(results)
+            self.run.finish()
 
 
 def check_output_dir(args, script: str, models: list, reshard: bool = True) -> Path:
@@ -930,7 +1002,8 @@ def check_output_dir(args, script: str, models: list, reshard: bool = True) -> P
     if reshard and recorded["batch_size"] * recorded["processes"] == args.batch_size * world_size():
         current.update(batch_size=recorded["batch_size"], processes=recorded["processes"])  # DCP reshards
     changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items()
-               if k not in ("output_dir", "resume", "dry_run", "save_every") and recorded.get(k) != v]
+               if k not in ("output_dir", "resume", "dry_run", "save_every", "report_to", "run_name")
+               and recorded.get(k) != v]
     if changed:
         raise SystemExit(f"error: --resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
                          "resume with the same ones (or the same global batch on other processes)")
@@ -1033,12 +1106,13 @@ def restore(checkpoint: Path, models: list, optimizer, scheduler) -> tuple:
     return trainer["step"], trainer["progress"]
 
 
-def finish(out: Path, results: dict) -> dict:
-    """Writes eval.json, which ends a run, and removes its resumable checkpoints."""
+def finish(out: Path, results: dict, tracker) -> dict:
+    """Writes eval.json, which ends a run (and its tracker's), and removes its resumable checkpoints."""
     if rank() > 0:
         return results
     with open(out / "eval.json", "w") as f:
         json.dump(results, f, indent=2)
+    tracker.finish(results)
     for checkpoint in out.glob("checkpoint-*"):
         shutil.rmtree(checkpoint)
     print(f"\nsaved to {out}: " + json.dumps(results, indent=1))

@@ -41,6 +41,7 @@ rollouts belong in a serving engine such as vLLM: not built here).
 """
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -149,6 +150,10 @@ class Args:
     """iterations between checkpoints (the last one kept) that --resume continues from (0: none)"""
     resume: bool = False
     """continue the unfinished run in --output_dir from its last checkpoint (same arguments)"""
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
+    """also send the logged records to a tracker (its package installed: pip install tensorboard, ...)"""
+    run_name: Optional[str] = None
+    """the run's name in wandb or trackio (default: the output dir's name; TensorBoard uses the folder's)"""
     dry_run: bool = False
     """print one formatted, tokenised prompt and the counts, then stop before loading or writing anything"""
 
@@ -194,6 +199,8 @@ def check_args(args: Args) -> None:
          f"{args.gradient_accumulation_steps}: the episodes of one optimiser step)"),
         (args.save_every < 0, f"--save_every must be 0 (no checkpoints) or more (got {args.save_every})"),
         (args.resume and not args.output_dir, "--resume needs the --output_dir of the run to continue"),
+        (args.report_to != "none" and not importlib.util.find_spec(args.report_to),
+         f"--report_to {args.report_to} needs its package, not installed here: pip install {args.report_to}"),
     ]
     for bad, message in problems:
         if bad:
@@ -484,6 +491,7 @@ def main(args: Args) -> dict:
     if args.resume and last_checkpoint(out):  # models, optimiser, schedule, prompt stream, random states
         start, progress = restore(last_checkpoint(out), [policy, value_model], optimizer, scheduler)
     create_output_dir(out, args, device, dtype, resume_step=start if args.resume else None)
+    tracker = Tracker(args, out, start)
     print(f"ppo: {len(train_prompts)} train prompts, {num_iterations} iterations of {episodes_per_batch} "
           f"episodes x {world_size()} process(es), {total_steps} optimiser steps of {step_size} episodes, "
           f"beta {args.beta}, device {device}, {dtype}")
@@ -531,7 +539,7 @@ def main(args: Args) -> dict:
                       **means(window),
                       "train/lr": scheduler.get_last_lr()[0],
                       "perf/episodes_per_s": iteration * episodes_per_batch / elapsed,
-                      "perf/rollout_fraction": progress["rollout"] / elapsed})
+                      "perf/rollout_fraction": progress["rollout"] / elapsed}, tracker)
         if args.save_every and iteration % args.save_every == 0 and iteration < num_iterations:
             save_checkpoint([policy, value_model], optimizer, scheduler, out, iteration, progress)
     save_model(policy, tokenizer, out)
@@ -543,7 +551,7 @@ def main(args: Args) -> dict:
     if eval_prompts:
         results.update(evaluate(policy, ref_model, reward_model, tokenizer, eval_prompts, args, device,
                                 autocast, stop_ids, out / "samples.jsonl"))
-    return finish(out, results)
+    return finish(out, results, tracker)
 
 
 # ---- Plumbing --------------------------------------------------------------------------------------
@@ -860,8 +868,9 @@ def write_jsonl(path: Path, rows: list) -> None:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def log(out: Path, record: dict) -> None:
-    """One record appended to out/metrics.jsonl and printed (floats averaged over the processes)."""
+def log(out: Path, record: dict, tracker) -> None:
+    """One record appended to out/metrics.jsonl, printed and sent to the --report_to tracker (floats averaged
+    over the processes)."""
     floats = [k for k, v in record.items() if isinstance(v, float)]
     for k, total in zip(floats, summed([record[k] for k in floats])):
         record[k] = total / world_size()
@@ -870,6 +879,47 @@ def log(out: Path, record: dict) -> None:
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    tracker.log(record)
+
+
+class Tracker:
+    """--report_to's run, on rank 0: the records of metrics.jsonl at their steps, eval.json as the summary.
+    TensorBoard writes into the run's folder (`tensorboard --logdir runs/`); wandb and trackio share an API.
+    --resume continues the run: TensorBoard from the checkpoint's step, wandb under its stored run id."""
+
+    def __init__(self, args, out: Path, step: int):
+        self.kind = args.report_to if rank() == 0 else "none"
+        config = {**asdict(args), "output_dir": str(out)}
+        if self.kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.run = SummaryWriter(str(out), purge_step=step + 1)  # drops what followed the checkpoint
+            self.run.add_text("args", json.dumps(config))
+        elif self.kind != "none":
+            self.run, run_id = importlib.import_module(self.kind), out / f"{self.kind}_run_id.txt"
+            if self.kind == "wandb" and not run_id.exists():
+                run_id.write_text(self.run.util.generate_id())
+            resumed = {"id": run_id.read_text(), "dir": str(out)} if self.kind == "wandb" else {}
+            self.run.init(project="minialign", name=args.run_name or out.name, config=config, resume="allow",
+                          **resumed)
+
+    def log(self, record: dict) -> None:
+        step = record.get("step", record.get("iteration"))
+        numbers = {k: v for k, v in record.items() if k not in ("step", "iteration")}
+        if self.kind == "tensorboard":
+            for k, v in numbers.items():
+                self.run.add_scalar(k, v, step)
+        elif self.kind != "none":
+            self.run.log(numbers, step=step)
+
+    def finish(self, results: dict) -> None:
+        if self.kind == "tensorboard":
+            self.run.add_text("eval", json.dumps(results))
+            self.run.close()
+        elif self.kind != "none":
+            if self.kind == "wandb":
+                self.run.run.summary.update(results)
+            self.run.finish()
 
 
 def check_output_dir(args, script: str, models: list, reshard: bool = True) -> Path:
@@ -894,7 +944,8 @@ def check_output_dir(args, script: str, models: list, reshard: bool = True) -> P
     if reshard and recorded["batch_size"] * recorded["processes"] == args.batch_size * world_size():
         current.update(batch_size=recorded["batch_size"], processes=recorded["processes"])  # DCP reshards
     changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items()
-               if k not in ("output_dir", "resume", "dry_run", "save_every") and recorded.get(k) != v]
+               if k not in ("output_dir", "resume", "dry_run", "save_every", "report_to", "run_name")
+               and recorded.get(k) != v]
     if changed:
         raise SystemExit(f"error: --resume: arguments differ from the run in '{out}' ({'; '.join(changed)}); "
                          "resume with the same ones (or the same global batch on other processes)")
@@ -997,12 +1048,13 @@ def restore(checkpoint: Path, models: list, optimizer, scheduler) -> tuple:
     return trainer["step"], trainer["progress"]
 
 
-def finish(out: Path, results: dict) -> dict:
-    """Writes eval.json, which ends a run, and removes its resumable checkpoints."""
+def finish(out: Path, results: dict, tracker) -> dict:
+    """Writes eval.json, which ends a run (and its tracker's), and removes its resumable checkpoints."""
     if rank() > 0:
         return results
     with open(out / "eval.json", "w") as f:
         json.dump(results, f, indent=2)
+    tracker.finish(results)
     for checkpoint in out.glob("checkpoint-*"):
         shutil.rmtree(checkpoint)
     print(f"\nsaved to {out}: " + json.dumps(results, indent=1))

@@ -163,7 +163,7 @@ def ppo_record(tmp_path_factory):
     for name, fn in [("rollout", rollout), ("take", take), ("eos_trick", eos_trick),
                      ("kl_penalized_rewards", kl_penalized_rewards), ("compute_gae", compute_gae),
                      ("ppo_policy_loss", ppo_policy_loss), ("ppo_value_loss", ppo_value_loss),
-                     ("finish", lambda out, results: results)]:  # the checkpoint of iteration 1 stays
+                     ("finish", lambda out, results, tracker: results)]:  # iteration 1's checkpoint stays
         patch.setattr(ppo, name, fn)
     args = ppo.Args(total_episodes=16, batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=8,
                     eval_split=None, learning_rate=1e-3, warmup_ratio=0.0, beta=0.5, gamma=0.99, lam=0.9,
