@@ -518,8 +518,8 @@ def load_model(name: str, trust_remote_code: bool, dtype=torch.float32, scalar: 
     path = locate(name)
     if rank() > 0:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
-        with torch.device("meta"):
-            return auto.from_config(config, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):  # in rank 0's dtype, not the config's (bf16 for most hub models)
+            return auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model, info = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                        output_loading_info=True, **extra)
     if info["missing_keys"] and not new_head:

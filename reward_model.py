@@ -148,9 +148,9 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
 # ---- Data: preference pairs, whole ----------------------------------------------------------------
 def split_pair(row: dict) -> Optional[tuple]:
     """(prompt, chosen, rejected). Without `prompt` (Anthropic HH-RLHF's rows), the prompt is what the sides
-    share: texts are split after the last "\n\nAssistant:" of their common prefix, else at its last
-    whitespace (never inside a word); message lists after their common messages, each side then one final
-    assistant message. None when there is no such split: equal sides, or one side the other's prefix."""
+    share: texts are split after the last "\n\nAssistant:" of their common prefix, else before its last
+    whitespace (never inside a word; the reply keeps its leading space, as HH's do); message lists after
+    their common messages, each side then one assistant message. None when there is no such split."""
     if "prompt" in row:
         return row["prompt"], row["chosen"], row["rejected"]
     chosen, rejected = row["chosen"], row["rejected"]
@@ -160,11 +160,11 @@ def split_pair(row: dict) -> Optional[tuple]:
     if isinstance(chosen, str):
         shared = os.path.commonprefix([chosen, rejected])
         marker = shared.rfind("\n\nAssistant:")
-        cut = marker + len("\n\nAssistant:") if marker >= 0 else max(map(shared.rfind, " \n\t")) + 1
+        cut = marker + len("\n\nAssistant:") if marker >= 0 else max(0, *map(shared.rfind, " \n\t"))
     else:
         cut = next(i for i, (c, r) in enumerate(zip(chosen, rejected)) if c != r)
         last = {chosen[-1]["role"], rejected[-1]["role"]}
-        if not len(chosen) == len(rejected) == cut + 1 or last != {"assistant"}:  # one reply each, no more
+        if cut == 0 or not len(chosen) == len(rejected) == cut + 1 or last != {"assistant"}:  # one reply each
             return None
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
@@ -511,8 +511,8 @@ def load_model(name: str, trust_remote_code: bool, dtype=torch.float32, scalar: 
     path = locate(name)
     if rank() > 0:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
-        with torch.device("meta"):
-            return auto.from_config(config, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):  # in rank 0's dtype, not the config's (bf16 for most hub models)
+            return auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model, info = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                        output_loading_info=True, **extra)
     if info["missing_keys"] and not new_head:
@@ -690,15 +690,18 @@ class Tracker:
         if self.kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self.run = SummaryWriter(str(out), purge_step=step + 1)  # drops what followed the checkpoint
+            self.run = SummaryWriter(str(out), purge_step=step + 1 if step else 0)  # what followed: dropped
             self.run.add_text("args", json.dumps(config))
         elif self.kind != "none":
             self.run, run_id = importlib.import_module(self.kind), out / f"{self.kind}_run_id.txt"
             if self.kind == "wandb" and not run_id.exists():
                 run_id.write_text(self.run.util.generate_id())
             resumed = {"id": run_id.read_text(), "dir": str(out)} if self.kind == "wandb" else {}
-            self.run.init(project="minialign", name=args.run_name or out.name, config=config, resume="allow",
-                          **resumed)
+            self.run.init(project="minialign", name=args.run_name or out.name, config=config,
+                          resume="allow" if args.resume else "never", **resumed)
+            if self.kind == "wandb":  # plotted by the logged step: a resumed run relogs what followed
+                self.run.define_metric("step")
+                self.run.define_metric("*", step_metric="step", step_sync=True)
 
     def log(self, record: dict) -> None:
         step = record.get("step", record.get("iteration"))
@@ -706,7 +709,9 @@ class Tracker:
         if self.kind == "tensorboard":
             for k, v in numbers.items():
                 self.run.add_scalar(k, v, step)
-        elif self.kind != "none":
+        elif self.kind == "wandb":
+            self.run.log({"step": step, **numbers})
+        elif self.kind == "trackio":
             self.run.log(numbers, step=step)
 
     def finish(self, results: dict) -> None:
@@ -753,10 +758,13 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
     """A new run writes args.json and its provenance; a resumed one drops the records after its checkpoint."""
     if rank() > 0:  # rank 0 writes
         return
-    if resume_step is not None:
+    if resume_step is not None:  # what followed the checkpoint is logged again (all of it, without one)
+        if not resume_step:
+            print(f"note: --resume: '{out}' has no complete checkpoint yet; starting from the beginning")
         log_file = out / "metrics.jsonl"
         records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
-        write_jsonl(log_file, [r for r in records if r.get("step", r.get("iteration")) <= resume_step])
+        steps = [r.get("step", r.get("iteration")) for r in records]
+        write_jsonl(log_file, [r for r, step in zip(records, steps) if resume_step and step <= resume_step])
         return
     import subprocess
     from importlib.metadata import version
@@ -783,7 +791,7 @@ def save_model(model, tokenizer, out: Path) -> None:
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank() > 0:
         return
-    for name in model.all_tied_weights_keys:  # a tied weight is saved once, as one process saves it
+    for name in model.all_tied_weights_keys:  # gathered copies of tied weights share no memory: saved once
         weights.pop(name, None)
     tmp = out / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -801,7 +809,11 @@ def save_checkpoint(models: list, optimizer, scheduler, out: Path, step: int, pr
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     folder = out / f"checkpoint-{step:06d}"  # counts once DCP writes .metadata, last: see last_checkpoint
-    folder.mkdir(exist_ok=True)
+    if rank() == 0:  # a save cut short may have left this folder half written
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+    if world_size() > 1:
+        torch.distributed.barrier()
     window = progress["window"]
     progress = {**progress, "window": dict(zip(window, summed(list(window.values()))))}
     if rank() == 0:
@@ -832,12 +844,12 @@ def restore(checkpoint: Path, models: list, optimizer, scheduler) -> tuple:
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=checkpoint)
     set_state_dict(modules, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    trainer = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    trainer = torch.load(checkpoint / "trainer_state.pt", weights_only=False, map_location="cpu")
     scheduler.load_state_dict(trainer["scheduler"])
     if rank() > 0:  # the window holds every process's rows: rank 0 alone keeps it
         trainer["progress"]["window"] = {}
     if (checkpoint / f"random-{rank()}.pt").exists():  # a process the saving run lacked keeps its seed
-        states = torch.load(checkpoint / f"random-{rank()}.pt")
+        states = torch.load(checkpoint / f"random-{rank()}.pt", map_location="cpu")
         torch.set_rng_state(states["torch"])
         if states["cuda"] is not None:
             torch.cuda.set_rng_state(states["cuda"])

@@ -227,8 +227,9 @@ def load_model(name: str, trust_remote_code: bool):
     weights = list(Path(path).glob("*.safetensors")) + list(Path(path).glob("*.bin"))
     if rank() > 0 or (Path(path).is_dir() and not weights):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        with torch.device("meta" if rank() > 0 else "cpu"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        with torch.device("meta" if rank() > 0 else "cpu"):  # fp32, whatever the config says
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                    trust_remote_code=trust_remote_code)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                 trust_remote_code=trust_remote_code)
 
@@ -679,15 +680,18 @@ class Tracker:
         if self.kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self.run = SummaryWriter(str(out), purge_step=step + 1)  # drops what followed the checkpoint
+            self.run = SummaryWriter(str(out), purge_step=step + 1 if step else 0)  # what followed: dropped
             self.run.add_text("args", json.dumps(config))
         elif self.kind != "none":
             self.run, run_id = importlib.import_module(self.kind), out / f"{self.kind}_run_id.txt"
             if self.kind == "wandb" and not run_id.exists():
                 run_id.write_text(self.run.util.generate_id())
             resumed = {"id": run_id.read_text(), "dir": str(out)} if self.kind == "wandb" else {}
-            self.run.init(project="minialign", name=args.run_name or out.name, config=config, resume="allow",
-                          **resumed)
+            self.run.init(project="minialign", name=args.run_name or out.name, config=config,
+                          resume="allow" if args.resume else "never", **resumed)
+            if self.kind == "wandb":  # plotted by the logged step: a resumed run relogs what followed
+                self.run.define_metric("step")
+                self.run.define_metric("*", step_metric="step", step_sync=True)
 
     def log(self, record: dict) -> None:
         step = record.get("step", record.get("iteration"))
@@ -695,7 +699,9 @@ class Tracker:
         if self.kind == "tensorboard":
             for k, v in numbers.items():
                 self.run.add_scalar(k, v, step)
-        elif self.kind != "none":
+        elif self.kind == "wandb":
+            self.run.log({"step": step, **numbers})
+        elif self.kind == "trackio":
             self.run.log(numbers, step=step)
 
     def finish(self, results: dict) -> None:
@@ -742,10 +748,13 @@ def create_output_dir(out: Path, args, device, dtype: str, resume_step: Optional
     """A new run writes args.json and its provenance; a resumed one drops the records after its checkpoint."""
     if rank() > 0:  # rank 0 writes
         return
-    if resume_step is not None:
+    if resume_step is not None:  # what followed the checkpoint is logged again (all of it, without one)
+        if not resume_step:
+            print(f"note: --resume: '{out}' has no complete checkpoint yet; starting from the beginning")
         log_file = out / "metrics.jsonl"
         records = [json.loads(line) for line in open(log_file)] if log_file.exists() else []
-        write_jsonl(log_file, [r for r in records if r.get("step", r.get("iteration")) <= resume_step])
+        steps = [r.get("step", r.get("iteration")) for r in records]
+        write_jsonl(log_file, [r for r, step in zip(records, steps) if resume_step and step <= resume_step])
         return
     import subprocess
     from importlib.metadata import version
@@ -772,7 +781,7 @@ def save_model(model, tokenizer, out: Path) -> None:
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank() > 0:
         return
-    for name in model.all_tied_weights_keys:  # a tied weight is saved once, as one process saves it
+    for name in model.all_tied_weights_keys:  # gathered copies of tied weights share no memory: saved once
         weights.pop(name, None)
     tmp = out / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -790,7 +799,11 @@ def save_checkpoint(models: list, optimizer, scheduler, out: Path, step: int, pr
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     folder = out / f"checkpoint-{step:06d}"  # counts once DCP writes .metadata, last: see last_checkpoint
-    folder.mkdir(exist_ok=True)
+    if rank() == 0:  # a save cut short may have left this folder half written
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+    if world_size() > 1:
+        torch.distributed.barrier()
     window = progress["window"]
     progress = {**progress, "window": dict(zip(window, summed(list(window.values()))))}
     if rank() == 0:
@@ -821,12 +834,12 @@ def restore(checkpoint: Path, models: list, optimizer, scheduler) -> tuple:
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=checkpoint)
     set_state_dict(modules, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    trainer = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    trainer = torch.load(checkpoint / "trainer_state.pt", weights_only=False, map_location="cpu")
     scheduler.load_state_dict(trainer["scheduler"])
     if rank() > 0:  # the window holds every process's rows: rank 0 alone keeps it
         trainer["progress"]["window"] = {}
     if (checkpoint / f"random-{rank()}.pt").exists():  # a process the saving run lacked keeps its seed
-        states = torch.load(checkpoint / f"random-{rank()}.pt")
+        states = torch.load(checkpoint / f"random-{rank()}.pt", map_location="cpu")
         torch.set_rng_state(states["torch"])
         if states["cuda"] is not None:
             torch.cuda.set_rng_state(states["cuda"])

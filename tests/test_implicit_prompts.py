@@ -35,11 +35,12 @@ def test_message_lists_split_after_their_common_messages():
     assert dpo.split_pair({"chosen": turns + chosen, "rejected": turns + rejected}) == (turns, chosen, rejected)
     two_replies = {"chosen": turns + chosen + turns[:1] + chosen, "rejected": turns + rejected + turns[:1] + chosen}
     assert dpo.split_pair(two_replies) is None  # more than one final assistant message after the split
+    assert dpo.split_pair({"chosen": chosen, "rejected": rejected}) is None  # nothing shared: no prompt
 
 
 def test_without_a_marker_the_split_is_at_a_word_boundary_and_rows_without_one_are_dropped(capsys):
     assert dpo.split_pair({"chosen": "The soup was hot", "rejected": "The soup was holy"}) == (
-        "The soup was ", "hot", "holy")  # never inside the word both sides start
+        "The soup was", " hot", " holy")  # never inside the word both sides start; the space with the reply
     assert dpo.split_pair({"chosen": "Same.", "rejected": "Same."}) is None
     assert dpo.split_pair({"chosen": "Short", "rejected": "Short and longer"}) is None
     kept = dpo.split_pairs(ROWS + [{"chosen": "Same.", "rejected": "Same."}], "rows")

@@ -82,8 +82,12 @@ class StandIn(types.ModuleType):
     def init(self, **kwargs):
         self.calls.append(("init", kwargs))
 
-    def log(self, record, step):
-        self.calls.append(("log", step, record))
+    def log(self, record, step=None):  # wandb's step is a logged value ("step"): resumed runs relog
+        record = dict(record)
+        self.calls.append(("log", step if step is not None else record.pop("step"), record))
+
+    def define_metric(self, name, **kwargs):
+        self.calls.append(("define_metric", name, kwargs))
 
     def finish(self):
         self.calls.append(("finish",))
@@ -95,8 +99,8 @@ def test_wandb_and_trackio_receive_the_records_the_config_and_the_summary(kind, 
     monkeypatch.setitem(sys.modules, kind, module)
     out = tmp_path / "run"
     results = sft.main(sft.Args(**TINY_SFT, max_steps=3, report_to=kind, output_dir=str(out)))
-    (_, init), *logs, finish = module.calls
-    assert init["project"] == "minialign" and init["name"] == "run" and init["resume"] == "allow"
+    (_, init), *logs, finish = [c for c in module.calls if c[0] != "define_metric"]
+    assert init["project"] == "minialign" and init["name"] == "run" and init["resume"] == "never"
     assert init["config"]["learning_rate"] == sft.Args().learning_rate and init["config"]["max_steps"] == 3
     assert ("id" in init) == (kind == "wandb")
     assert [(step, record) for _, step, record in logs] == [(r.pop("step"), r) for r in records(out)]
@@ -117,6 +121,8 @@ def test_a_resumed_wandb_run_continues_the_stored_run_under_a_new_name(tmp_path,
     sft.main(sft.Args(**{**args, "run_name": "renamed"}, resume=True))  # --run_name may change on resume
     inits = [c[1] for c in module.calls if c[0] == "init"]
     assert [i["id"] for i in inits] == ["run-id-1", "run-id-1"] and inits[1]["name"] == "renamed"
+    assert [i["resume"] for i in inits] == ["never", "allow"]
+    assert ("define_metric", "*", {"step_metric": "step", "step_sync": True}) in module.calls
     steps = [c[1] for c in module.calls if c[0] == "log"]
     assert steps == [1, 2, 3, 4, 3, 4]  # the resumed run logs again what followed its checkpoint
 
