@@ -38,6 +38,21 @@ def toy_prompts(split: str = "test") -> list:
     return [json.loads(line)["prompt"] for line in open(TOY / "data" / "prompts" / f"{split}.jsonl")]
 
 
+def prompt_file(path: Path) -> list:
+    """Writes 8 toy test prompts, the third made four times longer, to the .jsonl file `path`, and returns
+    the 6 a run keeps with --prompts_split train --num_prompts 7 --max_prompt_length 20 (each of these
+    off its default): the long one dropped, the eighth never read."""
+    import json
+
+    rows = toy_prompts("test")[10:18]
+    rows[2] = [{"role": "user", "content": " ".join([rows[2][0]["content"]] * 4)}]
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
+    return rows[:2] + rows[3:7]
+
+
+PROMPT_FILE_ARGS = dict(prompts_split="train", num_prompts=7, max_prompt_length=20)
+
+
 @torch.no_grad()
 def sample_responses(model_dir, prompts: list, seed: int = 0, temperature: float = 1.0,
                      max_new_tokens: int = 48) -> list:

@@ -35,6 +35,10 @@ RM_AT_EOS = WIRING + "reward_model_trains_on_the_score_at_the_eos_when_pad_is_eo
 PPO_MODELS = WIRING + "old_log_probs_reference_and_values_are_each_models_own"
 VAR_GROUPS = WIRING + "var_scores_every_response_under_every_prompt_and_trains_each_group_on_its_weights"
 DPO_LOGPS = WIRING + "dpo_feeds_the_loss_the_policys_and_the_references_log_probs"
+DERA_ROWS = "tests/test_dera.py::test_every_row_samples_its_own_setting_with_the_same_random_numbers"
+EXPO_ROWS = "tests/test_expo.py::test_every_row_samples_its_own_alpha_with_the_same_random_numbers"
+EVAL_KL = "(batch_logps(policy, batch, autocast, args.temperature)\n                     - batch_logps(ref_model,"
+EVAL_KL_SWAPPED = "(batch_logps(ref_model, batch, autocast, args.temperature)\n                     - batch_logps(policy,"
 PPO_RECOMPUTED = """            for _ in range(args.ppo_epochs):
                 with torch.no_grad():
                     old["logprobs"], _ = policy_logprobs(policy, mb, args.temperature, autocast)
@@ -131,6 +135,33 @@ MUTATIONS = [
              'with safe_open(aligned_dir / shard, framework="pt") as f:',
              "tests/test_expo.py::test_alpha_minus_1_gives_the_sft_weights_and_the_result_is_linear"),
     *[clip_off(script) for script in ("sft.py", "reward_model.py", "dpo.py", "var.py", "ppo.py")],
+    # issue 39's families: an option ignored, two roles swapped, a sweep without common random numbers, a
+    # mode right only at its trivial setting
+    Mutation("dera.py", "--top_k ignored by the sweep's decoder (every token kept)",
+             "args.temperature, args.top_k, args.top_p, stop_ids", "args.temperature, 0, args.top_p, stop_ids",
+             DERA_ROWS),
+    Mutation("dera.py", "one random stream for the whole sweep: each lambda's row draws other numbers",
+             "    generator = torch.Generator(device=device).manual_seed(args.seed)\n",
+             "    generator = None\n", DERA_ROWS),
+    Mutation("dera.py", "the reference and the aligned model swapped in main (the same at lambda 0.5)",
+             "decode_all(ref, aligned, lam, prompts,", "decode_all(aligned[0], [ref], lam, prompts,", DERA_ROWS),
+    Mutation("dera.py", "--mode weights combines the weights with the roles swapped (right at 0, 0.5 and 1)",
+             "combine_weights(ref, aligned, lam)", "combine_weights(aligned[0], [ref], lam)", DERA_ROWS),
+    Mutation("expo.py", "seeded once before the search: each alpha's samples draw other numbers",
+             "        torch.manual_seed(args.seed)\n        start = time.time()", "        start = time.time()",
+             EXPO_ROWS),
+    Mutation("expo.py", "the SFT and aligned checkpoints swapped in main",
+             "extrapolate_checkpoint(sft_dir, aligned_dir, alpha_dir,",
+             "extrapolate_checkpoint(aligned_dir, sft_dir, alpha_dir,", EXPO_ROWS),
+    *[Mutation(script, "the evaluation's log-ratio taken reference over policy (KL's sign flipped)", old, new,
+               f"{WIRING}evaluation_scores_each_sample_and_its_log_ratio_policy_over_reference[{script[:-3]}]")
+      for script, old, new in [("dpo.py", EVAL_KL, EVAL_KL_SWAPPED), ("var.py", EVAL_KL, EVAL_KL_SWAPPED),
+                               ("expo.py", EVAL_KL, EVAL_KL_SWAPPED),
+                               ("ppo.py", "((logprobs - ref_logprobs) * batch", "((ref_logprobs - logprobs) * batch")]],
+    Mutation("ppo.py", "every iteration's optimiser steps take the episodes in rollout order",
+             "order = torch.randperm(episodes_per_batch, device=device)",
+             "order = torch.arange(episodes_per_batch, device=device)",
+             WIRING + "each_iterations_steps_are_a_random_partition_of_its_episodes"),
 ]
 
 

@@ -110,3 +110,27 @@ def test_fill_blocks_replaces_only_the_blocks():
     assert report.blocks(text) == {"dera": "old"}
     empty = "<!-- benchmark:expo -->\n<!-- /benchmark:expo -->"  # a new block, not yet filled
     assert report.blocks(report.fill_blocks(empty, {"expo": "x"})) == {"expo": "x"}
+
+
+def test_every_run_of_a_seed_draws_that_seed_and_sweeps_differ_only_by_their_setting():
+    """Every planned run passes its seed (a run left at the default seed would share seed 0's random
+    numbers in every repeat), and the points of one sweep at one seed (runs named alike but for a
+    number) differ in one flag alone, their setting: two points of a curve differ by it, not by noise."""
+    import re
+
+    for seed in [0, 1, 2]:
+        sweeps = {}
+        for name, cmd in run.jobs_for_seed(seed, ["dera", "expo", "methods", "stability"], "benchmark/runs"):
+            options = {}
+            for token in cmd[1:]:  # --flag value [value ...]
+                if token.startswith("--"):
+                    options[key := token] = []
+                else:
+                    options[key].append(token)
+            assert options["--seed"] == [str(seed)], name
+            sweeps.setdefault((cmd[0], re.sub(r"[0-9.]+", "N", name)), []).append(options)
+        assert any(len(points) > 2 for points in sweeps.values())
+        for sweep, points in sweeps.items():
+            for point in points[1:]:
+                differing = {k for k in point.keys() | points[0].keys() if point.get(k) != points[0].get(k)}
+                assert len(differing) == 1, (sweep, differing)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dera
-from conftest import TOY, toy_prompts
+from conftest import PROMPT_FILE_ARGS, TOY, prompt_file, toy_prompts
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.3, 1.0, 2.5])
@@ -150,10 +150,38 @@ def test_toy_sweep_reward_rises_with_lambda(tmp_path):
     assert len(samples) == 3 * 96 and {s["lambda"] for s in samples} == {"0", "0.5", "1"}
 
 
-def test_weights_mode_runs_and_matches_at_the_endpoints(tmp_path):
-    results = dera.main(dera.Args(lambdas=[0.0, 1.0], mode="weights", num_prompts=32, max_new_tokens=48,
-                                  output_dir=str(tmp_path / "w")))
-    logits = dera.main(dera.Args(lambdas=[0.0, 1.0], num_prompts=32, max_new_tokens=48,
-                                 output_dir=str(tmp_path / "l")))
-    for a, b in zip(results["table"], logits["table"]):  # same seed, same distribution at lambda 0 and 1
-        assert a["eval/score"] == pytest.approx(b["eval/score"], abs=1e-3)
+def test_every_row_samples_its_own_setting_with_the_same_random_numbers(tmp_path):
+    """Each row of main's sweep is exactly what `decode_all` draws for that lambda alone from a fresh
+    generator: the same tokens and log-ratios. The roles are reversed (toy/dpo the reference, toy/sft
+    aligned), lambda 1 comes twice around 0.3, and every option is off its default (the prompts too, by
+    conftest.prompt_file), so that a generator shared across rows, a swap of the two models, or an
+    option left at its default shows.
+    Lambda 1 is the aligned model decoded alone; in --mode weights, 0.3 is the combined weights alone."""
+    tokenizer = dera.load_tokenizer(str(TOY / "sft"), False)
+    ref, aligned = (dera.load_model(str(TOY / name), False).eval() for name in ("dpo", "sft"))
+    stop_ids = dera.stop_token_ids(tokenizer, str(TOY / "sft"))
+    prompts = prompt_file(tmp_path / "prompts.jsonl")
+    settings = dict(ref=str(TOY / "dpo"), aligned=[str(TOY / "sft")], reward_model="none",
+                    prompts=str(tmp_path / "prompts.jsonl"), **PROMPT_FILE_ARGS, max_new_tokens=12,
+                    temperature=0.8, top_k=40, top_p=0.9, batch_size=4, seed=3)
+    for mode, lambdas in (("logits", [1.0, 0.3, 1.0]), ("weights", [0.3])):
+        args = dera.Args(**settings, mode=mode, lambdas=lambdas, output_dir=str(tmp_path / mode))
+        results = dera.main(args)
+        rows = [json.loads(line) for line in open(tmp_path / mode / "samples.jsonl")]
+        assert [r["lambda"] for r in results["table"]] == [f"{lam:g}" for lam in lambdas] and len(rows) == 6 * len(lambdas)
+        decode = lambda *models_and_lambdas: dera.decode_all(*models_and_lambdas, prompts, tokenizer, args, "cpu",
+                                                             stop_ids)
+        for k, lam in enumerate(lambdas):
+            row = rows[6 * k : 6 * (k + 1)]
+            samples, logratios, _ = decode(ref, [aligned], [lam])
+            if mode == "weights":  # the combined model, decoded alone
+                samples, _, _ = decode(dera.combine_weights(ref, [aligned], [lam]), [], [])
+            else:
+                assert [s["logratio"] for s in row] == pytest.approx(logratios, abs=1e-5)
+            if lam == 1.0:  # the aligned model, decoded alone
+                assert samples == decode(aligned, [], [])[0]
+            assert [s["prompt"] for s in row] == prompts and {s["score"] for s in row} == {None}
+            assert [s["response"] for s in row] == [tokenizer.decode(r, skip_special_tokens=True)
+                                                    for _, r, _ in samples], (mode, lam)
+        if mode == "logits":  # lambda 0.3 samples otherwise than lambda 1: the checks above can fail
+            assert [s["response"] for s in rows[:6]] != [s["response"] for s in rows[6:12]]

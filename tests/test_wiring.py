@@ -15,6 +15,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import dpo
+import expo
 import ppo
 import reward_model
 import sft
@@ -117,7 +118,8 @@ def ppo_record(tmp_path_factory):
     never reach their stop token), a learning rate large enough that the policy leaves pi_ref in one
     iteration; gamma, lambda and the clip off their defaults, so that a default in their place shows;
     a checkpoint after the first iteration, whose models the tests run themselves."""
-    record = {"iteration": 0, "rollouts": [], "eos": [], "kl": [], "gae": [], "loss": [], "value_loss": []}
+    record = {"iteration": 0, "rollouts": [], "steps": [], "eos": [], "kl": [], "gae": [], "loss": [],
+              "value_loss": []}
     real = {name: getattr(ppo, name) for name in ("rollout", "take", "eos_trick", "kl_penalized_rewards",
                                                   "compute_gae", "ppo_policy_loss", "ppo_value_loss")}
 
@@ -132,6 +134,7 @@ def ppo_record(tmp_path_factory):
         part = real["take"](batch, index)
         if batch is record["batch"]:  # a step's episodes out of the rollout (not a pass's slice)
             record["last_take"] = part
+            record["steps"].append(dict(iteration=record["iteration"], index=index.clone()))
         return part
 
     def eos_trick(scores, finished, penalty):
@@ -218,6 +221,18 @@ def test_ratio_is_taken_against_the_rollout_policy(ppo_record):
     assert len(seen) == 4 and any(call["iteration"] >= 2 for call in ppo_record["loss"])  # 2 x 2 minibatches
     assert len(later) == len(seen) * (ppo_record["args"].ppo_epochs - 1), "no epoch reused the old log-probs"
     assert all((r - 1).abs().max() > 1e-3 for r in later)
+
+
+def test_each_iterations_steps_are_a_random_partition_of_its_episodes(ppo_record):
+    """Two optimiser steps of 4 episodes per iteration of 8: together they hold every episode once, and
+    which episodes share a step is drawn anew (rollout order would put prompts' neighbours together)."""
+    partitions = []
+    for iteration in (1, 2):
+        steps = [s["index"].tolist() for s in ppo_record["steps"] if s["iteration"] == iteration]
+        assert [len(s) for s in steps] == [4, 4] and sorted(sum(steps, [])) == list(range(8))
+        partitions.append({frozenset(s) for s in steps})
+    assert partitions != [{frozenset(range(4)), frozenset(range(4, 8))}] * 2
+    assert partitions[0] != partitions[1]
 
 
 def test_scores_are_the_frozen_reward_models_at_each_stop_token(ppo_record):
@@ -449,3 +464,42 @@ def test_the_optimiser_steps_on_the_clipped_gradient(script, tmp_path):
               if "train/grad_norm" in r]
     assert grads and min(logged) > 1e-2  # armed
     assert max(g.norm().item() for g in grads) <= 1e-3 * (1 + 1e-4)
+
+
+@pytest.fixture(scope="module")
+def dpo_sft_rm():
+    """toy/dpo, toy/sft and toy/rm, loaded as the scripts load them, in eval mode."""
+    return [dpo.load_model(str(TOY / name), False, scalar=name == "rm").eval() for name in ("dpo", "sft", "rm")]
+
+
+@pytest.mark.parametrize("script", [dpo, var, ppo, expo])
+def test_evaluation_scores_each_sample_and_its_log_ratio_policy_over_reference(script, dpo_sft_rm, tmp_path):
+    """The end-of-run evaluation of every script that samples, with a policy that is not its reference
+    (toy/dpo over toy/sft) at T = 0.7: each sample's score is the reward model's at its stop token and
+    its log-ratio is log pi_T(y|x) - log pi_ref,T(y|x), as the test's own forwards give them. The two
+    models swapped, or the reward read from the policy's side, would show."""
+    tok = AutoTokenizer.from_pretrained(TOY / "sft")
+    policy, ref, rm = dpo_sft_rm
+    prompts = [r["prompt"] for r in read_jsonl(TOY / "data" / "prompts" / "test.jsonl")[:4]]
+    field = "eval_temperature" if script is ppo else "temperature"
+    args = script.Args(**{field: 0.7}, max_new_tokens=10, batch_size=2, seed=3)
+    stop_ids, cpu = script.stop_token_ids(tok, str(TOY / "sft")), torch.autocast("cpu", enabled=False)
+    evaluate = ppo.evaluate if script is ppo else script.evaluate_samples
+    if script is expo:
+        torch.manual_seed(args.seed)
+        _, rows = evaluate(policy, ref, rm, tok, prompts, args, "cpu", cpu, stop_ids)
+    else:
+        evaluate(policy, ref, rm, tok, prompts, args, "cpu", cpu, stop_ids, tmp_path / "samples.jsonl")
+        rows = read_jsonl(tmp_path / "samples.jsonl")
+    assert [r["prompt"] for r in rows] == prompts
+    for prompt, row in zip(prompts, rows):
+        prompt_ids = tok(tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"]
+        response_ids = tok(row["response"], add_special_tokens=False)["input_ids"]
+        response_ids += [tok.eos_token_id] if row["finished"] else []
+        assert len(response_ids) == row["length"]  # the text reads back as the sampled tokens
+        expected = (token_logprobs(policy, prompt_ids, response_ids, 0.7).sum()
+                    - token_logprobs(ref, prompt_ids, response_ids, 0.7).sum()).item()
+        assert row["logratio"] == pytest.approx(expected, abs=1e-4)
+        assert row["score"] == pytest.approx(reward(rm, prompt_ids + response_ids), abs=1e-4)
+    assert sum(r["logratio"] for r in rows) > 0.5  # toy/dpo has moved away from toy/sft
