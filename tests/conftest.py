@@ -50,6 +50,20 @@ def prompt_file(path: Path) -> list:
     return rows[:2] + rows[3:7]
 
 
+@pytest.fixture(scope="session")
+def doubled_rm(tmp_path_factory) -> str:
+    """toy/rm with its score head doubled: a reward model other than every default, its scores known."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("doubled_rm")
+    model = AutoModelForSequenceClassification.from_pretrained(TOY / "rm")
+    with torch.no_grad():
+        model.score.weight.mul_(2)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(TOY / "rm").save_pretrained(path)
+    return str(path)
+
+
 PROMPT_FILE_ARGS = dict(prompts_split="train", num_prompts=7, max_prompt_length=20)
 
 

@@ -137,6 +137,13 @@ MUTATIONS = [
     *[clip_off(script) for script in ("sft.py", "reward_model.py", "dpo.py", "var.py", "ppo.py")],
     # issue 39's families: an option ignored, two roles swapped, a sweep without common random numbers, a
     # mode right only at its trivial setting
+    Mutation("sft.py", "--adam_betas ignored: AdamW built with its default betas",
+             "betas=args.adam_betas, eps=eps,", "eps=eps,",
+             "tests/test_options.py::test_the_optimiser_steps_with_the_options_schedule[sft]"),
+    Mutation("var.py", "--normalizer ignored by the weights (the reward normaliser whatever is asked)",
+             "var_weights(rewards, args.beta, args.normalizer, ref_logps",
+             'var_weights(rewards, args.beta, "reward", ref_logps',
+             "tests/test_options.py::test_the_methods_own_options_land[var]"),
     Mutation("dera.py", "--top_k ignored by the sweep's decoder (every token kept)",
              "args.temperature, args.top_k, args.top_p, stop_ids", "args.temperature, 0, args.top_p, stop_ids",
              DERA_ROWS),

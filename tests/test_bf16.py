@@ -141,7 +141,7 @@ def test_every_trainer_runs_end_to_end_in_bf16(script, changes, tmp_path):
     assert losses and all(torch.isfinite(torch.tensor(x)) for x in losses)
     assert all(torch.isfinite(torch.tensor(v)) for k, v in results.items() if isinstance(v, float))
     assert saved_dtypes(out) == {"F32"}
-    assert json.load(open(out / "args.json"))["dtype"] == "bfloat16"
+    assert json.load(open(out / "args.json"))["run"]["dtype"] == "bfloat16"  # what the run resolved
     if script is not reward_model:
         assert len([json.loads(line) for line in open(out / "samples.jsonl")]) == 4
 
@@ -158,3 +158,5 @@ def test_dera_and_expo_run_in_bf16(tmp_path):
     results = expo.main(expo.Args(**BF16, alphas=[0.0, 0.5], num_prompts=4, max_new_tokens=16,
                                   output_dir=str(tmp_path / "expo")))
     assert results["best_alpha"] in (0.0, 0.5)
+    for script in ("dera", "expo"):  # the dtype the runs resolved and loaded their models in
+        assert json.load(open(tmp_path / script / "args.json"))["run"]["dtype"] == "bfloat16"

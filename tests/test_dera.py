@@ -168,9 +168,11 @@ def test_every_row_samples_its_own_setting_with_the_same_random_numbers(tmp_path
         args = dera.Args(**settings, mode=mode, lambdas=lambdas, output_dir=str(tmp_path / mode))
         results = dera.main(args)
         rows = [json.loads(line) for line in open(tmp_path / mode / "samples.jsonl")]
-        assert [r["lambda"] for r in results["table"]] == [f"{lam:g}" for lam in lambdas] and len(rows) == 6 * len(lambdas)
-        decode = lambda *models_and_lambdas: dera.decode_all(*models_and_lambdas, prompts, tokenizer, args, "cpu",
-                                                             stop_ids)
+        assert [r["lambda"] for r in results["table"]] == [f"{lam:g}" for lam in lambdas]
+        assert len(rows) == 6 * len(lambdas)
+
+        def decode(ref, aligned, lam):
+            return dera.decode_all(ref, aligned, lam, prompts, tokenizer, args, "cpu", stop_ids)
         for k, lam in enumerate(lambdas):
             row = rows[6 * k : 6 * (k + 1)]
             samples, logratios, _ = decode(ref, [aligned], [lam])

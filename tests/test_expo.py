@@ -197,38 +197,33 @@ def test_alpha_search_on_the_toy(tmp_path):
         assert torch.equal(state[name], expo.extrapolate(sft[name], dpo[name], results["best_alpha"])), name
 
 
-def test_every_row_samples_its_own_alpha_with_the_same_random_numbers(tmp_path):
+def test_every_row_samples_its_own_alpha_with_the_same_random_numbers(doubled_rm, tmp_path):
     """Each row of main's search is exactly what `evaluate_samples` draws from that alpha's weights alone,
     seeded afresh: the same responses, scores and log-ratios to the aligned model. toy/dpo plays the SFT
     model and toy/sft the aligned one, the reward model's head is doubled, alpha 0 comes twice around
     0.4, and every option is off its default (the prompts too, by conftest.prompt_file): a seed drawn
-    once for the whole search, the two checkpoints swapped, or an option left at its default would show. Alpha 0 is the aligned checkpoint."""
-    from transformers import AutoModelForSequenceClassification
-
+    once for the whole search, the two checkpoints swapped, or an option left at its default would
+    show. Alpha 0 is the aligned checkpoint."""
     prompts = prompt_file(tmp_path / "prompts.jsonl")
-    rm = AutoModelForSequenceClassification.from_pretrained(TOY / "rm")
-    with torch.no_grad():
-        rm.score.weight.mul_(2)
-    rm.save_pretrained(tmp_path / "rm")
-    expo.load_tokenizer(str(TOY / "rm"), False).save_pretrained(tmp_path / "rm")
-    args = expo.Args(sft=str(TOY / "dpo"), aligned=str(TOY / "sft"), reward_model=str(tmp_path / "rm"),
+    args = expo.Args(sft=str(TOY / "dpo"), aligned=str(TOY / "sft"), reward_model=doubled_rm,
                      alphas=(0.0, 0.4, 0.0), prompts=str(tmp_path / "prompts.jsonl"), **PROMPT_FILE_ARGS,
-                     max_new_tokens=12, temperature=0.8, batch_size=4, seed=3, output_dir=str(tmp_path / "run"))
+                     max_new_tokens=12, temperature=0.8, batch_size=4, seed=3,
+                     output_dir=str(tmp_path / "run"))
     expo.main(args)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "samples.jsonl")]
     assert len(rows) == 18
     tokenizer = expo.load_tokenizer(str(TOY / "sft"), False)
     stop_ids = expo.stop_token_ids(tokenizer, str(TOY / "sft"))
     aligned, reward_model = (expo.load_model(str(path), False, scalar=scalar).eval()
-                             for path, scalar in ((TOY / "sft", False), (tmp_path / "rm", True)))
+                             for path, scalar in ((TOY / "sft", False), (doubled_rm, True)))
     theta_0, theta_1 = (expo.load_model(str(TOY / name), False).state_dict() for name in ("dpo", "sft"))
     expected = {}
     for alpha in set(args.alphas):
         policy = expo.load_model(str(TOY / "sft"), False).eval()
-        policy.load_state_dict({name: expo.extrapolate(theta_0[name], theta_1[name], alpha) for name in theta_1})
+        policy.load_state_dict({k: expo.extrapolate(theta_0[k], theta_1[k], alpha) for k in theta_1})
         torch.manual_seed(args.seed)
-        expected[alpha] = expo.evaluate_samples(policy, aligned, reward_model, tokenizer, prompts, args, "cpu",
-                                                torch.autocast("cpu", enabled=False), stop_ids)[1]
+        expected[alpha] = expo.evaluate_samples(policy, aligned, reward_model, tokenizer, prompts, args,
+                                                "cpu", torch.autocast("cpu", enabled=False), stop_ids)[1]
     for k, alpha in enumerate(args.alphas):
         for got, want in zip(rows[6 * k : 6 * (k + 1)], expected[alpha], strict=True):
             assert got["alpha"] == alpha and got["prompt"] == want["prompt"]

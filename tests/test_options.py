@@ -7,6 +7,7 @@ fails a test, here or elsewhere."""
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ import ppo
 import reward_model
 import sft
 import var
-from conftest import TOY
+from conftest import TOY, prompt_file
+from test_tracking import StandIn
 
 
 def rows_with_long_ones(path, n: int, long_at=(0, 3)) -> list:
@@ -37,8 +39,9 @@ def data(tmp_path_factory):
     folders = {}
     for name in ("sft", "prefs", "prompts"):
         folders[name] = folder = tmp_path_factory.mktemp(name)
+        held_out = [json.loads(line) for line in open(TOY / "data" / name / "test.jsonl")][:5]
         for split, rows in (("train", rows_with_long_ones(TOY / "data" / name / "train.jsonl", 11)),
-                            ("validation", [json.loads(line) for line in open(TOY / "data" / name / "test.jsonl")][:5])):
+                            ("validation", held_out)):
             (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {name: str(folder) for name, folder in folders.items()}
 
@@ -54,8 +57,8 @@ DATA = dict(train_split="train[1:]", eval_split="validation", max_length=128, ma
     (reward_model, "prefs", DATA, {"train/pairs": 7, "eval/pairs": 3, "train/steps": 4}),
     (dpo, "prefs", DATA, {"train/pairs": 7, "eval/pairs": 3, "train/steps": 4}),
     # rows 2-10, one too long: 8 chosen responses make 2 groups of 3; 3 epochs of 2, 2 per step: 3 steps
-    (var, "prefs", dict(train_split="train[2:]", max_length=128, responses="chosen", batch_size=3, num_epochs=3,
-                        gradient_accumulation_steps=2), {"train/groups": 2, "train/steps": 3}),
+    (var, "prefs", dict(train_split="train[2:]", max_length=128, responses="chosen", batch_size=3,
+                        num_epochs=3, gradient_accumulation_steps=2), {"train/groups": 2, "train/steps": 3}),
     # prompts 0-8, two too long: 7; 2 iterations of 4 prompts x 2 rollouts, each 2 steps of 2 x 2 episodes
     # (b x g), 2 epochs: 8 steps
     (ppo, "prompts", dict(train_split="train[:9]", eval_split="validation", num_eval_prompts=3,
@@ -79,30 +82,41 @@ def schedule(step: int, total: int, warmup: int, shape: str, floor: float = 0.0)
 
 
 # One short run each: 5 optimiser steps, warmup 0.4 (2 steps), logs, evaluations and checkpoints every 2.
-LOOP = dict(max_steps=5, max_train_samples=16, batch_size=2, learning_rate=3e-4, adam_betas=(0.8, 0.9), weight_decay=0.05,
-            warmup_ratio=0.4, log_every=2, save_every=2, seed=5, gradient_checkpointing=True)
-RUNS = {
-    "sft": (sft, dict(LOOP, model=str(TOY / "sft"), eval_every=2, lr_schedule="cosine", max_eval_samples=4,
-                      num_samples=3, max_new_tokens=6, temperature=1e-4), "cosine", 0.0),
-    "reward_model": (reward_model, dict(LOOP, eval_every=2, final_lr_ratio=0.3, max_eval_samples=4), "linear",
-                     0.3),
-    "dpo": (dpo, dict(LOOP, eval_every=2, max_eval_samples=4, reward_model="none"), "linear", 0.0),
-    "var": (var, dict({k: v for k, v in LOOP.items() if k != "max_train_samples"}, train_split="train[:16]",
-                      eval_prompts="none"), "cosine", 0.0),
-    # 5 iterations of 2 episodes, one optimiser step each; the value loss weighed 0 (the value model
-    # gets no gradient)
-    "ppo": (ppo, dict({k: v for k, v in LOOP.items() if k not in ("max_steps", "max_train_samples")},
-                      total_episodes=10, minibatch_size=2, max_new_tokens=6, adam_eps=1e-6, vf_coef=0.0,
-                      eval_split=None), "constant", 0.0),
-}
+LOOP = dict(max_steps=5, max_train_samples=16, batch_size=2, learning_rate=3e-4, adam_betas=(0.8, 0.9),
+            weight_decay=0.05, warmup_ratio=0.4, log_every=2, save_every=2, seed=5,
+            gradient_checkpointing=True, report_to="wandb", run_name="every-option")  # wandb: tests/test_tracking.py's stand-in
+NAMES = ["sft", "reward_model", "dpo", "var", "ppo"]
+WATCH = {"var": ("var_weights", "score")}  # functions whose calls a run records
 
 
-@pytest.fixture(scope="module", params=list(RUNS))
-def loop_run(request, tmp_path_factory):
-    """A run of RUNS, with what the optimiser held at each step and the models it trained."""
-    script, changes, shape, floor = RUNS[request.param]
-    out = tmp_path_factory.mktemp(request.param) / "run"
-    steps, models, saved = [], [], []
+def settings(name: str, rm: str, prompts: str) -> tuple:
+    """(script, its Args off their defaults, the schedule's shape and floor) of a run; `rm` and `prompts`
+    are a reward model and a prompt file other than the defaults (conftest's doubled_rm, prompt_file)."""
+    samples = dict(reward_model=rm, eval_prompts=prompts, eval_prompts_split="train", num_eval_prompts=7,
+                   max_prompt_length=20, max_new_tokens=6, temperature=0.8, sample_every=2)
+    no_steps = {k: v for k, v in LOOP.items() if k not in ("max_steps", "max_train_samples")}
+    return {
+        "sft": (sft, dict(LOOP, model=str(TOY / "sft"), eval_every=2, lr_schedule="cosine",
+                          max_eval_samples=4, num_samples=3, max_new_tokens=6, temperature=1e-4), "cosine", 0.0),
+        "reward_model": (reward_model, dict(LOOP, eval_every=2, final_lr_ratio=0.3, max_eval_samples=4),
+                         "linear", 0.3),
+        # IPO at beta 0.2: steps 1 and 2 are at the reference (the first one's learning rate is 0)
+        "dpo": (dpo, dict(LOOP, **samples, eval_every=2, max_eval_samples=4, loss_type="ipo", beta=0.2),
+                "linear", 0.0),
+        "var": (var, dict(no_steps, **samples, max_steps=5, train_split="train[:16]", beta=0.4,
+                          normalizer="ref", score_batch_size=3), "cosine", 0.0),
+        # 5 iterations of 2 episodes, one optimiser step each; the value loss weighed 0 (the value model
+        # gets no gradient)
+        "ppo": (ppo, dict(no_steps, total_episodes=10, minibatch_size=2, max_new_tokens=6, adam_eps=1e-6,
+                          vf_coef=0.0, eval_split=None), "constant", 0.0),
+    }[name]
+
+
+def run(name: str, out, rm: str, prompts: str) -> dict:
+    """A run of `settings`, with what the optimiser held at each step, the models it trained, the steps it
+    checkpointed and its records (PPO's iterations as steps)."""
+    script, changes, shape, floor = settings(name, rm, prompts)
+    steps, models, saved, calls = [], [], [], {name: [] for name in WATCH.get(name, ())}
 
     def before_step(optimizer, args, kwargs):
         value_grads = [p.grad for p in models[-1].parameters()] if script is ppo else []
@@ -116,38 +130,64 @@ def loop_run(request, tmp_path_factory):
     def save_checkpoint(models, optimizer, scheduler, out, step, progress):
         saved.append(step)
         return real_save(models, optimizer, scheduler, out, step, progress)
-    hook = register_optimizer_step_pre_hook(before_step)
+    def watch(function, calls):
+        return lambda *args, **kwargs: calls.append(args) or function(*args, **kwargs)
+    hook, tracker = register_optimizer_step_pre_hook(before_step), StandIn("wandb")
     with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "wandb", tracker)
         patch.setattr(script, "start_training", start_training)
         patch.setattr(script, "save_checkpoint", save_checkpoint)
+        for function in calls:
+            patch.setattr(script, function, watch(getattr(script, function), calls[function]))
         try:
             script.main(script.Args(**changes, output_dir=str(out)))
         finally:
             hook.remove()
-    records = [{"step": r.get("step", r.get("iteration")), **r} for r in map(json.loads, open(out / "metrics.jsonl"))]
-    return dict(name=request.param, script=script, changes=changes, shape=shape, floor=floor, out=out, steps=steps, models=models,
-                records=records, saved=saved)
+    records = [{"step": r.get("iteration"), **r} for r in map(json.loads, open(out / "metrics.jsonl"))]
+    return dict(script=script, changes=changes, shape=shape, floor=floor, out=out, steps=steps, models=models,
+                records=records, saved=saved, calls=calls, tracked=tracker.calls)
 
 
-def test_the_optimiser_steps_with_the_options_schedule(loop_run):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, doubled_rm):
+    """runs(name): the run by that name, run once."""
+    prompts = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    kept, done = prompt_file(prompts), {}
+
+    def get(name):
+        if name not in done:
+            done[name] = run(name, tmp_path_factory.mktemp(name) / "run", doubled_rm, str(prompts))
+            done[name]["prompts"], done[name]["rm"] = kept, doubled_rm
+        return done[name]
+    return get
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_optimiser_steps_with_the_options_schedule(name, runs):
+    loop_run = runs(name)
     changes, steps = loop_run["changes"], loop_run["steps"]
     assert len(steps) == 5
     warmup = int(changes["warmup_ratio"] * len(steps))
     for k, group in enumerate(steps):
-        expected = changes["learning_rate"] * schedule(k, len(steps), warmup, loop_run["shape"], loop_run["floor"])
-        assert group["lr"] == pytest.approx(expected, abs=1e-12), k
+        factor = schedule(k, len(steps), warmup, loop_run["shape"], loop_run["floor"])
+        assert group["lr"] == pytest.approx(changes["learning_rate"] * factor, abs=1e-12), k
         assert group["betas"] == changes["adam_betas"] and group["weight_decay"] == changes["weight_decay"]
         assert group["eps"] == changes.get("adam_eps", 1e-8)
         assert all(g is None or not g.any() for g in group["value_grads"])  # PPO's --vf_coef 0
     assert all(m.is_gradient_checkpointing for m in loop_run["models"])
 
 
-def test_logs_evaluations_and_checkpoints_come_at_the_options_steps(loop_run):
+@pytest.mark.parametrize("name", NAMES)
+def test_logs_evaluations_and_checkpoints_come_at_the_options_steps(name, runs):
+    loop_run = runs(name)
     records, changes = loop_run["records"], loop_run["changes"]
     assert [r["step"] for r in records if "train/lr" in r] == [2, 4, 5]
     if "eval_every" in changes:  # (and at the end, into metrics.jsonl or eval.json alone)
         assert [r["step"] for r in records if "eval/loss" in r and r["step"] < 5] == [2, 4]
     assert loop_run["saved"] == [2, 4]  # none at the end: the final model is saved instead
+    inits = [call[1] for call in loop_run["tracked"] if call[0] == "init"]
+    assert [init["name"] for init in inits] == ["every-option"]
+    assert [call[1] for call in loop_run["tracked"] if call[0] == "log"] == [r["step"] for r in records]
 
 
 def sft_samples_follow_the_sampling_options(run):
@@ -166,8 +206,67 @@ def sft_samples_follow_the_sampling_options(run):
         assert sample["response"] == tok.decode(greedy, skip_special_tokens=True)
 
 
-METHOD_CHECKS = {"sft": sft_samples_follow_the_sampling_options}
+def samples_are_the_final_policys(run):
+    """Before training, every 2 steps and at the end, the samples of the options' prompts (the prompt
+    file's 7, one too long), at their length and temperature, scored by the doubled reward model: the
+    end's are exactly what evaluate_samples gives for the saved policy, seeded by --seed."""
+    script, out, changes = run["script"], run["out"], run["changes"]
+    assert [r["step"] for r in run["records"] if "eval/score" in r] == [0, 2, 4]
+    policy, ref = (script.load_model(str(path), False).eval() for path in (out, TOY / "sft"))
+    rm = script.load_model(run["rm"], False, scalar=True).eval()
+    tok = script.load_tokenizer(str(out), False)
+    script.evaluate_samples(policy, ref, rm, tok, run["prompts"], script.Args(**changes), "cpu",
+                            torch.autocast("cpu", enabled=False), script.stop_token_ids(tok, str(out)),
+                            out / "again.jsonl")
+    rows, again = ([json.loads(line) for line in open(out / f)] for f in ("samples.jsonl", "again.jsonl"))
+    assert [r["prompt"] for r in rows] == run["prompts"]
+    assert [r["response"] for r in rows] == [r["response"] for r in again]
+    for key in ("score", "logratio"):
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in again], abs=1e-5)
 
 
-def test_the_methods_own_options_land(loop_run):
-    METHOD_CHECKS.get(loop_run["name"], lambda run: None)(loop_run)
+def dpo_options_land(run):
+    """IPO's loss at the reference is (1 / (2 beta))^2 (log 2 for DPO's): steps 1 and 2 are there."""
+    first = next(r for r in run["records"] if "train/loss" in r)
+    assert first["step"] == 2 and first["train/loss"] == pytest.approx((1 / (2 * 0.2)) ** 2, rel=1e-4)
+    samples_are_the_final_policys(run)
+
+
+def var_options_land(run):
+    """var_weights gets --beta and --normalizer ref with pi_ref's log-probs; each group of 2 is scored in
+    calls of --score_batch_size 3 (its 4 prompt-response pairs: 3, then 1)."""
+    assert {(beta, normalizer) for _, beta, normalizer, _ in run["calls"]["var_weights"]} == {(0.4, "ref")}
+    assert all(torch.isfinite(ref_logps).all() for *_, ref_logps in run["calls"]["var_weights"])
+    assert [input_ids.shape[0] for _, input_ids, _ in run["calls"]["score"][:2]] == [3, 1]
+    samples_are_the_final_policys(run)
+
+
+METHOD_CHECKS = {"sft": sft_samples_follow_the_sampling_options, "dpo": dpo_options_land,
+                 "var": var_options_land}
+
+
+@pytest.mark.parametrize("name", list(METHOD_CHECKS))
+def test_the_methods_own_options_land(name, runs):
+    METHOD_CHECKS[name](runs(name))
+
+
+TINY = {  # one optimiser step on a few toy rows
+    "sft": dict(max_steps=1, batch_size=2, max_train_samples=8, eval_split=None, num_samples=0),
+    "reward_model": dict(max_steps=1, batch_size=2, max_train_samples=8, eval_split=None),
+    "dpo": dict(max_steps=1, batch_size=2, max_train_samples=8, eval_split=None, reward_model="none"),
+    "var": dict(max_steps=1, batch_size=2, train_split="train[:8]", eval_prompts="none"),
+    "ppo": dict(total_episodes=2, batch_size=2, minibatch_size=2, max_new_tokens=4, eval_split=None),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_seed_draws_the_run(name, tmp_path):
+    """Seeds 1 and 2 log different first steps: the rows drawn (and the reward model's new head, PPO's
+    rollouts). A seed read nowhere would give both the default's."""
+    script = dict(sft=sft, reward_model=reward_model, dpo=dpo, var=var, ppo=ppo)[name]
+    first = []
+    for seed in (1, 2):
+        script.main(script.Args(**TINY[name], seed=seed, log_every=1, output_dir=str(tmp_path / str(seed))))
+        record = json.loads(open(tmp_path / str(seed) / "metrics.jsonl").readline())
+        first.append({k: v for k, v in record.items() if not k.startswith("perf/")})
+    assert first[0] != first[1]

@@ -116,7 +116,8 @@ def step_gradients(script, out, **changes) -> list:
 def ppo_record(tmp_path_factory):
     """Two iterations of 8 episodes, minibatches of 4, two PPO epochs, responses cut at 8 tokens (most
     never reach their stop token), a learning rate large enough that the policy leaves pi_ref in one
-    iteration; gamma, lambda and the clip off their defaults, so that a default in their place shows;
+    iteration; gamma, lambda, the clip, the temperature and the missing-EOS penalty off their defaults,
+    so that a default in their place shows;
     a checkpoint after the first iteration, whose models the tests run themselves."""
     record = {"iteration": 0, "rollouts": [], "steps": [], "eos": [], "kl": [], "gae": [], "loss": [],
               "value_loss": []}
@@ -170,7 +171,7 @@ def ppo_record(tmp_path_factory):
         patch.setattr(ppo, name, fn)
     args = ppo.Args(total_episodes=16, batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=8,
                     eval_split=None, learning_rate=1e-3, warmup_ratio=0.0, beta=0.5, gamma=0.99, lam=0.9,
-                    clip=0.15, log_every=1, save_every=1,
+                    clip=0.15, temperature=0.9, missing_eos_penalty=-7.0, log_every=1, save_every=1,
                     output_dir=str(tmp_path_factory.mktemp("ppo") / "run"))
     try:
         ppo.main(args)
@@ -469,20 +470,21 @@ def test_the_optimiser_steps_on_the_clipped_gradient(script, tmp_path):
 @pytest.fixture(scope="module")
 def dpo_sft_rm():
     """toy/dpo, toy/sft and toy/rm, loaded as the scripts load them, in eval mode."""
-    return [dpo.load_model(str(TOY / name), False, scalar=name == "rm").eval() for name in ("dpo", "sft", "rm")]
+    return [dpo.load_model(str(TOY / name), False, scalar=name == "rm").eval()
+            for name in ("dpo", "sft", "rm")]
 
 
 @pytest.mark.parametrize("script", [dpo, var, ppo, expo])
 def test_evaluation_scores_each_sample_and_its_log_ratio_policy_over_reference(script, dpo_sft_rm, tmp_path):
     """The end-of-run evaluation of every script that samples, with a policy that is not its reference
-    (toy/dpo over toy/sft) at T = 0.7: each sample's score is the reward model's at its stop token and
+    (toy/dpo over toy/sft) at T = 0.6 (PPO's --eval_temperature): each sample's score is the reward model's at its stop token and
     its log-ratio is log pi_T(y|x) - log pi_ref,T(y|x), as the test's own forwards give them. The two
     models swapped, or the reward read from the policy's side, would show."""
     tok = AutoTokenizer.from_pretrained(TOY / "sft")
     policy, ref, rm = dpo_sft_rm
     prompts = [r["prompt"] for r in read_jsonl(TOY / "data" / "prompts" / "test.jsonl")[:4]]
     field = "eval_temperature" if script is ppo else "temperature"
-    args = script.Args(**{field: 0.7}, max_new_tokens=10, batch_size=2, seed=3)
+    args = script.Args(**{field: 0.6}, max_new_tokens=10, batch_size=2, seed=3)
     stop_ids, cpu = script.stop_token_ids(tok, str(TOY / "sft")), torch.autocast("cpu", enabled=False)
     evaluate = ppo.evaluate if script is ppo else script.evaluate_samples
     if script is expo:
@@ -498,8 +500,8 @@ def test_evaluation_scores_each_sample_and_its_log_ratio_policy_over_reference(s
         response_ids = tok(row["response"], add_special_tokens=False)["input_ids"]
         response_ids += [tok.eos_token_id] if row["finished"] else []
         assert len(response_ids) == row["length"]  # the text reads back as the sampled tokens
-        expected = (token_logprobs(policy, prompt_ids, response_ids, 0.7).sum()
-                    - token_logprobs(ref, prompt_ids, response_ids, 0.7).sum()).item()
+        expected = (token_logprobs(policy, prompt_ids, response_ids, 0.6).sum()
+                    - token_logprobs(ref, prompt_ids, response_ids, 0.6).sum()).item()
         assert row["logratio"] == pytest.approx(expected, abs=1e-4)
         assert row["score"] == pytest.approx(reward(rm, prompt_ids + response_ids), abs=1e-4)
     assert sum(r["logratio"] for r in rows) > 0.5  # toy/dpo has moved away from toy/sft
