@@ -123,6 +123,7 @@ def test_dpo_starts_at_zero_implicit_rewards_and_saves_fp32(tmp_path):
     rewards = torch.cat([0.1 * (calls[0][0] - calls[0][2]), 0.1 * (calls[0][1] - calls[0][3])])
     assert rewards.abs().max() < 0.02, rewards
     assert saved_dtypes(tmp_path / "dpo") == {"F32"}
+    assert json.load(open(tmp_path / "dpo" / "args.json"))["run"]["dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize("script, changes", [
@@ -148,6 +149,7 @@ def test_every_trainer_runs_end_to_end_in_bf16(script, changes, tmp_path):
 
 def test_ppo_saves_fp32_after_bf16(ppo_bf16):
     assert saved_dtypes(ppo_bf16["out"]) == {"F32"}
+    assert json.load(open(ppo_bf16["out"] / "args.json"))["run"]["dtype"] == "bfloat16"
 
 
 def test_dera_and_expo_run_in_bf16(tmp_path):

@@ -8,6 +8,7 @@ fails a test, here or elsewhere."""
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,10 +82,11 @@ def schedule(step: int, total: int, warmup: int, shape: str, floor: float = 0.0)
     return floor + (1 - floor) * decay
 
 
-# One short run each: 5 optimiser steps, warmup 0.4 (2 steps), logs, evaluations and checkpoints every 2.
+# One short run each: 5 optimiser steps, warmup 0.4 (2 steps), logs, evaluations and checkpoints every 2;
+# wandb is tests/test_tracking.py's stand-in.
 LOOP = dict(max_steps=5, max_train_samples=16, batch_size=2, learning_rate=3e-4, adam_betas=(0.8, 0.9),
             weight_decay=0.05, warmup_ratio=0.4, log_every=2, save_every=2, seed=5,
-            gradient_checkpointing=True, report_to="wandb", run_name="every-option")  # wandb: tests/test_tracking.py's stand-in
+            gradient_checkpointing=True, report_to="wandb", run_name="every-option")
 NAMES = ["sft", "reward_model", "dpo", "var", "ppo"]
 WATCH = {"var": ("var_weights", "score")}  # functions whose calls a run records
 
@@ -96,19 +98,24 @@ def settings(name: str, rm: str, prompts: str) -> tuple:
                    max_prompt_length=20, max_new_tokens=6, temperature=0.8, sample_every=2)
     no_steps = {k: v for k, v in LOOP.items() if k not in ("max_steps", "max_train_samples")}
     return {
-        "sft": (sft, dict(LOOP, model=str(TOY / "sft"), eval_every=2, lr_schedule="cosine",
-                          max_eval_samples=4, num_samples=3, max_new_tokens=6, temperature=1e-4), "cosine", 0.0),
+        "sft": (sft, dict(LOOP, model=str(TOY / "sft"), eval_every=2, lr_schedule="cosine", max_eval_samples=4,
+                          num_samples=3, max_new_tokens=6, temperature=1e-4),
+                "cosine", 0.0),
         "reward_model": (reward_model, dict(LOOP, eval_every=2, final_lr_ratio=0.3, max_eval_samples=4),
                          "linear", 0.3),
         # IPO at beta 0.2: steps 1 and 2 are at the reference (the first one's learning rate is 0)
         "dpo": (dpo, dict(LOOP, **samples, eval_every=2, max_eval_samples=4, loss_type="ipo", beta=0.2),
                 "linear", 0.0),
-        "var": (var, dict(no_steps, **samples, max_steps=5, train_split="train[:16]", beta=0.4,
-                          normalizer="ref", score_batch_size=3), "cosine", 0.0),
-        # 5 iterations of 2 episodes, one optimiser step each; the value loss weighed 0 (the value model
-        # gets no gradient)
+        # toy/dpo trained against toy/sft
+        "var": (var, dict(no_steps, **samples, max_steps=5, train_split="train[:16]", model=str(TOY / "dpo"),
+                          ref=str(TOY / "sft"), beta=0.4, normalizer="ref", score_batch_size=3),
+                "cosine", 0.0),
+        # toy/dpo trained against toy/sft: 5 iterations of 2 episodes, one optimiser step each; the value
+        # loss weighed 0 (the value model gets no gradient)
         "ppo": (ppo, dict(no_steps, total_episodes=10, minibatch_size=2, max_new_tokens=6, adam_eps=1e-6,
-                          vf_coef=0.0, eval_split=None), "constant", 0.0),
+                          vf_coef=0.0, model=str(TOY / "dpo"), ref=str(TOY / "sft"), reward_model=rm,
+                          value_model=str(TOY / "rm"), num_eval_prompts=4, eval_temperature=0.6), "constant",
+                0.0),
     }[name]
 
 
@@ -206,30 +213,42 @@ def sft_samples_follow_the_sampling_options(run):
         assert sample["response"] == tok.decode(greedy, skip_special_tokens=True)
 
 
-def samples_are_the_final_policys(run):
-    """Before training, every 2 steps and at the end, the samples of the options' prompts (the prompt
-    file's 7, one too long), at their length and temperature, scored by the doubled reward model: the
-    end's are exactly what evaluate_samples gives for the saved policy, seeded by --seed."""
+def samples_are_the_final_policys(run, prompts: list):
+    """The end of run's samples of `prompts`, at the options' length and temperature, scored by the
+    doubled reward model against the reference toy/sft: exactly what the script's evaluation gives for
+    the saved policy, seeded by --seed. That policy is nearer to the --model it was trained from (of
+    toy/sft and toy/dpo) than to the other."""
     script, out, changes = run["script"], run["out"], run["changes"]
-    assert [r["step"] for r in run["records"] if "eval/score" in r] == [0, 2, 4]
     policy, ref = (script.load_model(str(path), False).eval() for path in (out, TOY / "sft"))
+
+    def distance(name):
+        other = script.load_model(str(TOY / name), False)
+        return sum(((p - q) ** 2).sum() for p, q in zip(policy.parameters(), other.parameters()))
+    assert min(("sft", "dpo"), key=distance) == Path(changes.get("model", TOY / "sft")).name
     rm = script.load_model(run["rm"], False, scalar=True).eval()
     tok = script.load_tokenizer(str(out), False)
-    script.evaluate_samples(policy, ref, rm, tok, run["prompts"], script.Args(**changes), "cpu",
-                            torch.autocast("cpu", enabled=False), script.stop_token_ids(tok, str(out)),
-                            out / "again.jsonl")
+    evaluate = ppo.evaluate if script is ppo else script.evaluate_samples
+    evaluate(policy, ref, rm, tok, prompts, script.Args(**changes), "cpu",
+             torch.autocast("cpu", enabled=False), script.stop_token_ids(tok, str(out)), out / "again.jsonl")
     rows, again = ([json.loads(line) for line in open(out / f)] for f in ("samples.jsonl", "again.jsonl"))
-    assert [r["prompt"] for r in rows] == run["prompts"]
+    assert [r["prompt"] for r in rows] == prompts
     assert [r["response"] for r in rows] == [r["response"] for r in again]
     for key in ("score", "logratio"):
         assert [r[key] for r in rows] == pytest.approx([r[key] for r in again], abs=1e-5)
+
+
+def sampled_every_2_steps(run):
+    """Before training, every 2 steps and at the end (eval.json), the samples of the prompt file's 7
+    prompts, one too long."""
+    assert [r["step"] for r in run["records"] if "eval/score" in r] == [0, 2, 4]
+    samples_are_the_final_policys(run, run["prompts"])
 
 
 def dpo_options_land(run):
     """IPO's loss at the reference is (1 / (2 beta))^2 (log 2 for DPO's): steps 1 and 2 are there."""
     first = next(r for r in run["records"] if "train/loss" in r)
     assert first["step"] == 2 and first["train/loss"] == pytest.approx((1 / (2 * 0.2)) ** 2, rel=1e-4)
-    samples_are_the_final_policys(run)
+    sampled_every_2_steps(run)
 
 
 def var_options_land(run):
@@ -238,11 +257,21 @@ def var_options_land(run):
     assert {(beta, normalizer) for _, beta, normalizer, _ in run["calls"]["var_weights"]} == {(0.4, "ref")}
     assert all(torch.isfinite(ref_logps).all() for *_, ref_logps in run["calls"]["var_weights"])
     assert [input_ids.shape[0] for _, input_ids, _ in run["calls"]["score"][:2]] == [3, 1]
-    samples_are_the_final_policys(run)
+    sampled_every_2_steps(run)
+
+
+def ppo_options_land(run):
+    """The value model starts as --value_model (toy/rm), not as the --reward_model (toy/rm doubled), and
+    (weighed 0) keeps its head; the end's samples are the test prompts' first 4 at --eval_temperature."""
+    head = run["models"][-1].score.weight
+    rm_head = ppo.load_model(str(TOY / "rm"), False, scalar=True).score.weight
+    assert (head - rm_head).norm() < (head - 2 * rm_head).norm()
+    prompts = [json.loads(line)["prompt"] for line in open(TOY / "data" / "prompts" / "test.jsonl")][:4]
+    samples_are_the_final_policys(run, prompts)
 
 
 METHOD_CHECKS = {"sft": sft_samples_follow_the_sampling_options, "dpo": dpo_options_land,
-                 "var": var_options_land}
+                 "var": var_options_land, "ppo": ppo_options_land}
 
 
 @pytest.mark.parametrize("name", list(METHOD_CHECKS))

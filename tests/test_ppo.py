@@ -152,8 +152,8 @@ def test_minibatch_size_and_accumulation_are_table_9s_b_and_g(batch, rollouts, b
 def test_smoke_run_learns(tmp_path):
     """A few iterations on the toy: the reward-model score of the rollouts rises."""
     out = tmp_path / "ppo"
-    ppo.main(ppo.Args(total_episodes=640, batch_size=32, minibatch_size=32, learning_rate=2e-4,
-                      max_new_tokens=48, log_every=5, eval_split=None, output_dir=str(out)))
+    ppo.main(ppo.Args(total_episodes=320, batch_size=32, minibatch_size=32, learning_rate=4e-4,
+                      max_new_tokens=48, log_every=4, eval_split=None, output_dir=str(out)))
     log = [json.loads(line) for line in open(out / "metrics.jsonl")]
     first, last = log[0]["objective/score"], log[-1]["objective/score"]
     assert last > first + 0.5, (first, last)

@@ -308,23 +308,28 @@ def test_reward_head_starts_at_std_one_over_sqrt_hidden():
 
 
 def test_dpo_main_feeds_dpo_loss_the_arguments(tmp_path, monkeypatch):
-    """main passes --beta, --label_smoothing and --loss_type to dpo_loss, and logs the mean of the losses
-    it returns (a hard-coded beta in the loop would still learn, and pass every other test)."""
+    """main passes --beta, --label_smoothing and --loss_type to dpo_loss, and logs the means of the losses
+    and of the implicit rewards' accuracy and margin, chosen over rejected, that it returns (a hard-coded
+    beta in the loop would still learn, and pass every other test)."""
     calls, real = [], dpo.dpo_loss
 
     def recording(*args, **kwargs):
         out = real(*args, **kwargs)
-        calls.append((args, kwargs, out[0].detach().mean().item()))
+        losses, chosen, rejected = (x.detach() for x in out)
+        calls.append((args, kwargs, losses.mean().item(), (chosen > rejected).float().mean().item(),
+                      (chosen - rejected).mean().item()))
         return out
     monkeypatch.setattr(dpo, "dpo_loss", recording)
     out = tmp_path / "dpo"
     dpo.main(dpo.Args(max_steps=2, batch_size=4, max_train_samples=8, eval_split=None, reward_model="none",
                       beta=0.37, label_smoothing=0.1, log_every=1, output_dir=str(out)))
     assert len(calls) == 2
-    for args, kwargs, _ in calls:
+    for args, kwargs, *_ in calls:
         assert args[4:] == (0.37, 0.1, "sigmoid") and not kwargs, (args[4:], kwargs)
-    logged = [json.loads(line)["train/loss"] for line in open(out / "metrics.jsonl")]
-    assert logged == pytest.approx([mean for *_, mean in calls], abs=1e-6)
+    logged = read_jsonl(out / "metrics.jsonl")
+    for key, k in (("train/loss", 2), ("rewards/accuracy", 3), ("rewards/margin", 4)):
+        assert [r[key] for r in logged] == pytest.approx([call[k] for call in calls], abs=1e-6), key
+    assert {r["rewards/accuracy"] for r in logged} != {0.5}  # the second step's: a reversal shows
 
 
 @pytest.mark.parametrize("batch_size,accumulation", [(8, 1), (4, 2)])
@@ -365,10 +370,29 @@ def test_reward_model_trains_on_the_score_at_the_eos_when_pad_is_eos(tier, tmp_p
     for side, got in (("chosen", chosen), ("rejected", rejected)):
         expected = [reward(model, sum(chat_ids(tok, r["prompt"], r[side]), [])) for r in rows]
         assert sorted(got.tolist()) == pytest.approx(sorted(expected), abs=1e-4), side
+    logged = read_jsonl(tmp_path / "out" / "metrics.jsonl")[0]  # the metrics read chosen over rejected
+    assert logged["train/accuracy"] == pytest.approx((chosen > rejected).float().mean().item())
+    assert logged["train/margin"] == pytest.approx((chosen - rejected).mean().item(), abs=1e-5)
+    assert logged["train/accuracy"] != 0.5  # so that reading the sides reversed shows
     model.config.pad_token_id = tok.pad_token_id
     ids = sum(chat_ids(tok, rows[0]["prompt"], rows[0]["chosen"]), [])
     with torch.no_grad():
         assert abs(model(torch.tensor([ids])).logits.item() - reward(model, ids)) > 1e-3  # armed
+
+
+def test_reward_model_evaluation_reads_chosen_over_rejected():
+    """Held-out accuracy and margin from the test's own rewards of each pair's two sides."""
+    tok = AutoTokenizer.from_pretrained(TOY / "rm")
+    model = AutoModelForSequenceClassification.from_pretrained(TOY / "rm").eval()
+    rows = read_jsonl(TOY / "data" / "prefs" / "test.jsonl")[:12]
+    pairs = reward_model.build_pairs(rows, tok, 1024, reward_model.stop_token_ids(tok, str(TOY / "rm")), "test")
+    metrics = reward_model.evaluate(model, pairs, 8, tok.pad_token_id, "cpu",
+                                    torch.autocast("cpu", enabled=False))
+    margins = torch.tensor([reward(model, sum(chat_ids(tok, r["prompt"], r["chosen"]), []))
+                            - reward(model, sum(chat_ids(tok, r["prompt"], r["rejected"]), [])) for r in rows])
+    assert metrics["eval/accuracy"] == pytest.approx((margins > 0).float().mean().item())
+    assert metrics["eval/margin"] == pytest.approx(margins.mean().item(), abs=1e-4)
+    assert 0.5 < metrics["eval/accuracy"] < 1  # better than chance, and not every pair: a swap shows
 
 
 def test_sft_labels_the_response_tokens_and_nothing_else(tmp_path, monkeypatch):
