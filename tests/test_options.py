@@ -98,8 +98,8 @@ def settings(name: str, rm: str, prompts: str) -> tuple:
                    max_prompt_length=20, max_new_tokens=6, temperature=0.8, sample_every=2)
     no_steps = {k: v for k, v in LOOP.items() if k not in ("max_steps", "max_train_samples")}
     return {
-        "sft": (sft, dict(LOOP, model=str(TOY / "sft"), eval_every=2, lr_schedule="cosine", max_eval_samples=4,
-                          num_samples=3, max_new_tokens=6, temperature=1e-4),
+        "sft": (sft, dict(LOOP, model=str(TOY / "sft"), eval_every=2, lr_schedule="cosine",
+                          max_eval_samples=4, num_samples=3, max_new_tokens=6, temperature=1e-4),
                 "cosine", 0.0),
         "reward_model": (reward_model, dict(LOOP, eval_every=2, final_lr_ratio=0.3, max_eval_samples=4),
                          "linear", 0.3),
