@@ -206,3 +206,25 @@ def test_disable_dropout_reaches_the_attention_rate(tier, script):
         train_mode = model(ids).logits
         assert torch.equal(train_mode, model(ids).logits)
         assert torch.allclose(train_mode, model.eval()(ids).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("script", [var, ppo])
+def test_main_trains_without_dropout_unless_asked(tier, script, tmp_path, monkeypatch):
+    """The models main hands the optimiser have their attention dropout off, or under --dropout the
+    tier's own rate (0.1): the run is stopped there, before any training."""
+    class Started(Exception):
+        pass
+
+    def start_training(models, *args, **kwargs):
+        rates[dropout] = {m.attention_dropout for model in models for m in model.modules()
+                          if isinstance(getattr(m, "attention_dropout", None), float)}
+        raise Started
+    monkeypatch.setattr(script, "start_training", start_training)
+    paths, rates = tier["eos"], {}
+    small = (dict(train_split="train[:4]", batch_size=2, eval_prompts="none") if script is var else
+             dict(total_episodes=2, batch_size=2, minibatch_size=2, eval_split=None))
+    for dropout in (False, True):
+        with pytest.raises(Started):
+            script.main(script.Args(model=paths["sft"], reward_model=paths["rm"], **small, dropout=dropout,
+                                    output_dir=str(tmp_path / str(dropout))))
+    assert rates[False] == {0.0} and rates[True] == {0.1}
