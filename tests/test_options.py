@@ -114,7 +114,7 @@ def settings(name: str, rm: str, prompts: str) -> tuple:
         # loss weighed 0 (the value model gets no gradient)
         "ppo": (ppo, dict(no_steps, total_episodes=10, minibatch_size=2, max_new_tokens=6, adam_eps=1e-6,
                           vf_coef=0.0, model=str(TOY / "dpo"), ref=str(TOY / "sft"), reward_model=rm,
-                          value_model=str(TOY / "rm"), num_eval_prompts=4, eval_temperature=0.6), "constant",
+                          value_model=str(TOY / "sft"), num_eval_prompts=4, eval_temperature=0.6), "constant",
                 0.0),
     }[name]
 
@@ -264,11 +264,16 @@ def var_options_land(run):
 
 
 def ppo_options_land(run):
-    """The value model starts as --value_model (toy/rm), not as the --reward_model (toy/rm doubled), and
-    (weighed 0) keeps its head; the end's samples are the test prompts' first 4 at --eval_temperature."""
-    head = run["models"][-1].score.weight
-    rm_head = ppo.load_model(str(TOY / "rm"), False, scalar=True).score.weight
-    assert (head - rm_head).norm() < (head - 2 * rm_head).norm()
+    """The value model is --value_model's backbone (toy/sft, under a new head), not the reward model's,
+    and (weighed 0) stays nearest to it; the end's samples are the test prompts' first 4 at
+    --eval_temperature."""
+    value = run["models"][-1].model
+    sft_backbone = ppo.load_model(str(TOY / "sft"), False).model
+    rm_backbone = ppo.load_model(run["rm"], False, scalar=True).model
+
+    def distance(backbone):
+        return sum(((p - q) ** 2).sum() for p, q in zip(value.parameters(), backbone.parameters()))
+    assert distance(sft_backbone) < distance(rm_backbone) / 100
     prompts = [json.loads(line)["prompt"] for line in open(TOY / "data" / "prompts" / "test.jsonl")][:4]
     samples_are_the_final_policys(run, prompts)
 
