@@ -216,7 +216,8 @@ def sft_samples_follow_the_sampling_options(run):
 def samples_are_the_final_policys(run, prompts: list):
     """The end of run's samples of `prompts`, at the options' length and temperature, scored by the
     doubled reward model against the reference toy/sft: exactly what the script's evaluation gives for
-    the saved policy, seeded by --seed (another seed draws others). That policy is nearer to the
+    the saved policy, seeded by --seed (another seed, another temperature draw others), none longer
+    than --max_new_tokens. That policy is nearer to the
     --model it was trained from (of toy/sft and toy/dpo) than to the other."""
     script, out, changes = run["script"], run["out"], run["changes"]
     policy, ref = (script.load_model(str(path), False).eval() for path in (out, TOY / "sft"))
@@ -228,16 +229,21 @@ def samples_are_the_final_policys(run, prompts: list):
     rm = script.load_model(run["rm"], False, scalar=True).eval()
     tok = script.load_tokenizer(str(out), False)
     evaluate = ppo.evaluate if script is ppo else script.evaluate_samples
-    for seed, path in ((changes["seed"], out / "again.jsonl"), (changes["seed"] + 1, out / "other.jsonl")):
-        evaluate(policy, ref, rm, tok, prompts, script.Args(**{**changes, "seed": seed}), "cpu",
-                 torch.autocast("cpu", enabled=False), script.stop_token_ids(tok, str(out)), path)
-    rows, again, other = ([json.loads(line) for line in open(out / f)]
-                          for f in ("samples.jsonl", "again.jsonl", "other.jsonl"))
+    temperature = "eval_temperature" if script is ppo else "temperature"
+    cpu = torch.autocast("cpu", enabled=False)
+
+    def samples(**change):
+        evaluate(policy, ref, rm, tok, prompts, script.Args(**{**changes, **change}), "cpu", cpu,
+                 script.stop_token_ids(tok, str(out)), out / "again.jsonl")
+        return [json.loads(line) for line in open(out / "again.jsonl")]
+    rows, again = [json.loads(line) for line in open(out / "samples.jsonl")], samples()
     assert [r["prompt"] for r in rows] == prompts
     assert [r["response"] for r in rows] == [r["response"] for r in again]
     for key in ("score", "logratio"):
         assert [r[key] for r in rows] == pytest.approx([r[key] for r in again], abs=1e-5)
-    assert [r["response"] for r in other] != [r["response"] for r in again]  # the seed draws the samples
+    assert max(r["length"] for r in rows) == changes["max_new_tokens"]  # the toy's replies are longer
+    for change in ({"seed": changes["seed"] + 1}, {temperature: changes[temperature] + 0.5}):
+        assert [r["response"] for r in samples(**change)] != [r["response"] for r in rows], change
 
 
 def sampled_every_2_steps(run):
