@@ -150,13 +150,30 @@ def test_toy_sweep_reward_rises_with_lambda(tmp_path):
     assert len(samples) == 3 * 96 and {s["lambda"] for s in samples} == {"0", "0.5", "1"}
 
 
+def decode(ref, aligned: list, lam: list, prompts: list, tokenizer, stop_ids: list) -> tuple:
+    """The test's own sweep point: batches of 4 prompts, 12 tokens at T = 0.8, top-k 40, top-p 0.9, from a
+    generator seeded 3 (the settings below): (responses, log-ratios to the first model)."""
+    generator, responses, logratios = torch.Generator().manual_seed(3), [], []
+    tokenizer.padding_side = "left"
+    for i in range(0, len(prompts), 4):
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                 for p in prompts[i : i + 4]]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        tokens, realigned_lp, ref_lp = dera.dera_generate(
+            ref, aligned, batch["input_ids"], batch["attention_mask"], lam, 12, 0.8, 40, 0.9, stop_ids,
+            tokenizer.pad_token_id, generator)
+        responses += tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        logratios += (realigned_lp - ref_lp).sum(-1).tolist()
+    return responses, logratios
+
+
 def test_every_row_samples_its_own_setting_with_the_same_random_numbers(tmp_path):
-    """Each row of main's sweep is exactly what `decode_all` draws for that lambda alone from a fresh
-    generator: the same tokens and log-ratios. The roles are reversed (toy/dpo the reference, toy/sft
-    aligned), lambda 1 comes twice around 0.3, and every option is off its default (the prompts too, by
-    conftest.prompt_file), so that a generator shared across rows, a swap of the two models, or an
-    option left at its default shows.
-    Lambda 1 is the aligned model decoded alone; in --mode weights, 0.3 is the combined weights alone."""
+    """Each row of main's sweep is exactly what the test's own decoding draws for that lambda alone
+    from a fresh generator: the same responses and log-ratios. The roles are reversed (toy/dpo the
+    reference, toy/sft aligned), lambda 1 comes twice around 0.3, and every option is off its default
+    (the prompts too, by conftest.prompt_file), so that a generator shared across rows, a swap of the two
+    models, or an option left at its default shows. Lambda 1 is the aligned model decoded alone; in
+    --mode weights, 0.3 is the combined weights decoded alone."""
     tokenizer = dera.load_tokenizer(str(TOY / "sft"), False)
     ref, aligned = (dera.load_model(str(TOY / name), False).eval() for name in ("dpo", "sft"))
     stop_ids = dera.stop_token_ids(tokenizer, str(TOY / "sft"))
@@ -164,26 +181,24 @@ def test_every_row_samples_its_own_setting_with_the_same_random_numbers(tmp_path
     settings = dict(ref=str(TOY / "dpo"), aligned=[str(TOY / "sft")], reward_model="none",
                     prompts=str(tmp_path / "prompts.jsonl"), **PROMPT_FILE_ARGS, max_new_tokens=12,
                     temperature=0.8, top_k=40, top_p=0.9, batch_size=4, seed=3)
+    alone = decode(aligned, [], [], prompts, tokenizer, stop_ids)[0]
     for mode, lambdas in (("logits", [1.0, 0.3, 1.0]), ("weights", [0.3])):
         args = dera.Args(**settings, mode=mode, lambdas=lambdas, output_dir=str(tmp_path / mode))
         results = dera.main(args)
         rows = [json.loads(line) for line in open(tmp_path / mode / "samples.jsonl")]
         assert [r["lambda"] for r in results["table"]] == [f"{lam:g}" for lam in lambdas]
         assert len(rows) == 6 * len(lambdas)
-
-        def decode(ref, aligned, lam):
-            return dera.decode_all(ref, aligned, lam, prompts, tokenizer, args, "cpu", stop_ids)
         for k, lam in enumerate(lambdas):
             row = rows[6 * k : 6 * (k + 1)]
-            samples, logratios, _ = decode(ref, [aligned], [lam])
+            responses, logratios = decode(ref, [aligned], [lam], prompts, tokenizer, stop_ids)
             if mode == "weights":  # the combined model, decoded alone
-                samples, _, _ = decode(dera.combine_weights(ref, [aligned], [lam]), [], [])
+                responses = decode(dera.combine_weights(ref, [aligned], [lam]), [], [], prompts, tokenizer,
+                                   stop_ids)[0]
             else:
                 assert [s["logratio"] for s in row] == pytest.approx(logratios, abs=1e-5)
-            if lam == 1.0:  # the aligned model, decoded alone
-                assert samples == decode(aligned, [], [])[0]
+            if lam == 1.0:
+                assert responses == alone
             assert [s["prompt"] for s in row] == prompts and {s["score"] for s in row} == {None}
-            assert [s["response"] for s in row] == [tokenizer.decode(r, skip_special_tokens=True)
-                                                    for _, r, _ in samples], (mode, lam)
+            assert [s["response"] for s in row] == responses, (mode, lam)
         if mode == "logits":  # lambda 0.3 samples otherwise than lambda 1: the checks above can fail
             assert [s["response"] for s in rows[:6]] != [s["response"] for s in rows[6:12]]
