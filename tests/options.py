@@ -1,16 +1,14 @@
 """Every option binds: for each field of a script's `Args`, every read of `args.<field>` is replaced by
-the field's default (the script behaves as if the option were never given), and the tests of that script
-run; one of them must fail. The reads inside the argument checks stay, since checking an option is not
-using it. Not part of the suite (one pytest run per field):
+the field's default, so that the script behaves as if the option were never given, and the script's
+tests run (`tests_of`): one of them must fail. The reads inside the argument checks stay: checking an
+option is not using it. Not part of the suite (one pytest run per field, stopped at its first failure):
 
-    python tests/options.py                     # every field of every script
+    python tests/options.py --jobs 2            # every field of every script, two runs at a time
     python tests/options.py dera.py             # the fields of one script
     python tests/options.py dera.py top_k seed  # some fields of one script
-    python tests/options.py --jobs 2            # two pytest runs at a time, one thread each
 
-Prints one line per field: caught, exempt (with the reason no test can see it), or SURVIVED. A field
-whose tests only ever run at its default is ignored "as if it kept its default" without effect: there
-OTHER gives the value to stand in for it instead."""
+Prints one line per field: caught, exempt (with the reason no test here can see it), SURVIVED, or
+TIMEOUT (no test failed, but the run outlasted --timeout: an option ignored made it slow)."""
 
 import argparse
 import ast
@@ -26,11 +24,13 @@ from pathlib import Path
 
 from mutations import ROOT, copy_of_repository
 
-OWN = {"sft.py": ["test_sft.py"], "reward_model.py": ["test_reward_model.py"], "dpo.py": ["test_dpo.py"],
-       "var.py": ["test_var.py"], "ppo.py": ["test_ppo.py"], "dera.py": ["test_dera.py", "test_identities.py"],
-       "expo.py": ["test_expo.py", "test_identities.py"]}  # each script's own test files, whole
-SHARED = ["test_options.py", "test_wiring.py", "test_bad_inputs.py", "test_implicit_prompts.py", "test_logps.py",
-          "test_bf16.py", "test_real_like.py", "test_tracking.py"]  # of these, only the tests that name the script
+OWN = {  # each script's own test files, run whole
+    "sft.py": ["test_sft.py"], "reward_model.py": ["test_reward_model.py"], "dpo.py": ["test_dpo.py"],
+    "var.py": ["test_var.py"], "ppo.py": ["test_ppo.py"], "dera.py": ["test_dera.py", "test_identities.py"],
+    "expo.py": ["test_expo.py", "test_identities.py"]}
+SHARED = [  # of these, only the tests that name the script
+    "test_options.py", "test_wiring.py", "test_bad_inputs.py", "test_implicit_prompts.py", "test_logps.py",
+    "test_bf16.py", "test_real_like.py", "test_tracking.py"]
 EVERYWHERE = {  # fields no test on this machine can tell from their default, and why
     "device": "the tests run where the default ('auto') runs them, on this machine's CPU; a CUDA device "
               "is a machine the suite does not have",
@@ -38,7 +38,6 @@ EVERYWHERE = {  # fields no test on this machine can tell from their default, an
                          "the real-like tier have none, so True and False load them alike",
 }
 EXEMPT = {(script, field): why for script in OWN for field, why in EVERYWHERE.items()}
-OTHER = {}  # (script, field): the constant that stands in for the field where its default is what is tested
 CHECKS = ("check_args", "training_problems")  # reads here validate the option; they stay
 
 
@@ -72,9 +71,10 @@ def ignore(text: str, field: str, constant: str) -> tuple:
 
 
 def tests_of(script: str) -> list:
-    """The script's own test files whole and the shared files' tests that name the script (in their
-    parameters, or in their source where the parameters name no script), tests/test_options.py's first. tests/test_distributed.py is left out: it compares
-    two processes with one, and an ignored option acts on both alike."""
+    """The shared files' tests that name the script (in their parameters, or in their source where the
+    parameters name no script), tests/test_options.py's first, and the script's own files whole.
+    tests/test_distributed.py is left out: it compares two processes with one, and an ignored option
+    acts on both alike."""
     name = script[:-3]
     listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                              *[f"tests/{f}" for f in SHARED]], cwd=ROOT, capture_output=True, text=True)
@@ -100,9 +100,9 @@ def pytest(repo: Path, targets: list, jobs: int, timeout: float) -> str:
     ignored option made slow, but that no test failed)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if jobs > 1 else None  # the jobs share the cores
     try:
-        code = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *targets],
-                              cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              timeout=timeout).returncode
+        code = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                               *targets], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=timeout).returncode
     except subprocess.TimeoutExpired:
         return f"TIMEOUT (over {timeout:.0f} s)"
     return "caught" if code == 1 else f"SURVIVED (pytest exit {code})"  # 2-5: errors prove nothing
@@ -110,9 +110,10 @@ def pytest(repo: Path, targets: list, jobs: int, timeout: float) -> str:
 
 def run_one(script: str, field: str, default: str, tests: list, snapshot: Path, jobs: int,
             timeout: float) -> str:
+    """One field ignored in a copy of the snapshot, and the verdict of the script's tests on it."""
     if (script, field) in EXEMPT:
         return f"exempt    {script} {field}: {EXEMPT[script, field]}"
-    constant = OTHER.get((script, field), default)
+    constant = default
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(shutil.copytree(snapshot, Path(tmp) / "repo"))
@@ -138,8 +139,11 @@ def main() -> int:
         raise SystemExit(f"error: no field {args.fields} in {scripts}")
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
         snapshot = copy_of_repository(Path(tmp))  # the tree as it is now, whatever is edited meanwhile
-        lines = list(pool.map(lambda job: print(line := run_one(*job, snapshot, args.jobs, args.timeout), flush=True) or line,
-                              todo))
+
+        def report(job):
+            print(line := run_one(*job, snapshot, args.jobs, args.timeout), flush=True)
+            return line
+        lines = list(pool.map(report, todo))
     survived = [line for line in lines if line.startswith(("SURVIVED", "TIMEOUT"))]
     print(f"{len(lines)} fields: {sum(line.startswith('caught') for line in lines)} caught, "
           f"{sum(line.startswith('exempt') for line in lines)} exempt, {len(survived)} survived")

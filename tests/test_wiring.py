@@ -150,8 +150,10 @@ def ppo_record(tmp_path_factory):
         return real["kl_penalized_rewards"](scores, logprobs, ref_logprobs, mask, beta)
 
     def compute_gae(rewards, values, mask, gamma, lam):
-        record["gae"].append(dict(rewards=rewards.clone(), values=values.clone(), gamma=gamma, lam=lam))
-        return real["compute_gae"](rewards, values, mask, gamma, lam)
+        advantages, returns = real["compute_gae"](rewards, values, mask, gamma, lam)
+        record["gae"].append(dict(rewards=rewards.clone(), values=values.clone(), gamma=gamma, lam=lam,
+                                  returns=returns.clone()))
+        return advantages, returns
 
     def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip):
         record["loss"].append(dict(iteration=record["iteration"],
@@ -160,7 +162,8 @@ def ppo_record(tmp_path_factory):
         return real["ppo_policy_loss"](logprobs, old_logprobs, advantages, mask, clip)
 
     def ppo_value_loss(values, old_values, returns, mask, clip):
-        record["value_loss"].append(dict(clip=clip))
+        record["value_loss"].append(dict(clip=clip, old=old_values.clone(), returns=returns.clone(),
+                                         mask=mask.clone()))
         return real["ppo_value_loss"](values, old_values, returns, mask, clip)
 
     patch = pytest.MonkeyPatch()
@@ -234,6 +237,28 @@ def test_each_iterations_steps_are_a_random_partition_of_its_episodes(ppo_record
         partitions.append({frozenset(s) for s in steps})
     assert partitions != [{frozenset(range(4)), frozenset(range(4, 8))}] * 2
     assert partitions[0] != partitions[1]
+
+
+def test_the_losses_take_the_rollouts_old_log_probs_values_and_returns(ppo_record):
+    """Each step's two epochs (passes j = 2s, 2s + 1) feed the policy loss the old log-probs the KL was
+    taken with, and the value loss the values GAE was given and the returns it gave: in their places,
+    where the second epoch's new log-probs and values have moved off them."""
+    kl, gae = ppo_record["kl"], ppo_record["gae"]
+    for j, (policy, value) in enumerate(zip(ppo_record["loss"], ppo_record["value_loss"], strict=True)):
+        mask = value["mask"]
+        assert torch.equal(policy["old"], kl[j // 2]["logprobs"])
+        assert torch.equal(value["old"] * mask, gae[j // 2]["values"])
+        assert torch.equal(value["returns"], gae[j // 2]["returns"])
+
+
+def test_the_logged_kl_is_policy_over_reference(ppo_record):
+    """Each iteration's logged objective/kl is the mean over its episodes of sum_t log pi - log pi_ref,
+    as the KL penalty took them (its two steps' means, averaged)."""
+    logged = read_jsonl(Path(ppo_record["args"].output_dir) / "metrics.jsonl")
+    kls = [((c["logprobs"] - c["ref"]) * c["mask"]).sum(1).mean().item() for c in ppo_record["kl"]]
+    assert [r["objective/kl"] for r in logged] == pytest.approx([sum(kls[:2]) / 2, sum(kls[2:]) / 2],
+                                                                 abs=1e-5)
+    assert abs(logged[1]["objective/kl"]) > 1e-3  # the policy has left pi_ref: a reversed sign shows
 
 
 def test_scores_are_the_frozen_reward_models_at_each_stop_token(ppo_record):
