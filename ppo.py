@@ -807,7 +807,6 @@ def start_training(models: list, args, total_steps: int, schedule: str, floor: f
         model.train()
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-            model.config.use_cache = False
     params = [p for model in models for p in model.parameters()]
     fused = params[0].device.type in ("cpu", "cuda")  # one kernel for all tensors
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=args.adam_betas, eps=eps,

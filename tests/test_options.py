@@ -121,31 +121,35 @@ def settings(name: str, rm: str, prompts: str) -> tuple:
 
 def run(name: str, out, rm: str, prompts: str) -> dict:
     """A run of `settings`, with what the optimiser held at each step, the models it trained, the steps it
-    checkpointed and its records (PPO's iterations as steps)."""
+    checkpointed, the calls of WATCH's functions, what the tracker received, and the records (PPO's
+    iterations as steps)."""
     script, changes, shape, floor = settings(name, rm, prompts)
-    steps, models, saved, calls = [], [], [], {name: [] for name in WATCH.get(name, ())}
+    steps, models, saved, calls = [], [], [], {function: [] for function in WATCH.get(name, ())}
 
     def before_step(optimizer, args, kwargs):
         value_grads = [p.grad for p in models[-1].parameters()] if script is ppo else []
         steps.append(dict(optimizer.param_groups[0], value_grads=value_grads))
-    real_start, real_save = script.start_training, script.save_checkpoint
 
-    def start_training(trained, *args, **kwargs):
+    def start_training(trained, *args, real=script.start_training, **kwargs):
         models.extend(trained)
-        return real_start(trained, *args, **kwargs)
+        return real(trained, *args, **kwargs)
 
-    def save_checkpoint(models, optimizer, scheduler, out, step, progress):
-        saved.append(step)
-        return real_save(models, optimizer, scheduler, out, step, progress)
-    def watch(function, calls):
-        return lambda *args, **kwargs: calls.append(args) or function(*args, **kwargs)
+    def save_checkpoint(*args, real=script.save_checkpoint):
+        saved.append(args[4])  # the step
+        return real(*args)
+
+    def watched(function):
+        def recording(*args, real=getattr(script, function)):
+            calls[function].append(args)
+            return real(*args)
+        return recording
     hook, tracker = register_optimizer_step_pre_hook(before_step), StandIn("wandb")
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "wandb", tracker)
         patch.setattr(script, "start_training", start_training)
         patch.setattr(script, "save_checkpoint", save_checkpoint)
         for function in calls:
-            patch.setattr(script, function, watch(getattr(script, function), calls[function]))
+            patch.setattr(script, function, watched(function))
         try:
             script.main(script.Args(**changes, output_dir=str(out)))
         finally:
@@ -171,30 +175,32 @@ def runs(tmp_path_factory, doubled_rm):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_the_optimiser_steps_with_the_options_schedule(name, runs):
-    loop_run = runs(name)
-    changes, steps = loop_run["changes"], loop_run["steps"]
+    done = runs(name)
+    changes, steps = done["changes"], done["steps"]
     assert len(steps) == 5
     warmup = int(changes["warmup_ratio"] * len(steps))
     for k, group in enumerate(steps):
-        factor = schedule(k, len(steps), warmup, loop_run["shape"], loop_run["floor"])
+        factor = schedule(k, len(steps), warmup, done["shape"], done["floor"])
         assert group["lr"] == pytest.approx(changes["learning_rate"] * factor, abs=1e-12), k
         assert group["betas"] == changes["adam_betas"] and group["weight_decay"] == changes["weight_decay"]
         assert group["eps"] == changes.get("adam_eps", 1e-8)
         assert all(g is None or not g.any() for g in group["value_grads"])  # PPO's --vf_coef 0
-    assert all(m.is_gradient_checkpointing for m in loop_run["models"])
+    assert all(m.is_gradient_checkpointing for m in done["models"])
+    saved = json.loads((done["out"] / "config.json").read_text())
+    assert saved.get("use_cache", True)  # checkpointing is for training: the saved model decodes with its cache
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_logs_evaluations_and_checkpoints_come_at_the_options_steps(name, runs):
-    loop_run = runs(name)
-    records, changes = loop_run["records"], loop_run["changes"]
+    done = runs(name)
+    records, changes = done["records"], done["changes"]
     assert [r["step"] for r in records if "train/lr" in r] == [2, 4, 5]
     if "eval_every" in changes:  # (and at the end, into metrics.jsonl or eval.json alone)
         assert [r["step"] for r in records if "eval/loss" in r and r["step"] < 5] == [2, 4]
-    assert loop_run["saved"] == [2, 4]  # none at the end: the final model is saved instead
-    inits = [call[1] for call in loop_run["tracked"] if call[0] == "init"]
+    assert done["saved"] == [2, 4]  # none at the end: the final model is saved instead
+    inits = [call[1] for call in done["tracked"] if call[0] == "init"]
     assert [init["name"] for init in inits] == ["every-option"]
-    assert [call[1] for call in loop_run["tracked"] if call[0] == "log"] == [r["step"] for r in records]
+    assert [call[1] for call in done["tracked"] if call[0] == "log"] == [r["step"] for r in records]
 
 
 def sft_samples_follow_the_sampling_options(run):
