@@ -4,16 +4,19 @@ suite can fail where an algorithm is wired wrong. Kept as data so that a rewrite
     python tests/mutations.py              # each mutation on a copy of the repository: its test must fail
     python tests/mutations.py ppo.py       # only those of one script
     python tests/mutations.py --suite 3    # the whole suite on mutation 3: every test that catches it
+    python tests/mutations.py --jobs 2     # two at a time
 
 Not part of the suite (each mutation costs one pytest run); tests/test_mutations.py only checks that
 every `old` text is still in its script exactly once. After a script changes, update `old` and `new`
 here, run this file, and see every line say "caught"."""
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,15 +260,29 @@ def apply(mutation: Mutation, repo: Path) -> None:
     path.write_text(text.replace(mutation.old, mutation.new))
 
 
-def pytest(repo: Path, *targets: str) -> int:
+def pytest(repo: Path, *targets: str, env=None) -> int:
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *targets],
-                          cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+                          cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+
+
+def prove(i: int, mutation: Mutation, jobs: int) -> bool:
+    """Mutation i on a copy of the repository: whether its test fails there (printed)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if jobs > 1 else None  # the jobs share the cores
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = copy_of_repository(Path(tmp))
+        apply(mutation, repo)
+        code = pytest(repo, mutation.test, env=env)
+    caught = code == 1  # 1: tests ran and failed; 2-5 (an error, nothing collected) prove nothing
+    print(f"{i:2} {'caught' if caught else f'MISSED (pytest exit {code})':<8} {mutation.script}: "
+          f"{mutation.mistake}", flush=True)
+    return caught
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("script", nargs="?", help="only the mutations of this script")
     parser.add_argument("--suite", type=int, metavar="N", help="the whole suite on mutation N: its failures")
+    parser.add_argument("--jobs", type=int, default=1, help="mutations proved at a time (one thread each)")
     args = parser.parse_args()
     if args.suite is not None:
         mutation = MUTATIONS[args.suite]
@@ -282,16 +299,8 @@ def main() -> int:
         clean = copy_of_repository(Path(tmp) / "clean")
         if pytest(clean, *sorted({m.test for _, m in chosen})) != 0:  # failing anyway, it would prove nothing
             raise SystemExit("error: the target tests fail on the unmutated scripts; fix them first")
-    missed = 0
-    for i, mutation in chosen:
-        with tempfile.TemporaryDirectory() as tmp:
-            repo = copy_of_repository(Path(tmp))
-            apply(mutation, repo)
-            code = pytest(repo, mutation.test)
-        caught = code == 1  # 1: tests ran and failed; 2-5 (an error, nothing collected) prove nothing
-        missed += not caught
-        print(f"{i:2} {'caught' if caught else f'MISSED (pytest exit {code})':<8} {mutation.script}: "
-              f"{mutation.mistake}", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        missed = sum(not caught for caught in pool.map(lambda job: prove(*job, args.jobs), chosen))
     print(f"{len(chosen) - missed} of {len(chosen)} mutations caught by their tests")
     return 1 if missed else 0
 
