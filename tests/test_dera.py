@@ -151,7 +151,7 @@ def test_toy_sweep_reward_rises_with_lambda(tmp_path):
 
 
 def decode(ref, aligned: list, lam: list, prompts: list, tokenizer, stop_ids: list) -> tuple:
-    """The test's own sweep point: batches of 4 prompts, 12 tokens at T = 0.8, top-k 40, top-p 0.9, from a
+    """The test's own sweep point: batches of 4 prompts, 12 tokens at T = 0.8, top-k 3, top-p 0.8, from a
     generator seeded 3 (the settings below): (responses, log-ratios to the first model)."""
     generator, responses, logratios = torch.Generator().manual_seed(3), [], []
     tokenizer.padding_side = "left"
@@ -160,7 +160,7 @@ def decode(ref, aligned: list, lam: list, prompts: list, tokenizer, stop_ids: li
                  for p in prompts[i : i + 4]]
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         tokens, realigned_lp, ref_lp = dera.dera_generate(
-            ref, aligned, batch["input_ids"], batch["attention_mask"], lam, 12, 0.8, 40, 0.9, stop_ids,
+            ref, aligned, batch["input_ids"], batch["attention_mask"], lam, 12, 0.8, 3, 0.8, stop_ids,
             tokenizer.pad_token_id, generator)
         responses += tokenizer.batch_decode(tokens, skip_special_tokens=True)
         logratios += (realigned_lp - ref_lp).sum(-1).tolist()
@@ -180,7 +180,7 @@ def test_every_row_samples_its_own_setting_with_the_same_random_numbers(tmp_path
     prompts = prompt_file(tmp_path / "prompts.jsonl")
     settings = dict(ref=str(TOY / "dpo"), aligned=[str(TOY / "sft")], reward_model="none",
                     prompts=str(tmp_path / "prompts.jsonl"), **PROMPT_FILE_ARGS, max_new_tokens=12,
-                    temperature=0.8, top_k=40, top_p=0.9, batch_size=4, seed=3)
+                    temperature=0.8, top_k=3, top_p=0.8, batch_size=4, seed=3)
     alone = decode(aligned, [], [], prompts, tokenizer, stop_ids)[0]
     for mode, lambdas in (("logits", [1.0, 0.3, 1.0]), ("weights", [0.3])):
         args = dera.Args(**settings, mode=mode, lambdas=lambdas, output_dir=str(tmp_path / mode))
@@ -191,11 +191,11 @@ def test_every_row_samples_its_own_setting_with_the_same_random_numbers(tmp_path
         for k, lam in enumerate(lambdas):
             row = rows[6 * k : 6 * (k + 1)]
             responses, logratios = decode(ref, [aligned], [lam], prompts, tokenizer, stop_ids)
-            if mode == "weights":  # the combined model, decoded alone
-                responses = decode(dera.combine_weights(ref, [aligned], [lam]), [], [], prompts, tokenizer,
-                                   stop_ids)[0]
-            else:
-                assert [s["logratio"] for s in row] == pytest.approx(logratios, abs=1e-5)
+            if mode == "weights":  # the combined model (at lambda 1, alone), its log-ratio to the reference
+                combined = dera.combine_weights(ref, [aligned], [lam])
+                responses, logratios = decode(ref, [combined], [1.0], prompts, tokenizer, stop_ids)
+                assert responses == decode(combined, [], [], prompts, tokenizer, stop_ids)[0]
+            assert [s["logratio"] for s in row] == pytest.approx(logratios, abs=1e-5)
             if lam == 1.0:
                 assert responses == alone
             assert [s["prompt"] for s in row] == prompts and {s["score"] for s in row} == {None}
