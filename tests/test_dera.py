@@ -182,6 +182,7 @@ def test_every_row_samples_its_own_setting_with_the_same_random_numbers(tmp_path
                     prompts=str(tmp_path / "prompts.jsonl"), **PROMPT_FILE_ARGS, max_new_tokens=12,
                     temperature=0.8, top_k=3, top_p=0.8, batch_size=4, seed=3)
     alone = decode(aligned, [], [], prompts, tokenizer, stop_ids)[0]
+    mixed = {lam: decode(ref, [aligned], [lam], prompts, tokenizer, stop_ids) for lam in (1.0, 0.3)}
     for mode, lambdas in (("logits", [1.0, 0.3, 1.0]), ("weights", [0.3])):
         args = dera.Args(**settings, mode=mode, lambdas=lambdas, output_dir=str(tmp_path / mode))
         results = dera.main(args)
@@ -190,7 +191,7 @@ def test_every_row_samples_its_own_setting_with_the_same_random_numbers(tmp_path
         assert len(rows) == 6 * len(lambdas)
         for k, lam in enumerate(lambdas):
             row = rows[6 * k : 6 * (k + 1)]
-            responses, logratios = decode(ref, [aligned], [lam], prompts, tokenizer, stop_ids)
+            responses, logratios = mixed[lam]
             if mode == "weights":  # the combined model (at lambda 1, alone), its log-ratio to the reference
                 combined = dera.combine_weights(ref, [aligned], [lam])
                 responses, logratios = decode(ref, [combined], [1.0], prompts, tokenizer, stop_ids)
